@@ -1,0 +1,90 @@
+"""The one error hierarchy of dicomflow.
+
+    DicomflowError
+    ├── ConfigError                 bad settings, config file or CLI argument (exit 2)
+    │   └── KeyFileError            a master-key file missing, unreadable or not 32 bytes
+    ├── EnvelopeError               an A1 object cannot be read (never retried)
+    │   ├── TruncatedEnvelope       fewer than 86 bytes
+    │   ├── UnsupportedVersion      the first two bytes are not "A1"
+    │   ├── UnknownMasterKey        the key id is not in the key ring
+    │   └── IntegrityError          the GCM tag does not verify
+    ├── ProcessingError             raised while a stage handles one message
+    │   ├── TransientError          worth retrying later: nak with backoff
+    │   │   └── StorageUnavailable  object storage did not answer or failed (5xx, timeout)
+    │   └── PermanentError          retrying cannot help: dead-letter with the reason
+    │       ├── ContractViolation   headers or body do not match the message contract
+    │       └── DuplicateConflict   same SOP Instance UID, different bytes, policy reject
+    └── StoreError                  a CLI read of a stored instance failed (not found, ...)
+
+How a ProcessingError (and any other exception) becomes ack / nak / dead-letter is
+decided in exactly one place: ``dicomflow.shared.disposition``.
+
+Messages never contain keys, IVs, DEKs or patient data: they name what failed and
+what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class DicomflowError(Exception):
+    """Base of every error dicomflow raises on purpose."""
+
+
+class ConfigError(DicomflowError):
+    """Settings, a config file or a command-line argument are invalid."""
+
+
+class KeyFileError(ConfigError):
+    """A master-key file is missing, unreadable or does not hold 32 base64 bytes."""
+
+
+class EnvelopeError(DicomflowError):
+    """An A1 envelope cannot be decrypted. Permanent: retrying gives the same answer."""
+
+
+class TruncatedEnvelope(EnvelopeError):
+    """The object is shorter than the 86-byte A1 overhead."""
+
+
+class UnsupportedVersion(EnvelopeError):
+    """The object does not start with the A1 version marker."""
+
+
+class UnknownMasterKey(EnvelopeError):
+    """The object's master-key id is not in the key ring."""
+
+    def __init__(self, key_id: int) -> None:
+        super().__init__(f"unknown master key id {key_id}")
+        self.key_id = key_id
+
+
+class IntegrityError(EnvelopeError):
+    """The GCM tag did not verify: the object was altered or the key is wrong."""
+
+
+class ProcessingError(DicomflowError):
+    """Raised by a stage while it handles one message."""
+
+
+class TransientError(ProcessingError):
+    """A failure that may pass: the message is nak'ed and delivered again later."""
+
+
+class StorageUnavailable(TransientError):
+    """Object storage failed or timed out."""
+
+
+class PermanentError(ProcessingError):
+    """A failure that retrying cannot mend: the message is dead-lettered."""
+
+
+class ContractViolation(PermanentError):
+    """A message does not follow the header/body contract of its stream."""
+
+
+class DuplicateConflict(PermanentError):
+    """The SOP Instance UID is already stored with different bytes (policy: reject)."""
+
+
+class StoreError(DicomflowError):
+    """A stored instance cannot be listed, fetched or verified."""

@@ -1,0 +1,1 @@
+"""dicomflow: DICOM into client-side encrypted object storage over NATS JetStream."""

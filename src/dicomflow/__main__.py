@@ -1,0 +1,7 @@
+"""`python -m dicomflow` runs the `dicomflow` command."""
+
+import sys
+
+from dicomflow.cli.main import main
+
+sys.exit(main())

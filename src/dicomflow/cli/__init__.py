@@ -1,0 +1,1 @@
+"""The `dicomflow` command: one module per group of subcommands."""
