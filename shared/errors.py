@@ -10,6 +10,7 @@
     │   └── IntegrityError          the GCM tag does not verify
     ├── ProcessingError             raised while a stage handles one message
     │   ├── TransientError          worth retrying later: nak with backoff
+    │   │   ├── BrokerUnavailable   NATS did not acknowledge a publish (down, full, slow)
     │   │   └── StorageUnavailable  object storage did not answer or failed (5xx, timeout)
     │   └── PermanentError          retrying cannot help: dead-letter with the reason
     │       ├── ContractViolation   headers or body do not match the message contract
@@ -68,6 +69,10 @@ class ProcessingError(DicomflowError):
 
 class TransientError(ProcessingError):
     """A failure that may pass: the message is nak'ed and delivered again later."""
+
+
+class BrokerUnavailable(TransientError):
+    """NATS JetStream did not acknowledge a publish: unreachable, stream full or too slow."""
 
 
 class StorageUnavailable(TransientError):

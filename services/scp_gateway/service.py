@@ -1,0 +1,88 @@
+"""The scp_gateway stage: a pynetdicom SCP whose C-STORE handler publishes to INGEST.
+
+pynetdicom runs each association in a thread of its own; NATS lives on the asyncio
+loop of the main thread. On stop, the listening socket closes first, associations in
+progress get up to ``drain_seconds`` to finish, and only then is NATS drained, so no
+instance is answered Success without having been published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pynetdicom import AE, evt
+
+from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
+from dicomflow.scp_gateway.receiver import Receiver
+from dicomflow.shared import natsconn, topology
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.settings import ScpGatewaySettings, ScpSettings
+from dicomflow.shared.transport import Transport
+
+log = logging.getLogger(__name__)
+
+STAGE = "scp-gateway"
+DRAIN_SECONDS = 30.0
+
+
+def build_ae(scp: ScpSettings) -> AE:
+    if not scp.allowed_calling_aes and not scp.accept_any_calling_ae:
+        raise ConfigError(
+            "scp.allowed_calling_aes is empty: list the calling AE titles allowed to send "
+            "(e.g. DICOMFLOW_SCP__ALLOWED_CALLING_AES='[\"CT01\"]'), or set "
+            "scp.accept_any_calling_ae = true to accept any sender"
+        )
+    ae = AE(ae_title=scp.ae_title)
+    ae.require_called_aet = True
+    ae.require_calling_aet = [] if scp.accept_any_calling_ae else list(scp.allowed_calling_aes)
+    ae.maximum_associations = scp.max_associations
+    ae.acse_timeout = scp.acse_timeout
+    ae.dimse_timeout = scp.dimse_timeout
+    ae.network_timeout = scp.network_timeout
+    ae.maximum_pdu_size = scp.maximum_pdu_size
+    ae.add_supported_context(VERIFICATION)
+    for sop_class in storage_sop_classes():
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    return ae
+
+
+async def serve(settings: ScpGatewaySettings, stop: asyncio.Event) -> None:
+    ae = build_ae(settings.scp)
+    nc = await natsconn.connect(settings.nats, STAGE, stop)
+    try:
+        js = nc.jetstream()
+        await topology.ensure(js, settings.nats)
+        transport = Transport(nc, js, publish_timeout=settings.nats.publish_timeout)
+        receiver = Receiver(transport, asyncio.get_running_loop(), settings.nats.publish_timeout)
+        server = ae.start_server(
+            (settings.scp.host, settings.scp.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_ECHO, receiver.on_echo), (evt.EVT_C_STORE, receiver.on_store)],
+        )
+        if server is None:  # only a blocking server returns None
+            raise RuntimeError("pynetdicom did not return the association server")
+        host, port = server.server_address[:2]
+        log.info(
+            "scp-gateway listening on %s:%d as AE %s; calling AEs accepted: %s",
+            host,
+            port,
+            settings.scp.ae_title,
+            "any"
+            if settings.scp.accept_any_calling_ae
+            else ", ".join(settings.scp.allowed_calling_aes),
+        )
+        try:
+            await stop.wait()
+        finally:
+            await asyncio.to_thread(_shutdown, server)
+    finally:
+        await nc.drain()
+
+
+def _shutdown(server: object) -> None:
+    server.shutdown()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while server.active_associations and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.1)

@@ -1,0 +1,1 @@
+"""store_writer: consumes SEALED, writes envelopes to object storage, indexes them."""

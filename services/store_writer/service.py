@@ -1,0 +1,231 @@
+"""The store-writer stage.
+
+For each SEALED message, keyed by SOP Instance UID:
+
+1. Look the instance up in the index.
+   - Stored with the same plaintext digest: nothing to write (a redelivery or a resend);
+     the ``dicom.stored`` event is published again (de-duplicated by its message id)
+     in case the earlier attempt crashed before it.
+   - Stored or pending with a different digest: the duplicate policy decides.
+     ``reject`` raises DuplicateConflict (dead-lettered with the reason: recorded, and
+     never a silent overwrite); ``keep-both`` stores it beside the first under a key of
+     its own; ``overwrite`` replaces it and records the digest it replaced.
+   - Absent: a ``pending`` record is created first (create-if-absent).
+2. Write the object. A fresh name is written create-if-absent; an object already there
+   that the index does not know is compared byte for byte and never overwritten.
+   A ``pending`` record for the same digest means an earlier attempt of this same
+   plaintext may have written it: writing again is safe.
+3. Mark the record ``stored``, publish ``dicom.stored``, then ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from datetime import UTC, datetime
+from typing import IO
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+
+from dicomflow.shared import messages, natsconn, storage, subjects, topology
+from dicomflow.shared.consumer import AfterAck, Consumer
+from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
+from dicomflow.shared.index import Conflict, Index, Record, State
+from dicomflow.shared.layout import Layout, object_key
+from dicomflow.shared.messages import Instance
+from dicomflow.shared.settings import DuplicatePolicy, StorageSettings, StoreWriterSettings
+from dicomflow.shared.storage import AlreadyExistsError, ObjectStore
+from dicomflow.shared.transport import Transport
+
+log = logging.getLogger(__name__)
+
+STAGE = "store-writer"
+H_OBJECT_KEY = "Dicomflow-Object-Key"
+
+
+class StoreWriter:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        transport: Transport,
+        index: Index,
+        store: ObjectStore,
+        storage_settings: StorageSettings,
+        policy: DuplicatePolicy,
+        publish_timeout: float,
+    ) -> None:
+        self._js = js
+        self._transport = transport
+        self._index = index
+        self._store = store
+        self._layout = storage_settings.layout
+        self._root = storage_settings.root_path
+        self._policy = policy
+        self._timeout = publish_timeout
+
+    async def handle(self, msg: Msg) -> AfterAck:
+        instance = messages.parse(msg.headers, sealed=True)
+        with await self._transport.open_body(msg, instance) as body:
+            await self._store_once(instance, body)
+
+        async def after_ack() -> None:
+            await self._transport.delete_blob(instance)
+
+        return after_ack
+
+    async def _store_once(self, instance: Instance, body: IO[bytes]) -> None:
+        index_key = instance.sop_instance_uid
+        key = self._object_key(instance)
+        replaced = ""
+        while True:  # re-decide when another writer changed the record under us
+            found = await self._index.get(index_key)
+            if found is None:
+                record = self._record(instance, key, State.PENDING)
+                try:
+                    revision = await self._index.create(index_key, record)
+                except Conflict:
+                    continue
+                fresh = True
+                break
+            existing, revision = found
+            if existing.sha256 == instance.sha256:
+                if existing.state is State.STORED:
+                    log.info("instance already stored with identical bytes: no-op")
+                    await self._emit(instance, existing)
+                    return
+                record, key, fresh = existing, existing.object_key, False
+                break
+            # Same SOP Instance UID, different bytes.
+            if self._policy is DuplicatePolicy.REJECT:
+                raise DuplicateConflict(
+                    "SOP Instance UID already stored with different content "
+                    f"(stored sha256 {existing.sha256[:16]}..., "
+                    f"received {instance.sha256[:16]}...); policy reject: not stored"
+                )
+            if self._policy is DuplicatePolicy.KEEP_BOTH:
+                index_key = f"{instance.sop_instance_uid}.dup.{instance.sha256[:16]}"
+                key = f"{self._object_key(instance)}.dup-{instance.sha256[:16]}"
+                continue
+            replaced = existing.sha256
+            record = self._record(instance, key, State.PENDING, replaced=replaced)
+            try:
+                revision = await self._index.update(index_key, record, revision)
+            except Conflict:
+                continue
+            fresh = False
+            log.warning("overwriting instance with different bytes (policy overwrite)")
+            break
+
+        await self._write(key, body, fresh=fresh)
+        done = record.stored(datetime.now(UTC).isoformat(timespec="milliseconds"))
+        try:
+            await self._index.update(index_key, done, revision)
+        except Conflict:
+            # A concurrent delivery of the same plaintext finished first: same result.
+            log.info("index already updated by a concurrent delivery")
+        await self._emit(instance, done)
+
+    async def _write(self, key: str, body: IO[bytes], *, fresh: bool) -> None:
+        try:
+            await storage.put(self._store, key, body, create=fresh)
+        except AlreadyExistsError:
+            body.seek(0)
+            ours = await asyncio.to_thread(_sha256_file, body)
+            theirs = await storage.sha256_of(self._store, key)
+            if ours != theirs:
+                raise DuplicateConflict(
+                    "an object the index does not know already exists at the target key "
+                    "with other bytes; it was not overwritten"
+                ) from None
+            log.info("object already present with identical bytes")
+
+    def _object_key(self, instance: Instance) -> str:
+        return object_key(
+            self._layout,
+            self._root,
+            sop_instance_uid=instance.sop_instance_uid,
+            study_uid=instance.study_uid,
+            series_uid=instance.series_uid,
+            encrypted=True,
+        )
+
+    @staticmethod
+    def _record(instance: Instance, key: str, state: State, replaced: str = "") -> Record:
+        return Record(
+            sop_instance_uid=instance.sop_instance_uid,
+            sop_class_uid=instance.sop_class_uid,
+            study_uid=instance.study_uid,
+            series_uid=instance.series_uid,
+            modality=instance.modality,
+            transfer_syntax=instance.transfer_syntax,
+            calling_ae=instance.calling_ae,
+            called_ae=instance.called_ae,
+            object_key=key,
+            size=instance.size,
+            sealed_size=instance.sealed_size or 0,
+            sha256=instance.sha256,
+            key_id=instance.key_id or 0,
+            state=state,
+            replaced_sha256=replaced,
+        )
+
+    async def _emit(self, instance: Instance, record: Record) -> None:
+        headers = instance.with_body(messages.BodyKind.INLINE).headers()
+        headers[messages.H_MSG_ID] = f"stored:{record.object_key}:{instance.sha256}"
+        headers[H_OBJECT_KEY] = record.object_key
+        try:
+            await self._js.publish(
+                subjects.stored_subject(instance.called_ae, instance.calling_ae),
+                b"",
+                headers=headers,
+                timeout=self._timeout,
+            )
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"could not publish the dicom.stored event: {exc!r}") from exc
+
+
+def _sha256_file(body: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := body.read(storage.CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def serve(settings: StoreWriterSettings, stop: asyncio.Event) -> None:
+    store = storage.build_store(settings.storage)
+    if settings.storage.layout is Layout.LEGACY:
+        log.info("legacy layout: object names carry no extension, as the Orthanc plugins write")
+    nc = await natsconn.connect(settings.nats, STAGE, stop)
+    try:
+        js: JetStreamContext = nc.jetstream()
+        await topology.ensure(js, settings.nats)
+        await topology.ensure_consumer(
+            js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE, settings.consumer
+        )
+        writer = StoreWriter(
+            js,
+            Transport(nc, js, publish_timeout=settings.nats.publish_timeout),
+            await Index.open(js),
+            store,
+            settings.storage,
+            settings.duplicate_policy,
+            settings.nats.publish_timeout,
+        )
+        log.info(
+            "store-writer ready: backend %s, layout %s",
+            settings.storage.backend,
+            settings.storage.layout,
+        )
+        await Consumer(
+            js,
+            stage=STAGE,
+            stream=subjects.SEALED_STREAM,
+            durable=subjects.STORE_WRITER_DURABLE,
+            handler=writer.handle,
+            settings=settings.consumer,
+        ).run(stop)
+    finally:
+        await nc.drain()

@@ -1,0 +1,220 @@
+"""Typed settings: one class per service, built once in ``main()`` and passed down.
+
+Values come from, highest priority first: explicit overrides (CLI flags), environment
+variables ``DICOMFLOW_<SECTION>__<FIELD>`` (e.g. ``DICOMFLOW_NATS__SERVERS``), then a
+TOML config file (``--config`` or ``DICOMFLOW_CONFIG``) whose tables are the sections
+below. Every service reads the same file and ignores the sections it does not use.
+Invalid values fail at start-up with a ``ConfigError`` that names the field.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.keyring import KeyRing, MasterKey, load_master_key
+from dicomflow.shared.layout import Layout, normalize_root_path
+
+CONFIG_ENV = "DICOMFLOW_CONFIG"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NatsSettings(Section):
+    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    connect_timeout: float = Field(default=5.0, gt=0)
+    publish_timeout: float = Field(default=10.0, gt=0, description="seconds to await a PubAck")
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    ingest_max_bytes: int = Field(
+        default=8 * 1024**3, gt=0, description="bound of the plaintext INGEST stream"
+    )
+    blob_max_bytes: int = Field(default=32 * 1024**3, gt=0)
+    duplicate_window: float = Field(default=120.0, gt=0)
+
+
+class KeySpec(Section):
+    id: int = Field(ge=0, lt=2**32)
+    path: Path
+
+
+class EncryptionSettings(Section):
+    master_key: KeySpec | None = None
+    previous_keys: list[KeySpec] = Field(default_factory=list)
+
+    def keyring(self) -> KeyRing:
+        """Load every key file; refuses to run without a usable current key."""
+        if self.master_key is None:
+            raise ConfigError(
+                "encryption.master_key is not set: give a current master key as "
+                "[encryption.master_key] id/path (or DICOMFLOW_ENCRYPTION__MASTER_KEY__ID and "
+                "__PATH); create one with `dicomflow keys new PATH`"
+            )
+        current = load_master_key(self.master_key.id, self.master_key.path)
+        previous: list[MasterKey] = [load_master_key(k.id, k.path) for k in self.previous_keys]
+        return KeyRing(current, previous)
+
+
+class StorageBackend(StrEnum):
+    LOCAL = "local"
+    S3 = "s3"
+
+
+class StorageSettings(Section):
+    backend: StorageBackend = StorageBackend.LOCAL
+    layout: Layout = Layout.FLAT
+    root_path: str = ""
+    local_path: Path | None = None
+    s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+    s3_endpoint: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_allow_http: bool = False
+    request_timeout: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+
+    @field_validator("root_path")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        try:
+            return normalize_root_path(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+
+class DuplicatePolicy(StrEnum):
+    REJECT = "reject"
+    KEEP_BOTH = "keep-both"
+    OVERWRITE = "overwrite"
+
+
+class ConsumerSettings(Section):
+    concurrency: int = Field(default=4, ge=1, le=256)
+    max_deliver: int = Field(default=10, ge=2)
+    ack_wait: float = Field(default=30.0, gt=1)
+    backoff_initial: float = Field(default=1.0, gt=0)
+    backoff_max: float = Field(default=60.0, gt=0)
+
+
+class ScpSettings(Section):
+    ae_title: str = Field(default="DICOMFLOW", min_length=1, max_length=16)
+    host: str = "0.0.0.0"  # noqa: S104  (a DICOM receiver listens on the imaging network)
+    port: int = Field(default=11112, ge=0, lt=65536)
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    accept_any_calling_ae: bool = False
+    max_associations: int = Field(default=32, ge=1)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _aes(cls, values: list[str]) -> list[str]:
+        return [_check_ae(v) for v in values]
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or len(stripped) > 16 or "\\" in stripped:
+        raise ValueError(f"{value!r} is not an AE title (1 to 16 characters, no backslash)")
+    if any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in stripped):
+        raise ValueError(f"{value!r} is not an AE title (printable ASCII only)")
+    return stripped
+
+
+class ServiceSettings(BaseSettings):
+    """What every service has: NATS, logging, a metrics port."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMFLOW_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+class ScpGatewaySettings(ServiceSettings):
+    scp: ScpSettings = Field(default_factory=ScpSettings)
+
+
+class EncryptorSettings(ServiceSettings):
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
+
+
+class StoreWriterSettings(ServiceSettings):
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
+
+
+class ReaderSettings(ServiceSettings):
+    """What the read-side commands (`ls`, `get`, `verify`) need."""
+
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
+    """Build ``cls`` from overrides, environment and the config file, or raise ConfigError."""
+    path = config_file or _env_config_file()
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist or is not a file")
+    bound = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path}})
+    try:
+        settings: S = bound(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from exc
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    return settings
+
+
+def _env_config_file() -> Path | None:
+    value = os.environ.get(CONFIG_ENV)
+    return Path(value) if value else None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" (config file {path} or DICOMFLOW_* environment)" if path else ""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+        for err in exc.errors(include_url=False, include_input=False)
+    )
+    return f"invalid settings{where}: {problems}"

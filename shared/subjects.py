@@ -1,0 +1,60 @@
+"""Every stream, subject, consumer and bucket name of dicomflow, in one place.
+
+AE titles become subject tokens. They may hold spaces, dots, ``*`` and ``>``, which
+NATS subjects cannot carry, so each byte outside ``[A-Za-z0-9_-]`` is written as
+``%XX`` (upper-case hex). The mapping is reversible and injective.
+"""
+
+from __future__ import annotations
+
+import re
+
+INGEST_STREAM = "DICOMFLOW_INGEST"
+SEALED_STREAM = "DICOMFLOW_SEALED"
+EVENTS_STREAM = "DICOMFLOW_EVENTS"
+DLQ_STREAM = "DICOMFLOW_DLQ"
+
+INGEST_PREFIX = "dicomflow.ingest"
+SEALED_PREFIX = "dicomflow.sealed"
+STORED_PREFIX = "dicom.stored"
+DLQ_PREFIX = "dicomflow.dlq"
+
+ENCRYPTOR_DURABLE = "encryptor"
+STORE_WRITER_DURABLE = "store-writer"
+
+INDEX_BUCKET = "dicomflow-index"
+BLOB_BUCKET = "dicomflow-blobs"
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]")
+_ESCAPE = re.compile(r"%([0-9A-F]{2})")
+
+
+def encode_token(value: str) -> str:
+    """Encode an AE title (or any text) as one subject token."""
+    if not value:
+        return "%"
+    return "".join(
+        ch if _SAFE.fullmatch(ch) else "".join(f"%{b:02X}" for b in ch.encode()) for ch in value
+    )
+
+
+def decode_token(token: str) -> str:
+    if token == "%":  # noqa: S105 (a subject token, not a password)
+        return ""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), token).encode("latin-1").decode()
+
+
+def ingest_subject(called_ae: str, calling_ae: str) -> str:
+    return f"{INGEST_PREFIX}.{encode_token(called_ae)}.{encode_token(calling_ae)}"
+
+
+def sealed_subject(called_ae: str, calling_ae: str) -> str:
+    return f"{SEALED_PREFIX}.{encode_token(called_ae)}.{encode_token(calling_ae)}"
+
+
+def stored_subject(called_ae: str, calling_ae: str) -> str:
+    return f"{STORED_PREFIX}.{encode_token(called_ae)}.{encode_token(calling_ae)}"
+
+
+def dlq_subject(stage: str) -> str:
+    return f"{DLQ_PREFIX}.{stage}"

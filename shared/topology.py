@@ -1,0 +1,153 @@
+"""Creates the JetStream topology idempotently: every service calls ``ensure`` at start.
+
+Retention is chosen per stream:
+- INGEST holds plaintext, so it is a work queue (a message is gone once the encryptor
+  acks it) and bounded with discard-new: when full, publishes fail and the gateway
+  answers 0xA700 instead of Success.
+- SEALED is a work queue for the store writer.
+- EVENTS keeps ``dicom.stored`` events for a week for downstream consumers.
+- DLQ keeps dead-lettered messages (with their reason) until an operator acts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from dicomflow.shared import subjects
+from dicomflow.shared.settings import ConsumerSettings, NatsSettings
+
+log = logging.getLogger(__name__)
+
+WEEK = 7 * 24 * 3600.0
+
+
+def stream_configs(nats: NatsSettings) -> list[StreamConfig]:
+    storage, replicas, window = StorageType.FILE, nats.stream_replicas, nats.duplicate_window
+    return [
+        StreamConfig(
+            name=subjects.INGEST_STREAM,
+            subjects=[f"{subjects.INGEST_PREFIX}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            max_bytes=nats.ingest_max_bytes,
+            discard=DiscardPolicy.NEW,
+            storage=storage,
+            num_replicas=replicas,
+            duplicate_window=window,
+        ),
+        StreamConfig(
+            name=subjects.SEALED_STREAM,
+            subjects=[f"{subjects.SEALED_PREFIX}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            max_bytes=nats.ingest_max_bytes,
+            discard=DiscardPolicy.NEW,
+            storage=storage,
+            num_replicas=replicas,
+            duplicate_window=window,
+        ),
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[f"{subjects.STORED_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_age=WEEK,
+            storage=storage,
+            num_replicas=replicas,
+            duplicate_window=window,
+        ),
+        StreamConfig(
+            name=subjects.DLQ_STREAM,
+            subjects=[f"{subjects.DLQ_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=storage,
+            num_replicas=replicas,
+            duplicate_window=window,
+        ),
+    ]
+
+
+def consumer_config(durable: str, consumer: ConsumerSettings) -> ConsumerConfig:
+    """A durable pull consumer with explicit acks and a finite MaxDeliver.
+
+    The consumer itself dead-letters on the last attempt (see ``consumer.py``), so
+    MaxDeliver is a backstop, never the place where a message silently stops.
+    """
+    return ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=consumer.ack_wait,
+        max_deliver=consumer.max_deliver,
+        max_ack_pending=max(consumer.concurrency * 4, 16),
+    )
+
+
+async def ensure(js: JetStreamContext, nats: NatsSettings) -> None:
+    """Create or update streams and buckets; safe to run from every replica at once."""
+    for config in stream_configs(nats):
+        await _ensure_stream(js, config)
+    await _ensure_kv(js, nats)
+    await _ensure_blobs(js, nats)
+
+
+async def ensure_consumer(
+    js: JetStreamContext, stream: str, durable: str, consumer: ConsumerSettings
+) -> None:
+    await js.add_consumer(stream, consumer_config(durable, consumer))
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name or "")
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # Another replica created it between our look-up and our add.
+            await js.stream_info(config.name or "")
+        else:
+            log.info("created stream", extra={"stream": config.name})
+            return
+    await js.update_stream(config)
+
+
+async def _ensure_kv(js: JetStreamContext, nats: NatsSettings) -> None:
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=subjects.INDEX_BUCKET,
+            history=5,
+            storage=StorageType.FILE,
+            replicas=nats.stream_replicas,
+        )
+    )
+
+
+async def _ensure_blobs(js: JetStreamContext, nats: NatsSettings) -> None:
+    await js.create_object_store(
+        subjects.BLOB_BUCKET,
+        ObjectStoreConfig(
+            storage=StorageType.FILE,
+            replicas=nats.stream_replicas,
+            max_bytes=nats.blob_max_bytes,
+        ),
+    )
+
+
+def stream_names() -> Sequence[str]:
+    return (
+        subjects.INGEST_STREAM,
+        subjects.SEALED_STREAM,
+        subjects.EVENTS_STREAM,
+        subjects.DLQ_STREAM,
+    )

@@ -1,0 +1,114 @@
+"""Moves message bodies between stages: inline, or through the chunked blob bucket.
+
+A body larger than the inline limit (the server's ``max_payload`` less room for
+headers) is written to the JetStream object-store bucket in chunks and the message
+carries its name. The consumer of such a message deletes the blob after it has acked
+the message; a crash between ack and delete leaves an orphan blob, never a message
+whose body is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
+
+from dicomflow.shared import subjects
+from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
+from dicomflow.shared.messages import BodyKind, Instance
+
+log = logging.getLogger(__name__)
+
+HEADER_ROOM = 16 * 1024
+
+
+class Transport:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        *,
+        publish_timeout: float,
+        spool_dir: Path | None = None,
+        inline_limit: int | None = None,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._timeout = publish_timeout
+        self._spool_dir = spool_dir
+        self._inline_limit = inline_limit
+        self._blobs: ObjectStore | None = None
+
+    @property
+    def inline_limit(self) -> int:
+        if self._inline_limit is not None:
+            return self._inline_limit
+        return max(self._nc.max_payload - HEADER_ROOM, 0)
+
+    async def blobs(self) -> ObjectStore:
+        if self._blobs is None:
+            self._blobs = await self._js.object_store(subjects.BLOB_BUCKET)
+        return self._blobs
+
+    async def publish(
+        self, subject: str, instance: Instance, body: IO[bytes], size: int, *, blob_prefix: str
+    ) -> Instance:
+        """Publish ``instance`` with ``size`` bytes from ``body``; return it as sent.
+
+        Raises BrokerUnavailable unless JetStream acknowledged the message.
+        """
+        try:
+            if size <= self.inline_limit:
+                data = body.read()
+                sent = instance.with_body(BodyKind.INLINE)
+            else:
+                data = b""
+                name = f"{blob_prefix}.{instance.sop_instance_uid}.{instance.sha256[:16]}"
+                await (await self.blobs()).put(name, body)  # type: ignore[arg-type]
+                sent = instance.with_body(BodyKind.BLOB, name)
+            await self._js.publish(subject, data, timeout=self._timeout, headers=sent.headers())
+        except (NatsError, TimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"JetStream did not acknowledge the publish: {exc!r}") from exc
+        return sent
+
+    async def open_body(self, msg: Msg, instance: Instance) -> IO[bytes]:
+        """The message body as a readable file positioned at 0; the caller closes it."""
+        spool = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115 (returned)
+        try:
+            if instance.body is BodyKind.INLINE:
+                spool.write(msg.data)
+            else:
+                try:
+                    await (await self.blobs()).get(instance.blob, writeinto=spool)
+                except (NotFoundError, ObjectNotFoundError) as exc:
+                    raise ContractViolation(
+                        f"blob {instance.blob} named by the message does not exist"
+                    ) from exc
+                except (NatsError, TimeoutError) as exc:
+                    raise BrokerUnavailable(
+                        f"could not read blob {instance.blob}: {exc!r}"
+                    ) from exc
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    async def delete_blob(self, instance: Instance) -> None:
+        """Best effort: a blob left behind is an orphan, never a loss."""
+        if instance.body is not BodyKind.BLOB:
+            return
+        with contextlib.suppress(NotFoundError, ObjectNotFoundError):
+            try:
+                await (await self.blobs()).delete(instance.blob)
+            except (NatsError, TimeoutError) as exc:
+                log.warning("could not delete consumed blob: %r", exc)

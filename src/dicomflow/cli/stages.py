@@ -1,0 +1,61 @@
+"""`dicomflow scp-gateway | encryptor | store-writer`: one stage each, as a Deployment runs it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dicomflow.cli.options import add_settings_options, settings_from
+from dicomflow.encryptor import service as encryptor
+from dicomflow.scp_gateway import service as scp_gateway
+from dicomflow.shared import runner
+from dicomflow.shared.settings import (
+    EncryptorSettings,
+    ScpGatewaySettings,
+    ServiceSettings,
+    StoreWriterSettings,
+)
+from dicomflow.store_writer import service as store_writer
+
+STAGES: dict[
+    str, tuple[type[ServiceSettings], Callable[[Any, asyncio.Event], Awaitable[None]], str]
+] = {
+    "scp-gateway": (
+        ScpGatewaySettings,
+        scp_gateway.serve,
+        "DICOM receiver: C-ECHO and C-STORE into the INGEST stream.",
+    ),
+    "encryptor": (
+        EncryptorSettings,
+        encryptor.serve,
+        "Seals INGEST messages in A1 envelopes and publishes them to SEALED.",
+    ),
+    "store-writer": (
+        StoreWriterSettings,
+        store_writer.serve,
+        "Writes SEALED envelopes to object storage, indexes them, emits dicom.stored.",
+    ),
+}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, (_, _, summary) in STAGES.items():
+        parser = sub.add_parser(
+            name,
+            help=summary,
+            description=summary
+            + (
+                " Settings come from DICOMFLOW_* environment variables and the config file; "
+                "see the README's configuration table. SIGTERM drains in-flight work and exits 0."
+            ),
+        )
+        add_settings_options(parser)
+        parser.set_defaults(func=_run, stage=name)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings_cls, serve, _ = STAGES[args.stage]
+    settings = settings_from(args, settings_cls)
+    return runner.run(args.stage, lambda stop: serve(settings, stop), settings.log_level)

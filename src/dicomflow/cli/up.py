@@ -1,0 +1,167 @@
+"""`dicomflow up`: the embedded default, everything on one machine in one command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from dicomflow.embedded.layout import DataDir, to_toml
+from dicomflow.embedded.natsserver import NatsServer
+from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.keyring import generate_master_key_file
+from dicomflow.shared.settings import ScpSettings
+
+STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first
+DEFAULT_CALLING_AE = "STORESCU"  # DCMTK storescu's default calling AE title
+
+WARNING = """
+************************************************************************************
+*  WARNING: dicomflow generated a DEVELOPMENT master key at
+*    {path}
+*  Objects are encrypted with it. Whoever holds this file can read them; lose it and
+*  they are unreadable. For real data, create a key with `dicomflow keys new PATH`,
+*  keep it in a secret store, and configure [encryption.master_key].
+************************************************************************************
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "up",
+        help="run the embedded default: nats-server and every stage, storing to a folder",
+        description=(
+            "Start a local nats-server with JetStream (state under DIR/nats), set up the "
+            "topology, run the scp-gateway, encryptor and store-writer stages, and store "
+            "encrypted objects under DIR/objects. Creates a development master key under "
+            "DIR/keys if none is configured. Ctrl-C or SIGTERM stops everything cleanly; "
+            "running `up` again on the same DIR resumes where it stopped."
+        ),
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("dicomflow-data"),
+        metavar="DIR",
+        help="state folder (default: ./dicomflow-data)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=11112, help="DICOM port to listen on (default: 11112)"
+    )
+    parser.add_argument(
+        "--host",
+        default="0.0.0.0",  # noqa: S104 (a DICOM receiver)
+        help="address to listen on (default: all interfaces)",
+    )
+    parser.add_argument(
+        "--ae-title",
+        default="DICOMFLOW",
+        help="called AE title of the receiver (default: DICOMFLOW)",
+    )
+    parser.add_argument(
+        "--allow-ae",
+        action="append",
+        metavar="CALLING_AET",
+        dest="allow_ae",
+        help=f"calling AE title allowed to send; repeat for more (default: {DEFAULT_CALLING_AE})",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
+    allowed = args.allow_ae or [DEFAULT_CALLING_AE]
+    ScpSettings(ae_title=args.ae_title, allowed_calling_aes=allowed)  # validates AE titles
+    data = DataDir(args.data_dir.resolve())
+    for folder in (data.root, data.objects, data.keys, data.logs):
+        folder.mkdir(parents=True, exist_ok=True)
+    data.keys.chmod(0o700)
+    if not data.dev_key.exists():
+        generate_master_key_file(data.dev_key)
+        print(WARNING.format(path=data.dev_key), file=sys.stderr)
+    else:
+        print(f"dicomflow: using the development master key {data.dev_key}", file=sys.stderr)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    nats = NatsServer(data.nats_store).start()
+    stages: list[StageProcess] = []
+    try:
+        data.config.write_text(to_toml(_config(data, nats.url, args, allowed)))
+        env = stage_env(data.config)
+        stages = [StageProcess(name, data.config, data.logs, env) for name in STAGE_ORDER]
+        for stage in stages:
+            stage.start()
+        if _wait_for_port(args.host, args.port, stop, stages):
+            _banner(args, allowed, data, nats.url)
+        while not stop.wait(0.5):
+            for stage in stages:
+                stage.supervise()
+        print("dicomflow: stopping (in-flight work finishes first)...", file=sys.stderr)
+    finally:
+        for stage in reversed(stages):
+            stage.stop()
+        nats.stop()
+    print("dicomflow: stopped.", file=sys.stderr)
+    return 0
+
+
+def _config(
+    data: DataDir, nats_url: str, args: argparse.Namespace, allowed: list[str]
+) -> dict[str, dict[str, object]]:
+    return {
+        "nats": {"servers": [nats_url]},
+        "scp": {
+            "ae_title": args.ae_title,
+            "host": args.host,
+            "port": args.port,
+            "allowed_calling_aes": allowed,
+        },
+        "storage": {"backend": "local", "local_path": data.objects, "layout": "flat"},
+        "encryption": {"master_key": {"id": 1, "path": data.dev_key}},
+    }
+
+
+def _wait_for_port(host: str, port: int, stop: threading.Event, stages: list[StageProcess]) -> bool:
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+    deadline = time.monotonic() + 60
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((probe, port), timeout=0.5):
+                return True
+        except OSError:
+            for stage in stages:
+                stage.supervise()
+            stop.wait(0.2)
+    return False
+
+
+def _banner(args: argparse.Namespace, allowed: list[str], data: DataDir, nats_url: str) -> None:
+    print(
+        f"""
+dicomflow is up.
+  Send DICOM to:     AE title {args.ae_title}, port {args.port} (listening on {args.host})
+  Calling AEs:       {", ".join(allowed)}  (others are rejected; add with --allow-ae)
+  For example:       storescu -aet {allowed[0]} -aec {args.ae_title} localhost {args.port} FILE.dcm
+  Encrypted objects: {data.objects}
+  NATS (JetStream):  {nats_url}, state in {data.nats_store}
+  Logs:              {data.logs}
+  Read back:         dicomflow ls --data-dir {data.root}
+                     dicomflow get --data-dir {data.root} SOP_INSTANCE_UID -o FILE.dcm
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )

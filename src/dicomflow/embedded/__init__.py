@@ -1,0 +1,1 @@
+"""The embedded default: a local nats-server and every stage, run by `dicomflow up`."""

