@@ -39,9 +39,9 @@ class NatsSettings(Section):
     publish_timeout: float = Field(default=10.0, gt=0, description="seconds to await a PubAck")
     stream_replicas: int = Field(default=1, ge=1, le=5)
     ingest_max_bytes: int = Field(
-        default=8 * 1024**3, gt=0, description="bound of the plaintext INGEST stream"
+        default=4 * 1024**3, gt=0, description="bound of the INGEST and SEALED streams"
     )
-    blob_max_bytes: int = Field(default=32 * 1024**3, gt=0)
+    blob_max_bytes: int = Field(default=16 * 1024**3, gt=0)
     duplicate_window: float = Field(default=120.0, gt=0)
 
 

@@ -108,21 +108,31 @@ async def ensure_consumer(
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    if await _exists(js, config.name or ""):
+        await js.update_stream(config)
+        return
     try:
-        await js.stream_info(config.name or "")
+        await js.add_stream(config)
+    except BadRequestError:
+        # Another replica created it between our look-up and our add.
+        await js.update_stream(config)
+    else:
+        log.info("created stream %s", config.name)
+
+
+async def _exists(js: JetStreamContext, stream: str) -> bool:
+    try:
+        await js.stream_info(stream)
     except NotFoundError:
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            # Another replica created it between our look-up and our add.
-            await js.stream_info(config.name or "")
-        else:
-            log.info("created stream", extra={"stream": config.name})
-            return
-    await js.update_stream(config)
+        return False
+    return True
 
 
 async def _ensure_kv(js: JetStreamContext, nats: NatsSettings) -> None:
+    # The server checks storage reservations before it notices that an identical
+    # stream exists, so buckets are looked up first rather than re-created.
+    if await _exists(js, f"KV_{subjects.INDEX_BUCKET}"):
+        return
     await js.create_key_value(
         KeyValueConfig(
             bucket=subjects.INDEX_BUCKET,
@@ -134,6 +144,8 @@ async def _ensure_kv(js: JetStreamContext, nats: NatsSettings) -> None:
 
 
 async def _ensure_blobs(js: JetStreamContext, nats: NatsSettings) -> None:
+    if await _exists(js, f"OBJ_{subjects.BLOB_BUCKET}"):
+        return
     await js.create_object_store(
         subjects.BLOB_BUCKET,
         ObjectStoreConfig(

@@ -89,7 +89,11 @@ class NatsServer:
         args += self._extra
         self._ready.clear()
         self._proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # stopped by its owner, after the stages drained
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

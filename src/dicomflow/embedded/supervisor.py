@@ -41,6 +41,9 @@ class StageProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self._env,
+            # Own session: a Ctrl-C in the terminal reaches `up` only, which then stops
+            # the stages in order; otherwise every stage would get the signal at once.
+            start_new_session=True,
         )
 
     @property
