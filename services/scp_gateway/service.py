@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from pynetdicom import AE, evt
 
@@ -77,12 +78,23 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event) -> None:
             await stop.wait()
         finally:
             await asyncio.to_thread(_shutdown, server)
+            log.info("scp-gateway closed; draining NATS")
     finally:
         await nc.drain()
 
 
-def _shutdown(server: object) -> None:
-    server.shutdown()  # type: ignore[attr-defined]
+def _shutdown(server: Any) -> None:
+    """Stop listening, let established associations finish, abort what is left.
+
+    A connection that never sent an A-ASSOCIATE-RQ (a port probe, a stalled peer) would
+    otherwise hold the drain until its ARTIM timeout; an association aborted here has
+    had no Success for anything unpublished, so the sender still holds those images.
+    """
+    server.shutdown()
     deadline = time.monotonic() + DRAIN_SECONDS
-    while server.active_associations and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    while time.monotonic() < deadline and any(
+        assoc.is_established for assoc in server.active_associations
+    ):
         time.sleep(0.1)
+    for assoc in server.active_associations:
+        assoc.abort()

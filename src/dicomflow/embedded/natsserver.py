@@ -130,14 +130,21 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self._reader is not None:
-            self._reader.join(timeout=2)
-        self._proc = None
+        self._release()
 
     def kill(self) -> None:
+        """SIGKILL: the server dies as in a crash; JetStream recovers from its files."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        self._release()
+
+    def _release(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+            self._reader = None
+        if self._proc is not None and self._proc.stderr is not None:
+            self._proc.stderr.close()
         self._proc = None
 
     def running(self) -> bool:

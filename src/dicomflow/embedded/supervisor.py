@@ -79,6 +79,12 @@ class StageProcess:
             self.restarts += 1
             self.start()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would end it; no drain, no cleanup."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         proc = self._proc
         if proc is not None and proc.poll() is None:

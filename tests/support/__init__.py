@@ -1,0 +1,1 @@
+"""Test support: DICOM file makers, server fixtures, pipeline runner."""

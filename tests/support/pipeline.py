@@ -1,0 +1,210 @@
+"""A dicomflow pipeline of real stage processes against a real nats-server, for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from dicomflow.embedded.layout import to_toml
+from dicomflow.embedded.natsserver import NatsServer
+from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.shared import subjects
+from dicomflow.shared.keyring import generate_master_key_file
+from support.dicomfiles import Made
+from support.servers import free_port, wait_for_port
+
+STORESCU = "/usr/bin/storescu"  # DCMTK's, not pynetdicom's app of the same name
+STAGES = ("store-writer", "encryptor", "scp-gateway")
+
+# storescu proposes uncompressed syntaxes only, unless told which one to propose; with
+# the right flag and -R it sends each file in its own transfer syntax, unconverted.
+PROPOSE = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+@dataclass
+class StoreResult:
+    returncode: int
+    output: str
+
+    def statuses(self) -> list[str]:
+        """The status of every C-STORE response, in order (storescu -v)."""
+        return re.findall(r"Received Store Response \(([^)]*)\)", self.output)
+
+
+@dataclass
+class Pipeline:
+    root: Path
+    nats: NatsServer
+    storage: dict[str, Any]
+    allowed: list[str] = field(default_factory=lambda: ["STORESCU"])
+    ae_title: str = "DICOMFLOW"
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.port = free_port()
+        self.key = self.root / "keys" / "master-1.key"
+        self.key.parent.mkdir(parents=True, exist_ok=True)
+        generate_master_key_file(self.key)
+        self.config = self.root / "dicomflow.toml"
+        self.write_config()
+        env = stage_env(self.config)
+        self.stages = {
+            name: StageProcess(name, self.config, self.root / "logs", env) for name in STAGES
+        }
+
+    def write_config(self) -> None:
+        tables: dict[str, dict[str, Any]] = {
+            "nats": {"servers": [self.nats.url], "publish_timeout": 3.0},
+            "scp": {
+                "ae_title": self.ae_title,
+                "host": "127.0.0.1",
+                "port": self.port,
+                "allowed_calling_aes": self.allowed,
+            },
+            "storage": self.storage,
+            "encryption": {"master_key": {"id": 1, "path": self.key}},
+            "consumer": {"ack_wait": 10.0, "backoff_initial": 0.2, "backoff_max": 2.0},
+        }
+        for name, values in self.extra.items():
+            tables.setdefault(name, {}).update(values)
+        self.config.write_text(to_toml(tables))
+
+    def start(self, *names: str) -> Pipeline:
+        for name in names or STAGES:
+            self.stages[name].start()
+        if not names or "scp-gateway" in names:
+            wait_for_port(self.port)
+        return self
+
+    def kill(self, name: str) -> None:
+        self.stages[name].kill()
+
+    def stop(self) -> None:
+        for name in reversed(STAGES):
+            self.stages[name].stop(timeout=15)
+
+    def logs(self, name: str) -> str:
+        path = self.root / "logs" / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    # -- sending ---------------------------------------------------------------------
+    def send(self, files: Iterable[Made], **kwargs: Any) -> StoreResult:
+        """Send each file in its own transfer syntax (one storescu run per syntax)."""
+        results = []
+        by_syntax: dict[str, list[Path]] = {}
+        for f in files:
+            by_syntax.setdefault(f.transfer_syntax, []).append(f.path)
+        for syntax, paths in by_syntax.items():
+            results.append(self.storescu(paths, propose=PROPOSE[syntax], **kwargs))
+        return StoreResult(max(r.returncode for r in results), "\n".join(r.output for r in results))
+
+    def storescu(
+        self,
+        files: Iterable[Path],
+        calling: str = "STORESCU",
+        called: str | None = None,
+        timeout: float = 300,
+        propose: str = "-xe",
+    ) -> StoreResult:
+        env = dict(os.environ, TCP_NODELAY="1")
+        proc = subprocess.run(
+            [
+                STORESCU,
+                "-v",
+                "-R",
+                propose,
+                "-aet",
+                calling,
+                "-aec",
+                called or self.ae_title,
+                "127.0.0.1",
+                str(self.port),
+                *[str(f) for f in files],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+        return StoreResult(proc.returncode, proc.stdout + proc.stderr)
+
+    # -- reading ---------------------------------------------------------------------
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dicomflow", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=check,
+            env=dict(os.environ, DICOMFLOW_CONFIG=str(self.config)),
+        )
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        out = self.cli("ls", "--json", "--config", str(self.config), check=True).stdout
+        records = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return {r["sop_instance_uid"]: r for r in records}
+
+    def wait_stored(self, count: int, timeout: float = 120.0) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            stored = {k: r for k, r in self.records().items() if r["state"] == "stored"}
+            if len(stored) >= count or time.monotonic() > deadline:
+                return stored
+            time.sleep(0.5)
+
+    def wait_drained(self, timeout: float = 120.0) -> None:
+        """Until INGEST and SEALED are empty and no consumer has pending or unacked work."""
+        deadline = time.monotonic() + timeout
+        while not asyncio.run(self._drained()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("pipeline did not drain")
+            time.sleep(0.3)
+
+    async def _drained(self) -> bool:
+        nc = await nats.connect(self.nats.url)
+        try:
+            js = nc.jetstream()
+            for stream in (subjects.INGEST_STREAM, subjects.SEALED_STREAM):
+                if (await js.stream_info(stream)).state.messages:
+                    return False
+            return True
+        finally:
+            await nc.close()
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        return asyncio.run(self._dead_letters())
+
+    async def _dead_letters(self) -> list[dict[str, str]]:
+        nc = await nats.connect(self.nats.url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(subjects.DLQ_STREAM)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                if info.state.messages == 0:
+                    break
+                msg = await js.get_msg(subjects.DLQ_STREAM, seq)
+                out.append(dict(msg.headers or {}))
+            return out
+        finally:
+            await nc.close()
