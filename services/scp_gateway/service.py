@@ -66,7 +66,7 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event) -> None:
             raise RuntimeError("pynetdicom did not return the association server")
         host, port = server.server_address[:2]
         log.info(
-            "scp-gateway listening on %s:%d as AE %s; calling AEs accepted: %s",
+            "scp-gateway ready: listening on %s:%d as AE %s; calling AEs accepted: %s",
             host,
             port,
             settings.scp.ae_title,

@@ -88,10 +88,19 @@ class Pipeline:
             tables.setdefault(name, {}).update(values)
         self.config.write_text(to_toml(tables))
 
-    def start(self, *names: str) -> Pipeline:
-        for name in names or STAGES:
+    def start(self, *names: str, timeout: float = 60.0) -> Pipeline:
+        """Start stages and wait until each logged that it is ready (topology set up)."""
+        names = names or STAGES
+        before = {name: self.logs(name).count(f'"{name} ready') for name in names}
+        for name in names:
             self.stages[name].start()
-        if not names or "scp-gateway" in names:
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while self.logs(name).count(f'"{name} ready') <= before[name]:
+                if time.monotonic() > deadline or self.stages[name].exit_code() is not None:
+                    raise RuntimeError(f"{name} did not become ready:\n{self.logs(name)[-3000:]}")
+                time.sleep(0.05)
+        if "scp-gateway" in names:
             wait_for_port(self.port)
         return self
 

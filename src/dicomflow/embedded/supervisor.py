@@ -35,6 +35,8 @@ class StageProcess:
 
     def start(self) -> None:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log is not None:
+            self._log.close()
         self._log = self._log_path.open("ab")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "dicomflow", self.stage, "--config", str(self._config)],
