@@ -196,6 +196,15 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process and of the children it has reaped."""
+    try:
+        rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return sum(int(x) for x in rest[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 class MemorySampler:
     """Peak RSS (VmHWM) per process; for a tree root, of its descendants too."""
 
@@ -206,6 +215,8 @@ class MemorySampler:
         self.children_peak_kib: dict[str, int] = {}
         self.children_seen: dict[str, set[int]] = {}
         self.tree_rss_peak_kib: dict[str, int] = {}
+        self.cpu_start = {label: _cpu_seconds(pid) for label, (pid, _) in roots.items()}
+        self.cpu_s: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -244,6 +255,10 @@ class MemorySampler:
         if self._thread.is_alive():
             self._thread.join()
         self.sample()
+        for label, (pid, _) in self.roots.items():
+            now, then = _cpu_seconds(pid), self.cpu_start.get(label)
+            if now is not None and then is not None and label not in self.cpu_s:
+                self.cpu_s[label] = round(now - then, 2)
         out: dict[str, Any] = {
             label: round(kib / 1024, 1) for label, kib in sorted(self.peak_kib.items())
         }
@@ -314,6 +329,7 @@ def run_storescp(files: list[Made], associations: int, work: Path) -> dict[str, 
     return {
         "sent": sent,
         "memory_mib": memory,
+        "cpu_s_during_run": sampler.cpu_s,
         "confirmed": received,
         "confirmed_how": "files in storescp's output folder",
         "server_args": " ".join(args[:-2]) + " DIR PORT",
@@ -379,6 +395,7 @@ def run_orthanc(files: list[Made], associations: int, work: Path) -> dict[str, A
     return {
         "sent": sent,
         "memory_mib": memory,
+        "cpu_s_during_run": sampler.cpu_s,
         "confirmed": int(stats["CountInstances"]),
         "confirmed_how": "Orthanc REST /statistics CountInstances",
         "orthanc_version": system.get("Version"),
@@ -474,6 +491,7 @@ def run_dicomflow(
     pipeline: Pipeline | None = None
     listener: StoredListener | None = None
     sampler: MemorySampler | None = None
+    result: dict[str, Any] = {}
     try:
         server.start()
         pipeline = Pipeline(work, server, {"backend": "local", "local_path": work / "objects"})
@@ -505,9 +523,10 @@ def run_dicomflow(
             for line in list(getattr(server, "_lines", []))
             if "[WRN]" in line or "[ERR]" in line
         ]
-        return {
+        result = {
             "sent": sent,
             "memory_mib": memory,
+            "cpu_s_during_run": sampler.cpu_s,
             "confirmed": sum(1 for sop in stored if sop in expected),
             "confirmed_how": "index records in state stored (dicomflow ls --json)",
             "all_events": complete,
@@ -515,7 +534,6 @@ def run_dicomflow(
             "stored_event_times": sorted(events.values()),
             "last_stored_at_index": max(stored_at) if stored_at else None,
             "dead_letters": len(pipeline.dead_letters()),
-            "log_problems": _log_problems(pipeline),
             "nats_warnings": nats_warnings[:10],
         }
     finally:
@@ -526,6 +544,9 @@ def run_dicomflow(
         if pipeline is not None:
             pipeline.stop()
         server.stop()
+    # Read after the stop, so that what the stages log while draining is included.
+    result["log_problems"] = _log_problems(pipeline)
+    return result
 
 
 # -- reporting ------------------------------------------------------------------------
@@ -630,6 +651,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print("\nPeak RSS (VmHWM, MiB):")
     for r in results:
         parts = ", ".join(f"{k} {v}" for k, v in r["memory_mib"].items())
+        print(f"  {r['target']:<10} {r['associations']} assoc: {parts}")
+    print("\nCPU seconds used during the run (user+system, reaped children included):")
+    for r in results:
+        parts = ", ".join(f"{k} {v}" for k, v in r["cpu_s_during_run"].items())
         print(f"  {r['target']:<10} {r['associations']} assoc: {parts}")
     problems = [r for r in results if r.get("log_problems") or r.get("dead_letters")]
     for r in problems:

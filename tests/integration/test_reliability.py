@@ -63,8 +63,9 @@ def test_nats_down_answers_out_of_resources_then_recovers(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
     first, second = ct_series(tmp_path / "in", 2)
-    pipeline = Pipeline(tmp_path / "p", nats_server, {"backend": "local",
-                                                       "local_path": tmp_path / "objects"})
+    pipeline = Pipeline(
+        tmp_path / "p", nats_server, {"backend": "local", "local_path": tmp_path / "objects"}
+    )
     pipeline.start()
     try:
         nats_server.stop()

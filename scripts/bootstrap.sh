@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Prepares this checkout to run dicomflow (and, with --test, its test suite) on a fresh
+# Debian/Ubuntu machine: the Debian packages it lacks, then a virtual environment in
+# .venv with the locked Python dependencies. Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+need_apt=()
+if (( want_test )); then
+  # DCMTK is the real DICOM peer of the tests (storescu, dcmcjpeg, dcmcrle, dcmconv).
+  command -v /usr/bin/storescu >/dev/null || need_apt+=(dcmtk)
+fi
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if (( ${#need_apt[@]} )); then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "bootstrap: installing Debian packages: ${need_apt[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"dicomflow needs Python 3.11 or newer; python3 is {sys.version.split()[0]}")
+PY
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+stamp=".venv/.dicomflow-installed"
+inputs="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)-$want_test"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$inputs" ]]; then
+  echo "bootstrap: installing Python dependencies into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -r requirements.lock
+  .venv/bin/python -m pip install -q --no-deps -e .
+  echo "$inputs" > "$stamp"
+fi
