@@ -1,0 +1,91 @@
+"""The header contract: what parses, and what is refused with ContractViolation."""
+
+from __future__ import annotations
+
+import pytest
+
+from dicomflow.shared import subjects
+from dicomflow.shared.errors import ContractViolation
+from dicomflow.shared.messages import BodyKind, Instance, parse
+
+SHA = "ab" * 32
+
+
+def _instance(**changes: object) -> Instance:
+    values: dict[str, object] = dict(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid="1.2.3.4",
+        study_uid="1.2.3",
+        series_uid="1.2.3.5",
+        calling_ae="CT 01",
+        called_ae="DICOMFLOW",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        size=1234,
+        sha256=SHA,
+        modality="CT",
+    )
+    values.update(changes)
+    return Instance(**values)  # type: ignore[arg-type]
+
+
+def test_round_trip_inline_and_sealed_blob() -> None:
+    inst = _instance()
+    assert parse(inst.headers()) == inst
+    sealed = inst.sealed(7, 1320).with_body(BodyKind.BLOB, "sealed.1.2.3.4.abababab")
+    assert parse(sealed.headers(), sealed=True) == sealed
+
+
+def test_message_id_is_identity_plus_digest() -> None:
+    assert _instance().headers()["Nats-Msg-Id"] == f"1.2.3.4:{SHA}"
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("Dicomflow-Schema", "2"),
+        ("Dicomflow-Sop-Instance-Uid", "../../etc/passwd"),
+        ("Dicomflow-Study-Uid", ""),
+        ("Dicomflow-Size", "-1"),
+        ("Dicomflow-Size", "0"),
+        ("Dicomflow-Size", "12a"),
+        ("Dicomflow-Sha256", "XYZ"),
+        ("Dicomflow-Body", "carrier-pigeon"),
+        ("Dicomflow-Calling-Ae", "A" * 17),
+        ("Dicomflow-Modality", "ct; rm -rf"),
+    ],
+)
+def test_malformed_headers_are_contract_violations(header: str, value: str) -> None:
+    headers = _instance().headers()
+    headers[header] = value
+    with pytest.raises(ContractViolation) as err:
+        parse(headers)
+    if header != "Dicomflow-Schema":  # a schema number is echoed; nothing else is
+        assert value not in str(err.value) or value == ""
+
+
+def test_missing_headers_and_blob_reference() -> None:
+    with pytest.raises(ContractViolation):
+        parse(None)
+    headers = _instance().headers()
+    headers["Dicomflow-Body"] = "blob"
+    with pytest.raises(ContractViolation, match="Dicomflow-Blob"):
+        parse(headers)
+
+
+def test_sealed_messages_need_key_id_and_sealed_size() -> None:
+    with pytest.raises(ContractViolation, match="Dicomflow-Key-Id"):
+        parse(_instance().headers(), sealed=True)
+    headers = _instance().sealed(1, 50).headers()  # smaller than the A1 overhead
+    with pytest.raises(ContractViolation, match="Sealed-Size"):
+        parse(headers, sealed=True)
+
+
+@pytest.mark.parametrize("ae", ["CT01", "CT 01", "A.B", "*>", "MR_3-T", "ÆØ", ""])
+def test_ae_titles_become_one_valid_subject_token_and_back(ae: str) -> None:
+    token = subjects.encode_token(ae)
+    assert token and not any(c in token for c in " .*>\t")
+    assert subjects.decode_token(token) == ae
+
+
+def test_distinct_ae_titles_give_distinct_subjects() -> None:
+    assert subjects.ingest_subject("A.B", "C") != subjects.ingest_subject("A", "B.C")

@@ -1,0 +1,64 @@
+"""Settings: environment over config file, and clear errors naming the bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.settings import (
+    EncryptorSettings,
+    ScpGatewaySettings,
+    StoreWriterSettings,
+    load_settings,
+)
+
+
+def test_config_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[scp]\nae_title = "FROMFILE"\nport = 104\n'
+                      'allowed_calling_aes = ["CT01"]\n[nats]\nservers = ["nats://a:1"]\n')
+    monkeypatch.setenv("DICOMFLOW_SCP__PORT", "2104")
+    settings = load_settings(ScpGatewaySettings, config)
+    assert settings.scp.ae_title == "FROMFILE"
+    assert settings.scp.port == 2104
+    assert settings.scp.allowed_calling_aes == ["CT01"]
+    assert settings.nats.servers == ["nats://a:1"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "field"),
+    [
+        ('[storage]\nlayout = "spiral"\n', "storage.layout"),
+        ('[storage]\nroot_path = "/abs"\n', "storage.root_path"),
+        ("[consumer]\nmax_deliver = 1\n", "consumer.max_deliver"),
+        ('[scp]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "scp.ae_title"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, toml: str, field: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(toml)
+    cls = ScpGatewaySettings if "scp" in field else StoreWriterSettings
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_settings(cls, config)
+
+
+def test_missing_or_malformed_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(ScpGatewaySettings, tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[scp\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_settings(ScpGatewaySettings, bad)
+
+
+def test_encryptor_refuses_to_start_without_a_usable_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="master_key is not set"):
+        load_settings(EncryptorSettings).encryption.keyring()
+    short = tmp_path / "short.key"
+    short.write_text("c2hvcnQ=\n")  # 5 bytes
+    config = tmp_path / "c.toml"
+    config.write_text(f'[encryption.master_key]\nid = 1\npath = "{short}"\n')
+    with pytest.raises(ConfigError, match="32 bytes"):
+        load_settings(EncryptorSettings, config).encryption.keyring()
