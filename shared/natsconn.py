@@ -19,9 +19,16 @@ log = logging.getLogger(__name__)
 async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None = None) -> Client:
     """Connect, waiting for NATS to come up (until ``stop`` is set, if given)."""
     delay = 0.5
+    client: list[Client] = []
+
+    async def on_disconnect() -> None:
+        if client and (client[0].is_draining or client[0].is_closed):
+            return  # our own drain or close, not an outage
+        log.warning("disconnected from NATS; reconnecting")
+
     while True:
         try:
-            return await nats.connect(
+            nc = await nats.connect(
                 servers=settings.servers,
                 name=f"dicomflow-{name}",
                 connect_timeout=settings.connect_timeout,
@@ -29,9 +36,11 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1.0,
                 error_cb=_on_error,
-                disconnected_cb=_on_disconnect,
+                disconnected_cb=on_disconnect,
                 reconnected_cb=_on_reconnect,
             )
+            client.append(nc)
+            return nc
         except (NoServersError, NatsError, OSError, TimeoutError) as exc:
             if stop is not None and stop.is_set():
                 raise
@@ -59,10 +68,6 @@ async def connect_once(settings: NatsSettings, name: str) -> Client:
 
 async def _on_error(exc: Exception) -> None:
     log.warning("NATS connection error: %r", exc)
-
-
-async def _on_disconnect() -> None:
-    log.warning("disconnected from NATS; reconnecting")
 
 
 async def _on_reconnect() -> None:

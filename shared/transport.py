@@ -10,6 +10,7 @@ whose body is gone.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -80,24 +81,29 @@ class Transport:
             raise BrokerUnavailable(f"JetStream did not acknowledge the publish: {exc!r}") from exc
         return sent
 
+    def spool(self, size: int) -> IO[bytes]:
+        """A scratch file for a body of ``size`` bytes: memory if it is inline-sized
+        (bounded by max_payload), a private temporary file on disk otherwise."""
+        if size <= self.inline_limit:
+            return io.BytesIO()
+        return tempfile.TemporaryFile(dir=self._spool_dir)
+
     async def open_body(self, msg: Msg, instance: Instance) -> IO[bytes]:
         """The message body as a readable file positioned at 0; the caller closes it."""
+        if instance.body is BodyKind.INLINE:
+            return io.BytesIO(msg.data)  # shares the bytes: no copy
         spool = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115 (returned)
         try:
-            if instance.body is BodyKind.INLINE:
-                spool.write(msg.data)
-            else:
-                try:
-                    await (await self.blobs()).get(instance.blob, writeinto=spool)
-                except (NotFoundError, ObjectNotFoundError) as exc:
-                    raise ContractViolation(
-                        f"blob {instance.blob} named by the message does not exist"
-                    ) from exc
-                except (NatsError, TimeoutError) as exc:
-                    raise BrokerUnavailable(
-                        f"could not read blob {instance.blob}: {exc!r}"
-                    ) from exc
+            await (await self.blobs()).get(instance.blob, writeinto=spool)
             spool.seek(0)
+        except (NotFoundError, ObjectNotFoundError) as exc:
+            spool.close()
+            raise ContractViolation(
+                f"blob {instance.blob} named by the message does not exist"
+            ) from exc
+        except (NatsError, TimeoutError) as exc:
+            spool.close()
+            raise BrokerUnavailable(f"could not read blob {instance.blob}: {exc!r}") from exc
         except BaseException:
             spool.close()
             raise

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
-from pathlib import Path
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -19,6 +17,7 @@ from nats.js import JetStreamContext
 from dicomflow.encryptor.sealing import seal_and_hash
 from dicomflow.shared import messages, natsconn, subjects, topology
 from dicomflow.shared.consumer import AfterAck, Consumer
+from dicomflow.shared.envelope import OVERHEAD
 from dicomflow.shared.errors import ContractViolation
 from dicomflow.shared.keyring import KeyRing
 from dicomflow.shared.settings import EncryptorSettings
@@ -30,17 +29,16 @@ STAGE = "encryptor"
 
 
 class Encryptor:
-    def __init__(self, transport: Transport, keyring: KeyRing, spool_dir: Path | None = None):
+    def __init__(self, transport: Transport, keyring: KeyRing) -> None:
         self._transport = transport
         self._keyring = keyring
-        self._spool_dir = spool_dir
 
     async def handle(self, msg: Msg) -> AfterAck:
         instance = messages.parse(msg.headers)
         key = self._keyring.current
         with (
             await self._transport.open_body(msg, instance) as plain,
-            tempfile.TemporaryFile(dir=self._spool_dir) as sealed_file,
+            self._transport.spool(instance.size + OVERHEAD) as sealed_file,
         ):
             sealed = await asyncio.to_thread(seal_and_hash, key, plain, sealed_file)
             if (sealed.plaintext_size, sealed.plaintext_sha256) != (instance.size, instance.sha256):

@@ -81,15 +81,19 @@ class StoreWriter:
         key = self._object_key(instance)
         replaced = ""
         while True:  # re-decide when another writer changed the record under us
-            found = await self._index.get(index_key)
-            if found is None:
-                record = self._record(instance, key, State.PENDING)
-                try:
-                    revision = await self._index.create(index_key, record)
-                except Conflict:
-                    continue
+            # The common case is a new instance: try to claim the key first (one round
+            # trip), and read the existing record only when that fails.
+            record = self._record(instance, key, State.PENDING)
+            try:
+                revision = await self._index.create(index_key, record)
+            except Conflict:
+                pass
+            else:
                 fresh = True
                 break
+            found = await self._index.get(index_key)
+            if found is None:
+                continue
             existing, revision = found
             if existing.sha256 == instance.sha256:
                 if existing.state is State.STORED:

@@ -32,8 +32,9 @@ def test_permanent_errors_dead_letter_at_once(exc: Exception) -> None:
     assert type(exc).__name__ in outcome.reason
 
 
-@pytest.mark.parametrize("exc", [StorageUnavailable("s3 503"), BrokerUnavailable("down"),
-                                 RuntimeError("unforeseen")])
+@pytest.mark.parametrize(
+    "exc", [StorageUnavailable("s3 503"), BrokerUnavailable("down"), RuntimeError("unforeseen")]
+)
 def test_transient_and_unknown_errors_are_retried_then_dead_lettered(exc: Exception) -> None:
     for delivered in range(1, SETTINGS.max_deliver):
         outcome = decide(exc, delivered, SETTINGS)

@@ -17,8 +17,10 @@ from dicomflow.shared.settings import (
 
 def test_config_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "c.toml"
-    config.write_text('[scp]\nae_title = "FROMFILE"\nport = 104\n'
-                      'allowed_calling_aes = ["CT01"]\n[nats]\nservers = ["nats://a:1"]\n')
+    config.write_text(
+        '[scp]\nae_title = "FROMFILE"\nport = 104\n'
+        'allowed_calling_aes = ["CT01"]\n[nats]\nservers = ["nats://a:1"]\n'
+    )
     monkeypatch.setenv("DICOMFLOW_SCP__PORT", "2104")
     settings = load_settings(ScpGatewaySettings, config)
     assert settings.scp.ae_title == "FROMFILE"
@@ -49,7 +51,7 @@ def test_missing_or_malformed_config_file(tmp_path: Path) -> None:
         load_settings(ScpGatewaySettings, tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[scp\n")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_settings(ScpGatewaySettings, bad)
 
 
