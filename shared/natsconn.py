@@ -39,14 +39,15 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
                 disconnected_cb=on_disconnect,
                 reconnected_cb=_on_reconnect,
             )
-            client.append(nc)
-            return nc
         except (NoServersError, NatsError, OSError, TimeoutError) as exc:
             if stop is not None and stop.is_set():
                 raise
             log.warning("NATS not reachable (%r); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+        else:
+            client.append(nc)
+            return nc
 
 
 async def connect_once(settings: NatsSettings, name: str) -> Client:
