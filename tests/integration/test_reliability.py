@@ -87,3 +87,30 @@ def test_nats_down_answers_out_of_resources_then_recovers(
         assert pipeline.stages["scp-gateway"].exit_code() is None
     finally:
         pipeline.stop()
+
+
+def test_full_ingest_stream_answers_out_of_resources_until_drained(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    files = ct_series(tmp_path / "in", 6, rows=256, columns=256)  # ~128 KiB each
+    pipeline = Pipeline(
+        tmp_path / "p",
+        nats_server,
+        {"backend": "local", "local_path": tmp_path / "objects"},
+        extra={"nats": {"ingest_max_bytes": 300_000}},
+    )
+    pipeline.start("store-writer", "scp-gateway")  # no encryptor: INGEST fills up
+    try:
+        full = pipeline.send(files[:3])  # storescu halts at the first failure
+        statuses = full.statuses()
+        assert statuses[:2] == ["Success", "Success"], full.output
+        assert statuses[2:] == ["Refused: OutOfResources"], full.output
+
+        pipeline.start("encryptor")
+        pipeline.wait_stored(2)
+        pipeline.wait_drained()
+        again = pipeline.send(files[2:])
+        assert again.statuses() == ["Success"] * 4, again.output
+        assert len(pipeline.wait_stored(6)) == 6
+    finally:
+        pipeline.stop()

@@ -21,22 +21,42 @@ pytestmark = pytest.mark.integration
 def _up(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "dicomflow", "up", "--data-dir", str(data), "--port",
-             str(port), "--host", "127.0.0.1", "--allow-ae", "CT01"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "dicomflow",
+                "up",
+                "--data-dir",
+                str(data),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--allow-ae",
+                "CT01",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicomflow", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "dicomflow", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _send(port: int, path: Path, calling: str = "CT01") -> str:
     done = subprocess.run(
-        [STORESCU, "-v", "-aet", calling, "-aec", "DICOMFLOW", "127.0.0.1", str(port),
-         str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        [STORESCU, "-v", "-aet", calling, "-aec", "DICOMFLOW", "127.0.0.1", str(port), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env=dict(os.environ, TCP_NODELAY="1"),
     )
     return done.stdout + done.stderr
