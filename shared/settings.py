@@ -103,6 +103,11 @@ class DuplicatePolicy(StrEnum):
 
 class ConsumerSettings(Section):
     concurrency: int = Field(default=4, ge=1, le=256)
+    max_inflight_bytes: int = Field(
+        default=256 * 1024**2,
+        gt=0,
+        description="byte budget of the bodies handled at once; more waits its turn",
+    )
     max_deliver: int = Field(default=10, ge=2)
     ack_wait: float = Field(default=30.0, gt=1)
     backoff_initial: float = Field(default=1.0, gt=0)
@@ -153,6 +158,9 @@ class ServiceSettings(BaseSettings):
 
     nats: NatsSettings = Field(default_factory=NatsSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    spool_dir: Path | None = Field(
+        default=None, description="folder for private scratch files (default: system temp)"
+    )
 
     @classmethod
     def settings_customise_sources(
