@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-
+from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
 from dicomflow.shared import subjects
 from dicomflow.shared.errors import BrokerUnavailable
 from dicomflow.shared.messages import Instance
@@ -35,13 +32,7 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 
-_IDENTITY_TAGS = [
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-]
+_CHUNK = 1024 * 1024
 
 
 class Rejected(Exception):
@@ -50,38 +41,37 @@ class Rejected(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    modality: str
-
-
-def identify(part10: bytes, affected_sop_instance_uid: str) -> Identity:
-    """Read the identity attributes, never the pixel data; raise Rejected if unusable."""
+def identify(fp: BinaryIO, affected_sop_instance_uid: str) -> Identity:
+    """Read and check the identity we need; raise Rejected with the status to answer."""
     try:
-        ds = dcmread(io.BytesIO(part10), stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
-        sop = str(ds.get("SOPInstanceUID", ""))
-        study = str(ds.get("StudyInstanceUID", ""))
-        series = str(ds.get("SeriesInstanceUID", ""))
-        modality = str(ds.get("Modality", "") or "")
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
-        raise Rejected(
-            CANNOT_UNDERSTAND, f"dataset cannot be parsed ({type(exc).__name__})"
-        ) from exc
-    if sop != affected_sop_instance_uid:
+        identity = read_identity(fp)
+    except Unreadable as exc:
+        raise Rejected(CANNOT_UNDERSTAND, str(exc)) from exc
+    if identity.sop_instance_uid != affected_sop_instance_uid:
         raise Rejected(DOES_NOT_MATCH, "dataset SOP Instance UID differs from the request's")
-    for name, value in (("Study Instance UID", study), ("Series Instance UID", series)):
+    for name, value in (
+        ("SOP Instance UID", identity.sop_instance_uid),
+        ("Study Instance UID", identity.study_uid),
+        ("Series Instance UID", identity.series_uid),
+    ):
         if not _is_uid(value):
             raise Rejected(DOES_NOT_MATCH, f"{name} is missing or not a valid UID")
-    if not _is_uid(sop):
-        raise Rejected(DOES_NOT_MATCH, "SOP Instance UID is not a valid UID")
-    return Identity(sop, study, series, modality.strip().upper()[:16])
+    return identity
 
 
 def _is_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and all(p.isdigit() for p in value.split("."))
+
+
+def digest(fp: BinaryIO) -> tuple[int, str]:
+    """Size and SHA-256 of ``fp`` from its start, read in chunks."""
+    fp.seek(0)
+    sha = hashlib.sha256()
+    size = 0
+    while chunk := fp.read(_CHUNK):
+        sha.update(chunk)
+        size += len(chunk)
+    return size, sha.hexdigest()
 
 
 class Receiver:
@@ -101,22 +91,26 @@ class Receiver:
         calling = str(event.assoc.requestor.ae_title).strip()
         called = str(event.assoc.acceptor.ae_title).strip()
         try:
-            part10 = event.encoded_dataset(include_meta=True)
             request = event.request
-            identity = identify(part10, str(request.AffectedSOPInstanceUID))
-            instance = Instance(
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                sop_instance_uid=identity.sop_instance_uid,
-                study_uid=identity.study_uid,
-                series_uid=identity.series_uid,
-                modality=identity.modality,
-                calling_ae=calling,
-                called_ae=called,
-                transfer_syntax=str(event.context.transfer_syntax),
-                size=len(part10),
-                sha256=hashlib.sha256(part10).hexdigest(),
-            )
-            self._publish(instance, part10)
+            # pynetdicom spooled the dataset to a Part-10 file as it arrived (chunked
+            # receive): it is never held whole in memory, here or later.
+            with Path(event.dataset_path).open("rb") as fp:
+                identity = identify(fp, str(request.AffectedSOPInstanceUID))
+                size, sha256 = digest(fp)
+                instance = Instance(
+                    sop_class_uid=str(request.AffectedSOPClassUID),
+                    sop_instance_uid=identity.sop_instance_uid,
+                    study_uid=identity.study_uid,
+                    series_uid=identity.series_uid,
+                    modality=identity.modality,
+                    calling_ae=calling,
+                    called_ae=called,
+                    transfer_syntax=str(event.context.transfer_syntax),
+                    size=size,
+                    sha256=sha256,
+                )
+                fp.seek(0)
+                self._publish(instance, fp, size)
         except Rejected as exc:
             log.warning("C-STORE from %s refused with 0x%04X: %s", calling, exc.status, exc)
             return exc.status
@@ -129,12 +123,12 @@ class Receiver:
             return OUT_OF_RESOURCES
         return SUCCESS
 
-    def _publish(self, instance: Instance, part10: bytes) -> None:
+    def _publish(self, instance: Instance, body: BinaryIO, size: int) -> None:
         coro = self._transport.publish(
             subjects.ingest_subject(instance.called_ae, instance.calling_ae),
             instance,
-            io.BytesIO(part10),
-            len(part10),
+            body,
+            size,
             blob_prefix="ingest",
         )
         future: Future[Instance] = asyncio.run_coroutine_threadsafe(coro, self._loop)

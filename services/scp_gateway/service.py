@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 
 from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from dicomflow.scp_gateway.receiver import Receiver
@@ -26,6 +28,16 @@ log = logging.getLogger(__name__)
 
 STAGE = "scp-gateway"
 DRAIN_SECONDS = 30.0
+
+
+def receive_to_files(spool_dir: Path | None) -> None:
+    """Have pynetdicom write each received dataset to a Part-10 file as it arrives,
+    instead of assembling it in memory (process-wide settings of pynetdicom and tempfile).
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    if spool_dir is not None:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = str(spool_dir)
 
 
 def build_ae(scp: ScpSettings) -> AE:
@@ -51,6 +63,7 @@ def build_ae(scp: ScpSettings) -> AE:
 
 async def serve(settings: ScpGatewaySettings, stop: asyncio.Event) -> None:
     ae = build_ae(settings.scp)
+    receive_to_files(settings.spool_dir)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     try:
         js = nc.jetstream()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import tracemalloc
+from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage
 
+from dicomflow.scp_gateway.identity import INFLATE_LIMIT
 from dicomflow.scp_gateway.receiver import CANNOT_UNDERSTAND, DOES_NOT_MATCH, Rejected, identify
-from support.dicomfiles import dataset
+from support.dicomfiles import dataset, transfer_syntax_set, write
 
 # pydicom warns (it does not raise) about malformed input; the suite turns warnings into
 # errors, so these tests restore the production behaviour for pydicom's UserWarnings.
@@ -29,7 +33,7 @@ def _part10(**changes: object) -> tuple[bytes, str]:
 
 def test_identity_is_read_without_pixel_data() -> None:
     data, sop = _part10()
-    identity = identify(data, sop)
+    identity = identify(io.BytesIO(data), sop)
     assert identity.sop_instance_uid == sop
     assert identity.modality == "CT"
 
@@ -39,14 +43,14 @@ def test_identity_is_read_without_pixel_data() -> None:
 )
 def test_garbage_cannot_be_understood(data: bytes) -> None:
     with pytest.raises(Rejected) as err:
-        identify(data, "1.2.3")
+        identify(io.BytesIO(data), "1.2.3")
     assert err.value.status in (CANNOT_UNDERSTAND, DOES_NOT_MATCH)
 
 
 def test_truncated_dataset_is_refused() -> None:
     data, sop = _part10()
     with pytest.raises(Rejected):
-        identify(data[:200], sop)
+        identify(io.BytesIO(data[:200]), sop)
 
 
 @pytest.mark.parametrize(
@@ -56,5 +60,34 @@ def test_truncated_dataset_is_refused() -> None:
 def test_missing_or_inconsistent_identity_does_not_match(changes: dict[str, object]) -> None:
     data, sop = _part10(**changes)
     with pytest.raises(Rejected) as err:
-        identify(data, sop)
+        identify(io.BytesIO(data), sop)
     assert err.value.status == DOES_NOT_MATCH
+
+
+def test_every_transfer_syntax_of_the_test_set_is_identified(tmp_path: Path) -> None:
+    for made in transfer_syntax_set(tmp_path):
+        with made.path.open("rb") as fp:
+            identity = identify(fp, made.sop_instance_uid)
+        assert identity.study_uid == made.study_uid
+        assert identity.series_uid == made.series_uid
+        assert identity.transfer_syntax == made.transfer_syntax
+
+
+def test_deflated_dataset_is_inflated_only_up_to_the_limit(tmp_path: Path) -> None:
+    # 48 MiB of pixel data deflates to almost nothing; reading the identity must not
+    # inflate it all (pydicom's dcmread would, in memory).
+    ds = dataset(CTImageStorage, modality="CT", rows=4096, columns=6144)
+    ds.PixelData = bytes(len(ds.PixelData))
+    plain = write(ds, tmp_path / "plain.dcm")
+    deflated = tmp_path / "deflated.dcm"
+    subprocess.run(["/usr/bin/dcmconv", "+td", str(plain), str(deflated)], check=True)
+    assert deflated.stat().st_size < 1024 * 1024
+    tracemalloc.start()
+    try:
+        with deflated.open("rb") as fp:
+            identity = identify(fp, str(ds.SOPInstanceUID))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert identity.study_uid == ds.StudyInstanceUID
+    assert peak < INFLATE_LIMIT * 2 < len(ds.PixelData)

@@ -1,0 +1,111 @@
+"""Reading the identity of a received dataset (UIDs, Modality) without its pixel data.
+
+The dataset may be gigabytes, so only a bounded prefix is parsed: elements are read up
+to the pixel data, and a deflated dataset is inflated only as far as ``INFLATE_LIMIT``.
+pydicom's ``dcmread`` would inflate a deflated file whole, in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+INFLATE_LIMIT = 16 * 1024 * 1024
+_READ = 1024 * 1024
+_PIXEL_DATA_GROUP = 0x7FE0
+_IDENTITY: list[BaseTag | int] = [
+    Tag(0x0008, 0x0016),
+    Tag(0x0008, 0x0018),
+    Tag(0x0008, 0x0060),
+    Tag(0x0020, 0x000D),
+    Tag(0x0020, 0x000E),
+]
+
+
+class Unreadable(Exception):
+    """The dataset cannot be parsed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    transfer_syntax: str
+
+
+def read_identity(fp: BinaryIO) -> Identity:
+    """Identity of the Part-10 file ``fp`` (positioned at its start)."""
+    syntax = _read_meta(fp)
+    try:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            fp = _inflated_prefix(fp)
+        implicit = syntax == ImplicitVRLittleEndian
+        little = syntax != "1.2.840.10008.1.2.2"
+        ds: Dataset = read_dataset(
+            fp, implicit, little, stop_when=_at_pixels, specific_tags=_IDENTITY
+        )
+        return Identity(
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+            study_uid=str(ds.get("StudyInstanceUID", "")),
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            modality=str(ds.get("Modality", "") or "").strip().upper()[:16],
+            transfer_syntax=str(syntax),
+        )
+    except (
+        InvalidDicomError,
+        ValueError,
+        TypeError,
+        KeyError,
+        EOFError,
+        OSError,
+        NotImplementedError,
+        zlib.error,
+    ) as exc:
+        raise Unreadable(f"dataset cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _read_meta(fp: BinaryIO) -> UID:
+    """Skip the preamble, read the file meta group, return the transfer syntax."""
+    try:
+        read_preamble(fp, False)
+        meta = read_dataset(fp, False, True, stop_when=_after_meta)
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
+        raise Unreadable(f"file meta cannot be parsed ({type(exc).__name__})") from exc
+    syntax = UID(str(meta.get("TransferSyntaxUID", "")))
+    if not syntax:
+        raise Unreadable("no transfer syntax in the file meta")
+    return syntax
+
+
+def _after_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag.group != 0x0002)
+
+
+def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag.group >= _PIXEL_DATA_GROUP)
+
+
+def _inflated_prefix(fp: BinaryIO) -> BinaryIO:
+    """At most INFLATE_LIMIT inflated bytes, produced a chunk at a time."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = io.BytesIO()
+    pending = b""
+    while out.tell() < INFLATE_LIMIT:
+        if not pending:
+            pending = fp.read(_READ)
+            if not pending:
+                break
+        out.write(inflater.decompress(pending, min(_READ, INFLATE_LIMIT - out.tell())))
+        pending = inflater.unconsumed_tail
+    out.seek(0)
+    return out
