@@ -23,8 +23,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
 from dicomflow.shared import subjects
+from dicomflow.shared.budget import ByteBudget
 from dicomflow.shared.disposition import Action, Disposition, decide
 from dicomflow.shared.errors import DicomflowError
+from dicomflow.shared.messages import H_SEALED_SIZE, H_SIZE
 from dicomflow.shared.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Consumer:
         self._durable = durable
         self._handler = handler
         self._settings = settings
+        self._budget = ByteBudget(settings.max_inflight_bytes)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process messages until ``stop`` is set; in-flight messages finish first."""
@@ -87,11 +90,12 @@ class Consumer:
 
     async def _process(self, msg: Msg) -> None:
         delivered = msg.metadata.num_delivered
-        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        heartbeat = asyncio.create_task(self._keep_alive(msg))  # also while queued
         after_ack: AfterAck | None = None
         error: BaseException | None = None
         try:
-            after_ack = await self._handler(msg)
+            async with self._budget.hold(_declared_size(msg)):
+                after_ack = await self._handler(msg)
         except Exception as exc:  # noqa: BLE001 (every failure is mapped by disposition.decide)
             error = exc
         finally:
@@ -148,6 +152,13 @@ class Consumer:
             await asyncio.sleep(interval)
             with contextlib.suppress(NatsError, TimeoutError):
                 await msg.in_progress()
+
+
+def _declared_size(msg: Msg) -> int:
+    """The body size the headers announce (validated later by the handler)."""
+    headers = msg.headers or {}
+    raw = headers.get(H_SEALED_SIZE) or headers.get(H_SIZE) or ""
+    return int(raw) if raw.isdigit() else len(msg.data)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

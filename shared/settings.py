@@ -43,6 +43,10 @@ class NatsSettings(Section):
     )
     blob_max_bytes: int = Field(default=16 * 1024**3, gt=0)
     duplicate_window: float = Field(default=120.0, gt=0)
+    blob_sweep_interval: float = Field(default=300.0, gt=0)
+    blob_orphan_grace: float = Field(
+        default=600.0, gt=0, description="age before an unreferenced blob is deleted"
+    )
 
 
 class KeySpec(Section):
@@ -85,6 +89,10 @@ class StorageSettings(Section):
     s3_allow_http: bool = False
     request_timeout: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=5, ge=0)
+    multipart_chunk_size: int = Field(
+        default=8 * 1024**2, ge=5 * 1024**2, description="part size of multipart uploads"
+    )
+    multipart_concurrency: int = Field(default=4, ge=1, le=64)
 
     @field_validator("root_path")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import IO
+from typing import IO, Literal
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError
@@ -21,7 +21,15 @@ from dicomflow.shared.settings import StorageBackend, StorageSettings
 
 CHUNK = 1024 * 1024
 
-__all__ = ["AlreadyExistsError", "ObjectStore", "build_store", "put", "read_chunks", "sha256_of"]
+__all__ = [
+    "ObjectExists",
+    "ObjectStore",
+    "build_store",
+    "exists",
+    "put",
+    "read_chunks",
+    "sha256_of",
+]
 
 
 def build_store(settings: StorageSettings) -> ObjectStore:
@@ -73,14 +81,56 @@ def build_store(settings: StorageSettings) -> ObjectStore:
         raise ConfigError(f"storage: cannot configure S3 store: {exc}") from exc
 
 
-async def put(store: ObjectStore, key: str, body: IO[bytes], *, create: bool) -> None:
-    """Write ``body`` at ``key``. With ``create`` an existing object raises AlreadyExistsError."""
+class ObjectExists(Exception):
+    """``put(create=True)`` found an object at the key already."""
+
+
+async def put(
+    store: ObjectStore,
+    key: str,
+    body: IO[bytes],
+    *,
+    size: int,
+    create: bool,
+    settings: StorageSettings,
+) -> None:
+    """Write ``size`` bytes of ``body`` at ``key``, in constant memory.
+
+    Up to one part size it is one PUT, conditional when ``create`` (If-None-Match on
+    S3). Larger objects go up in parts, ``multipart_concurrency`` at a time; a multipart
+    upload cannot be conditional, so ``create`` is then checked with a HEAD first. The
+    caller (the store writer) holds a ``pending`` index claim on the key, so no other
+    writer races it between the check and the upload.
+    """
     try:
-        await obstore.put_async(store, key, body, mode="create" if create else "overwrite")
-    except AlreadyExistsError:
-        raise
+        if size <= settings.multipart_chunk_size:
+            mode: Literal["create", "overwrite"] = "create" if create else "overwrite"
+            await obstore.put_async(store, key, body.read(), mode=mode)
+            return
+        if create and await exists(store, key):
+            raise ObjectExists(key)
+        await obstore.put_async(
+            store,
+            key,
+            body,
+            use_multipart=True,
+            chunk_size=settings.multipart_chunk_size,
+            max_concurrency=settings.multipart_concurrency,
+        )
+    except AlreadyExistsError as exc:
+        raise ObjectExists(key) from exc
     except (BaseError, OSError) as exc:
         raise StorageUnavailable(f"writing object failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def exists(store: ObjectStore, key: str) -> bool:
+    try:
+        await obstore.head_async(store, key)
+    except FileNotFoundError:
+        return False
+    except (BaseError, OSError) as exc:
+        raise StorageUnavailable(f"checking object failed: {type(exc).__name__}: {exc}") from exc
+    return True
 
 
 async def read_chunks(store: ObjectStore, key: str) -> AsyncIterator[bytes]:

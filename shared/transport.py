@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import ObjectMeta, ObjectMetaOptions
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -30,6 +31,7 @@ from dicomflow.shared.messages import BodyKind, Instance
 log = logging.getLogger(__name__)
 
 HEADER_ROOM = 16 * 1024
+BLOB_CHUNK = 512 * 1024
 
 
 class Transport:
@@ -55,6 +57,11 @@ class Transport:
             return self._inline_limit
         return max(self._nc.max_payload - HEADER_ROOM, 0)
 
+    @property
+    def blob_chunk_size(self) -> int:
+        """Chunks of the blob bucket: large (fewer acks to wait for), within max_payload."""
+        return max(min(self._nc.max_payload - HEADER_ROOM, BLOB_CHUNK), 64 * 1024)
+
     async def blobs(self) -> ObjectStore:
         if self._blobs is None:
             self._blobs = await self._js.object_store(subjects.BLOB_BUCKET)
@@ -74,7 +81,10 @@ class Transport:
             else:
                 data = b""
                 name = f"{blob_prefix}.{instance.sop_instance_uid}.{instance.sha256[:16]}"
-                await (await self.blobs()).put(name, body)  # type: ignore[arg-type]
+                meta = ObjectMeta(
+                    name=name, options=ObjectMetaOptions(max_chunk_size=self.blob_chunk_size)
+                )
+                await (await self.blobs()).put(name, body, meta=meta)  # type: ignore[arg-type]
                 sent = instance.with_body(BodyKind.BLOB, name)
             await self._js.publish(subject, data, timeout=self._timeout, headers=sent.headers())
         except (NatsError, TimeoutError, OSError) as exc:

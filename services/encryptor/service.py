@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from dicomflow.encryptor.sealing import seal_and_hash
-from dicomflow.shared import messages, natsconn, subjects, topology
+from dicomflow.shared import blobsweeper, messages, natsconn, subjects, topology
 from dicomflow.shared.consumer import AfterAck, Consumer
 from dicomflow.shared.envelope import OVERHEAD
 from dicomflow.shared.errors import ContractViolation
@@ -81,6 +81,11 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event) -> None:
             handler=encryptor.handle,
             settings=settings.consumer,
         )
-        await consumer.run(stop)
+        await asyncio.gather(
+            consumer.run(stop),
+            blobsweeper.run_periodically(
+                js, settings.nats.blob_sweep_interval, settings.nats.blob_orphan_grace, stop
+            ),
+        )
     finally:
         await nc.drain()

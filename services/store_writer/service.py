@@ -30,14 +30,14 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
-from dicomflow.shared import messages, natsconn, storage, subjects, topology
+from dicomflow.shared import blobsweeper, messages, natsconn, storage, subjects, topology
 from dicomflow.shared.consumer import AfterAck, Consumer
 from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
 from dicomflow.shared.index import Conflict, Index, Record, State
 from dicomflow.shared.layout import Layout, object_key
 from dicomflow.shared.messages import Instance
 from dicomflow.shared.settings import DuplicatePolicy, StorageSettings, StoreWriterSettings
-from dicomflow.shared.storage import AlreadyExistsError, ObjectStore
+from dicomflow.shared.storage import ObjectExists, ObjectStore
 from dicomflow.shared.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class StoreWriter:
         self._transport = transport
         self._index = index
         self._store = store
+        self._settings = storage_settings
         self._layout = storage_settings.layout
         self._root = storage_settings.root_path
         self._policy = policy
@@ -123,7 +124,7 @@ class StoreWriter:
             log.warning("overwriting instance with different bytes (policy overwrite)")
             break
 
-        await self._write(key, body, fresh=fresh)
+        await self._write(key, body, instance.sealed_size or 0, fresh=fresh)
         done = record.stored(datetime.now(UTC).isoformat(timespec="milliseconds"))
         try:
             await self._index.update(index_key, done, revision)
@@ -132,10 +133,12 @@ class StoreWriter:
             log.info("index already updated by a concurrent delivery")
         await self._emit(instance, done)
 
-    async def _write(self, key: str, body: IO[bytes], *, fresh: bool) -> None:
+    async def _write(self, key: str, body: IO[bytes], size: int, *, fresh: bool) -> None:
         try:
-            await storage.put(self._store, key, body, create=fresh)
-        except AlreadyExistsError:
+            await storage.put(
+                self._store, key, body, size=size, create=fresh, settings=self._settings
+            )
+        except ObjectExists:
             body.seek(0)
             ours = await asyncio.to_thread(_sha256_file, body)
             theirs = await storage.sha256_of(self._store, key)
@@ -223,13 +226,19 @@ async def serve(settings: StoreWriterSettings, stop: asyncio.Event) -> None:
             settings.storage.backend,
             settings.storage.layout,
         )
-        await Consumer(
+        consumer = Consumer(
             js,
             stage=STAGE,
             stream=subjects.SEALED_STREAM,
             durable=subjects.STORE_WRITER_DURABLE,
             handler=writer.handle,
             settings=settings.consumer,
-        ).run(stop)
+        )
+        await asyncio.gather(
+            consumer.run(stop),
+            blobsweeper.run_periodically(
+                js, settings.nats.blob_sweep_interval, settings.nats.blob_orphan_grace, stop
+            ),
+        )
     finally:
         await nc.drain()

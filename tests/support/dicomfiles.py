@@ -200,3 +200,39 @@ def dataset_bytes(path: Path) -> bytes:
     if meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
         return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
     return body
+
+
+def with_pixel_bytes(path: Path, count: int, *, seed: int = 0) -> Made:
+    """A Secondary Capture instance whose Pixel Data (OB) holds ``count`` random bytes
+    (odd counts are padded to even, as DICOM requires). The bytes are random so that any
+    reordering or loss of chunks on the way changes the digest."""
+    ds = _secondary_capture(seed)
+    _set_pixels(ds, count, seed)
+    write(ds, path)
+    return made(path)
+
+
+def of_total_size(path: Path, total: int, *, seed: int = 0) -> Made:
+    """An instance whose Part-10 file is exactly ``total`` bytes (even)."""
+    ds = _secondary_capture(seed)
+    _set_pixels(ds, 0, seed)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    base = len(buffer.getvalue())
+    if total < base or (total - base) % 2:
+        raise ValueError(f"cannot make a {total}-byte file (smallest is {base}, even sizes)")
+    _set_pixels(ds, total - base, seed)
+    write(ds, path)
+    if path.stat().st_size != total:
+        raise AssertionError(f"made {path.stat().st_size} bytes, wanted {total}")
+    return made(path)
+
+
+def _secondary_capture(seed: int) -> Dataset:
+    return dataset(SecondaryCaptureImageStorage, modality="OT", rows=1, columns=1, bits=8,
+                   seed=seed)
+
+
+def _set_pixels(ds: Dataset, count: int, seed: int) -> None:
+    ds.PixelData = np.random.default_rng(seed).integers(0, 256, count, dtype=np.uint8).tobytes()
+    ds["PixelData"].VR = "OB"
