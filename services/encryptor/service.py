@@ -70,7 +70,9 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event) -> None:
         await topology.ensure_consumer(
             js, subjects.INGEST_STREAM, subjects.ENCRYPTOR_DURABLE, settings.consumer
         )
-        transport = Transport(nc, js, publish_timeout=settings.nats.publish_timeout)
+        transport = Transport(
+            nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
+        )
         encryptor = Encryptor(transport, keyring)
         log.info("encryptor ready; current master key id %d", keyring.current.key_id)
         consumer = Consumer(

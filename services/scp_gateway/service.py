@@ -38,6 +38,11 @@ def receive_to_files(spool_dir: Path | None) -> None:
     if spool_dir is not None:
         spool_dir.mkdir(parents=True, exist_ok=True)
         tempfile.tempdir = str(spool_dir)
+        # A dedicated spool folder holds only our files; before any association exists,
+        # whatever is there was left by an association aborted mid-transfer (pynetdicom
+        # does not delete those) or by a crash. None of it was ever answered Success.
+        for leftover in spool_dir.glob("tmp*.dcm"):
+            leftover.unlink(missing_ok=True)
 
 
 def build_ae(scp: ScpSettings) -> AE:
@@ -68,7 +73,9 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event) -> None:
     try:
         js = nc.jetstream()
         await topology.ensure(js, settings.nats)
-        transport = Transport(nc, js, publish_timeout=settings.nats.publish_timeout)
+        transport = Transport(
+            nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
+        )
         receiver = Receiver(transport, asyncio.get_running_loop(), settings.nats.publish_timeout)
         server = ae.start_server(
             (settings.scp.host, settings.scp.port),

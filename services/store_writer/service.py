@@ -214,7 +214,9 @@ async def serve(settings: StoreWriterSettings, stop: asyncio.Event) -> None:
         )
         writer = StoreWriter(
             js,
-            Transport(nc, js, publish_timeout=settings.nats.publish_timeout),
+            Transport(
+                nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
+            ),
             await Index.open(js),
             store,
             settings.storage,
