@@ -12,6 +12,8 @@ need_apt=()
 if (( want_test )); then
   # DCMTK is the real DICOM peer of the tests (storescu, dcmcjpeg, dcmcrle, dcmconv).
   command -v /usr/bin/storescu >/dev/null || need_apt+=(dcmtk)
+  # Orthanc is the real remote PACS of the scu-gateway tests and the benchmarks.
+  command -v /usr/sbin/Orthanc >/dev/null || need_apt+=(orthanc)
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if (( ${#need_apt[@]} )); then

@@ -10,11 +10,20 @@ Invalid values fail at start-up with a ``ConfigError`` that names the field.
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -234,3 +243,97 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
         for err in exc.errors(include_url=False, include_input=False)
     )
     return f"invalid settings{where}: {problems}"
+
+
+# -- scu_gateway ---------------------------------------------------------------------
+_DESTINATION_NAME = r"^[A-Za-z0-9_-]{1,32}$"  # a subject token and a consumer name as is
+_UID_PATTERN = r"^[0-9.*?\[\]!-]{1,64}$"  # fnmatch over a UID: digits, dots, wildcards
+
+
+class DestinationSettings(Section):
+    """A remote AE the scu_gateway delivers to. TLS is not supported yet."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, lt=65536)
+    max_associations: int = Field(default=2, ge=1, le=64)
+    transfer_syntaxes: list[str] = Field(
+        default_factory=list,
+        description="syntaxes the peer accepts (empty: any); instances are never transcoded",
+    )
+    connect_timeout: float = Field(default=10.0, gt=0)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    idle_timeout: float = Field(default=15.0, gt=0, description="close an unused association")
+    maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
+    max_deliver: int | None = Field(default=None, ge=2, description="default: consumer's")
+    backoff_max: float | None = Field(default=None, gt=0, description="default: consumer's")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _syntaxes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", value) or len(value) > 64:
+                raise ValueError(f"{value!r} is not a transfer syntax UID")
+        return values
+
+
+class RuleSettings(Section):
+    """Instances whose attributes match every pattern go to every listed destination.
+
+    Patterns are shell-style (``fnmatch``: ``*``, ``?``, ``[...]``); AE titles and
+    Modality are compared case-insensitively, UIDs exactly.
+    """
+
+    destinations: list[str] = Field(min_length=1)
+    called_ae: str = "*"
+    calling_ae: str = "*"
+    modality: str = "*"
+    sop_class_uid: str = Field(default="*", pattern=_UID_PATTERN)
+    study_uid: str = Field(default="*", pattern=_UID_PATTERN)
+    series_uid: str = Field(default="*", pattern=_UID_PATTERN)
+
+
+class ScuSettings(Section):
+    ae_title: str = Field(default="DICOMFLOW", min_length=1, max_length=16)
+    destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
+    rules: list[RuleSettings] = Field(default_factory=list)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("destinations")
+    @classmethod
+    def _names(cls, values: dict[str, DestinationSettings]) -> dict[str, DestinationSettings]:
+        for name in values:
+            if not re.fullmatch(_DESTINATION_NAME, name):
+                raise ValueError(
+                    f"destination name {name!r}: 1 to 32 characters of A-Z a-z 0-9 _ -"
+                )
+        return values
+
+    @model_validator(mode="after")
+    def _rules_name_destinations(self) -> ScuSettings:
+        for i, rule in enumerate(self.rules):
+            for name in rule.destinations:
+                if name not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none configured"
+                    raise ValueError(
+                        f"rules[{i}].destinations: unknown destination {name!r} (known: {known})"
+                    )
+        return self
+
+
+class ScuGatewaySettings(ServiceSettings):
+    scu: ScuSettings = Field(default_factory=ScuSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)

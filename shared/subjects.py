@@ -13,14 +13,17 @@ INGEST_STREAM = "DICOMFLOW_INGEST"
 SEALED_STREAM = "DICOMFLOW_SEALED"
 EVENTS_STREAM = "DICOMFLOW_EVENTS"
 DLQ_STREAM = "DICOMFLOW_DLQ"
+DELIVERY_STREAM = "DICOMFLOW_DELIVERY"
 
 INGEST_PREFIX = "dicomflow.ingest"
 SEALED_PREFIX = "dicomflow.sealed"
 STORED_PREFIX = "dicom.stored"
 DLQ_PREFIX = "dicomflow.dlq"
+DELIVER_PREFIX = "dicomflow.deliver"
 
 ENCRYPTOR_DURABLE = "encryptor"
 STORE_WRITER_DURABLE = "store-writer"
+ROUTER_DURABLE = "scu-router"
 
 INDEX_BUCKET = "dicomflow-index"
 BLOB_BUCKET = "dicomflow-blobs"
@@ -58,3 +61,13 @@ def stored_subject(called_ae: str, calling_ae: str) -> str:
 
 def dlq_subject(stage: str) -> str:
     return f"{DLQ_PREFIX}.{stage}"
+
+
+def deliver_subject(destination: str) -> str:
+    """Where delivery requests for one scu_gateway destination wait."""
+    return f"{DELIVER_PREFIX}.{encode_token(destination)}"
+
+
+def deliver_durable(destination: str) -> str:
+    """The durable consumer that delivers to one destination (names are token-safe)."""
+    return f"deliver-{encode_token(destination)}"

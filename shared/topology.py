@@ -7,6 +7,9 @@ Retention is chosen per stream:
 - SEALED is a work queue for the store writer.
 - EVENTS keeps ``dicom.stored`` events for a week for downstream consumers.
 - DLQ keeps dead-lettered messages (with their reason) until an operator acts.
+- DELIVERY holds scu_gateway delivery requests (headers only, one per instance and
+  destination) until the destination's consumer acks them: a work queue whose
+  consumers each filter one destination's subject.
 """
 
 from __future__ import annotations
@@ -68,6 +71,14 @@ def stream_configs(nats: NatsSettings) -> list[StreamConfig]:
             duplicate_window=window,
         ),
         StreamConfig(
+            name=subjects.DELIVERY_STREAM,
+            subjects=[f"{subjects.DELIVER_PREFIX}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=storage,
+            num_replicas=replicas,
+            duplicate_window=window,
+        ),
+        StreamConfig(
             name=subjects.DLQ_STREAM,
             subjects=[f"{subjects.DLQ_PREFIX}.>"],
             retention=RetentionPolicy.LIMITS,
@@ -105,6 +116,20 @@ async def ensure_consumer(
     js: JetStreamContext, stream: str, durable: str, consumer: ConsumerSettings
 ) -> None:
     await js.add_consumer(stream, consumer_config(durable, consumer))
+
+
+async def ensure_filtered_consumer(
+    js: JetStreamContext,
+    stream: str,
+    durable: str,
+    filter_subject: str,
+    consumer: ConsumerSettings,
+) -> None:
+    """A durable consumer of one subject filter. The server creates it, or updates it in
+    place when its settings (max_deliver, ack_wait...) changed since the last start."""
+    config = consumer_config(durable, consumer)
+    config.filter_subject = filter_subject
+    await js.add_consumer(stream, config)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -161,5 +186,6 @@ def stream_names() -> Sequence[str]:
         subjects.INGEST_STREAM,
         subjects.SEALED_STREAM,
         subjects.EVENTS_STREAM,
+        subjects.DELIVERY_STREAM,
         subjects.DLQ_STREAM,
     )

@@ -25,8 +25,9 @@ async def test_sweep_keeps_referenced_and_young_blobs_and_removes_orphans(
         blobs = await js.object_store(subjects.BLOB_BUCKET)
         await blobs.put("ingest.1.2.3.aaaa", b"x" * 300_000)  # named by a message below
         await blobs.put("ingest.1.2.4.bbbb", b"y" * 300_000)  # orphan
-        await js.publish(f"{subjects.INGEST_PREFIX}.A.B", b"", headers={
-            H_BLOB: "ingest.1.2.3.aaaa"})
+        await js.publish(
+            f"{subjects.INGEST_PREFIX}.A.B", b"", headers={H_BLOB: "ingest.1.2.3.aaaa"}
+        )
         # Chunks of a put that died before its metadata: invisible to list().
         await js.publish(f"$O.{subjects.BLOB_BUCKET}.C.deadnuid", b"z" * 1000)
 
@@ -39,8 +40,7 @@ async def test_sweep_keeps_referenced_and_young_blobs_and_removes_orphans(
 
         names = {i.name for i in await blobs.list(ignore_deletes=True)}
         assert names == {"ingest.1.2.3.aaaa", young}
-        info = await js.stream_info(blobsweeper.BLOB_STREAM,
-                                    subjects_filter=blobsweeper.CHUNKS)
+        info = await js.stream_info(blobsweeper.BLOB_STREAM, subjects_filter=blobsweeper.CHUNKS)
         assert not any(s.endswith("deadnuid") for s in info.state.subjects or {})
         assert (await blobs.get("ingest.1.2.3.aaaa")).data == b"x" * 300_000
     finally:

@@ -90,8 +90,12 @@ def test_every_size_arrives_byte_identical_in_s3(
     ]
     moto.create_bucket("large")
     storage: dict[str, Any] = {
-        "backend": "s3", "s3_bucket": "large", "s3_endpoint": moto.endpoint,
-        "s3_allow_http": True, "s3_access_key_id": "testing", "s3_secret_access_key": "testing",
+        "backend": "s3",
+        "s3_bucket": "large",
+        "s3_endpoint": moto.endpoint,
+        "s3_allow_http": True,
+        "s3_access_key_id": "testing",
+        "s3_secret_access_key": "testing",
         "multipart_chunk_size": 8 * MiB,
     }
     pipeline = Pipeline(tmp_path / "p", nats_server, storage, extra=SWEEP).start()
@@ -111,8 +115,9 @@ def test_kill9_mid_300mib_object_stores_it_once_and_leaves_no_blob(
 ) -> None:
     big = with_pixel_bytes(tmp_path / "big.dcm", 300 * MiB, seed=11)
     objects = tmp_path / "objects"
-    pipeline = Pipeline(tmp_path / "p", nats_server,
-                        {"backend": "local", "local_path": objects}, extra=SWEEP).start()
+    pipeline = Pipeline(
+        tmp_path / "p", nats_server, {"backend": "local", "local_path": objects}, extra=SWEEP
+    ).start()
     try:
         assert pipeline.send([big]).statuses() == ["Success"]
 

@@ -229,8 +229,9 @@ def of_total_size(path: Path, total: int, *, seed: int = 0) -> Made:
 
 
 def _secondary_capture(seed: int) -> Dataset:
-    return dataset(SecondaryCaptureImageStorage, modality="OT", rows=1, columns=1, bits=8,
-                   seed=seed)
+    return dataset(
+        SecondaryCaptureImageStorage, modality="OT", rows=1, columns=1, bits=8, seed=seed
+    )
 
 
 def _set_pixels(ds: Dataset, count: int, seed: int) -> None:

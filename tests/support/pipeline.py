@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.js.errors import NotFoundError
 
 from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import NatsServer
@@ -26,6 +27,7 @@ from support.servers import free_port, wait_for_port
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's, not pynetdicom's app of the same name
 STAGES = ("store-writer", "encryptor", "scp-gateway")
+SCU_STAGE = "scu-gateway"
 
 # storescu proposes uncompressed syntaxes only, unless told which one to propose; with
 # the right flag and -R it sends each file in its own transfer syntax, unconverted.
@@ -58,6 +60,7 @@ class Pipeline:
     allowed: list[str] = field(default_factory=lambda: ["STORESCU"])
     ae_title: str = "DICOMFLOW"
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scu: dict[str, Any] | None = None  # the [scu] table; set, the scu-gateway runs too
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -67,8 +70,9 @@ class Pipeline:
         self.config = self.root / "dicomflow.toml"
         self.write_config()
         env = stage_env(self.config)
+        self.names = (*STAGES, SCU_STAGE) if self.scu is not None else STAGES
         self.stages = {
-            name: StageProcess(name, self.config, self.root / "logs", env) for name in STAGES
+            name: StageProcess(name, self.config, self.root / "logs", env) for name in self.names
         }
 
     def write_config(self) -> None:
@@ -84,13 +88,15 @@ class Pipeline:
             "encryption": {"master_key": {"id": 1, "path": self.key}},
             "consumer": {"ack_wait": 10.0, "backoff_initial": 0.2, "backoff_max": 2.0},
         }
+        if self.scu is not None:
+            tables["scu"] = self.scu
         for name, values in self.extra.items():
             tables.setdefault(name, {}).update(values)
         self.config.write_text(to_toml(tables))
 
     def start(self, *names: str, timeout: float = 60.0) -> Pipeline:
         """Start stages and wait until each logged that it is ready (topology set up)."""
-        names = names or STAGES
+        names = names or self.names
         before = {name: self.logs(name).count(f'"{name} ready') for name in names}
         for name in names:
             self.stages[name].start()
@@ -108,7 +114,7 @@ class Pipeline:
         self.stages[name].kill()
 
     def stop(self) -> None:
-        for name in reversed(STAGES):
+        for name in reversed(self.names):
             self.stages[name].stop(timeout=15)
 
     def logs(self, name: str) -> str:
@@ -200,6 +206,18 @@ class Pipeline:
         finally:
             await nc.close()
 
+    def pending_deliveries(self) -> int:
+        """Delivery requests not yet acked (the DELIVERY stream is a work queue)."""
+        return asyncio.run(self._stream_messages(subjects.DELIVERY_STREAM))
+
+    async def _stream_messages(self, stream: str) -> int:
+        nc = await nats.connect(self.nats.url)
+        try:
+            count: int = (await nc.jetstream().stream_info(stream)).state.messages
+            return count
+        finally:
+            await nc.close()
+
     def dead_letters(self) -> list[dict[str, str]]:
         return asyncio.run(self._dead_letters())
 
@@ -212,7 +230,10 @@ class Pipeline:
             for seq in range(info.state.first_seq, info.state.last_seq + 1):
                 if info.state.messages == 0:
                     break
-                msg = await js.get_msg(subjects.DLQ_STREAM, seq)
+                try:
+                    msg = await js.get_msg(subjects.DLQ_STREAM, seq)
+                except NotFoundError:  # deleted by a replay
+                    continue
                 out.append(dict(msg.headers or {}))
             return out
         finally:

@@ -1,4 +1,5 @@
-"""`dicomflow scp-gateway | encryptor | store-writer`: one stage each, as a Deployment runs it."""
+"""`dicomflow scp-gateway | encryptor | store-writer | scu-gateway`: one stage each, as a
+Deployment runs it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Any
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.encryptor import service as encryptor
 from dicomflow.scp_gateway import service as scp_gateway
+from dicomflow.scu_gateway import service as scu_gateway
 from dicomflow.shared import runner
 from dicomflow.shared.settings import (
     EncryptorSettings,
     ScpGatewaySettings,
+    ScuGatewaySettings,
     ServiceSettings,
     StoreWriterSettings,
 )
@@ -36,6 +39,12 @@ STAGES: dict[
         StoreWriterSettings,
         store_writer.serve,
         "Writes SEALED envelopes to object storage, indexes them, emits dicom.stored.",
+    ),
+    "scu-gateway": (
+        ScuGatewaySettings,
+        scu_gateway.serve,
+        "DICOM sender: routes dicom.stored events by rules and delivers instances to "
+        "the configured destinations with C-STORE (decrypted, verified, retried).",
     ),
 }
 

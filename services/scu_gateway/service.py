@@ -1,0 +1,167 @@
+"""The scu_gateway stage: routes ``dicom.stored`` events and delivers to DICOM peers.
+
+Two kinds of durable consumers run in one process:
+
+- ``scu-router`` on EVENTS (only when rules are configured): for each event, the
+  destinations of the matching rules each get a delivery request on DELIVERY
+  (``dicomflow.deliver.<destination>``), de-duplicated by message id; the event is
+  acked once every request is acknowledged. Created with "deliver all", so events
+  stored before the first start are routed too.
+- ``deliver-<destination>`` on DELIVERY, one per destination, with ``max_associations``
+  workers: each request is read from storage, decrypted, verified and sent with
+  C-STORE over a reused association; transient failures are retried with backoff,
+  refusals dead-lettered with the DICOM status (``shared.disposition``).
+
+Queued requests survive rule changes and restarts: they wait on DELIVERY until their
+destination's consumer takes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pynetdicom import _config as pynetdicom_config
+
+from dicomflow.scu_gateway import request
+from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.delivery import Deliverer
+from dicomflow.scu_gateway.routing import Router
+from dicomflow.shared import messages, natsconn, storage, subjects, topology
+from dicomflow.shared.consumer import AfterAck, Consumer
+from dicomflow.shared.errors import ConfigError, DicomflowError
+from dicomflow.shared.settings import ConsumerSettings, DestinationSettings, ScuGatewaySettings
+
+log = logging.getLogger(__name__)
+
+STAGE = "scu-gateway"
+ROUTER_STAGE = "scu-router"
+REAP_INTERVAL = 1.0
+
+
+class Routing:
+    """The handler of the router consumer."""
+
+    def __init__(self, js: JetStreamContext, router: Router, publish_timeout: float) -> None:
+        self._js = js
+        self._router = router
+        self._timeout = publish_timeout
+
+    async def handle(self, msg: Msg) -> AfterAck | None:
+        instance = messages.parse(msg.headers, sealed=True)
+        object_key = request.object_key_of(msg.headers)
+        for destination in self._router.destinations(instance):
+            req = request.DeliveryRequest(instance, object_key, destination)
+            await request.publish(self._js, req, self._timeout)
+        return None
+
+
+def delivery_consumer(base: ConsumerSettings, dest: DestinationSettings) -> ConsumerSettings:
+    """One worker per association; the destination may stretch the retry budget."""
+    update: dict[str, object] = {"concurrency": dest.max_associations}
+    if dest.max_deliver is not None:
+        update["max_deliver"] = dest.max_deliver
+    if dest.backoff_max is not None:
+        update["backoff_max"] = dest.backoff_max
+    return base.model_copy(update=update)
+
+
+async def serve(settings: ScuGatewaySettings, stop: asyncio.Event) -> None:
+    scu = settings.scu
+    if not scu.destinations:
+        raise ConfigError(
+            "scu.destinations is empty: configure at least one [scu.destinations.NAME] "
+            "with ae_title, host and port"
+        )
+    keyring = settings.encryption.keyring()
+    store = storage.build_store(settings.storage)
+    router = Router.from_settings(scu)
+    # Send each file's encoded dataset as stored, in PDU-sized chunks: no decoding,
+    # byte-identical on the wire, memory independent of the object's size.
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    pools = {
+        name: AssociationPool(name, dest, scu.ae_title) for name, dest in scu.destinations.items()
+    }
+    nc = await natsconn.connect(settings.nats, STAGE, stop)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        js: JetStreamContext = nc.jetstream()
+        await topology.ensure(js, settings.nats)
+        consumers: list[Consumer] = []
+        if len(router):
+            await topology.ensure_filtered_consumer(
+                js,
+                subjects.EVENTS_STREAM,
+                subjects.ROUTER_DURABLE,
+                f"{subjects.STORED_PREFIX}.>",
+                settings.consumer,
+            )
+            routing = Routing(js, router, settings.nats.publish_timeout)
+            consumers.append(
+                Consumer(
+                    js,
+                    stage=ROUTER_STAGE,
+                    stream=subjects.EVENTS_STREAM,
+                    durable=subjects.ROUTER_DURABLE,
+                    handler=routing.handle,
+                    settings=settings.consumer,
+                )
+            )
+        for name, dest in scu.destinations.items():
+            durable = subjects.deliver_durable(name)
+            consumer_settings = delivery_consumer(settings.consumer, dest)
+            await topology.ensure_filtered_consumer(
+                js,
+                subjects.DELIVERY_STREAM,
+                durable,
+                subjects.deliver_subject(name),
+                consumer_settings,
+            )
+            deliverer = Deliverer(name, dest, pools[name], store, keyring, settings.spool_dir)
+            consumers.append(
+                Consumer(
+                    js,
+                    stage=durable,
+                    stream=subjects.DELIVERY_STREAM,
+                    durable=durable,
+                    handler=deliverer.handle,
+                    settings=consumer_settings,
+                )
+            )
+        tasks.append(asyncio.create_task(_echo_all(pools)))
+        tasks.append(asyncio.create_task(_reap(pools, stop)))
+        log.info(
+            "scu-gateway ready: destinations %s; %d rule(s); calling AE %s",
+            ", ".join(pool.where for pool in pools.values()),
+            len(router),
+            scu.ae_title,
+        )
+        await asyncio.gather(*(consumer.run(stop) for consumer in consumers))
+    finally:
+        for task in tasks:
+            task.cancel()
+        for pool in pools.values():
+            await asyncio.to_thread(pool.close)
+        await nc.drain()
+
+
+async def _echo_all(pools: dict[str, AssociationPool]) -> None:
+    """The C-ECHO health check at start-up: logged, never fatal (a peer may come later)."""
+    for pool in pools.values():
+        try:
+            status = await asyncio.to_thread(pool.echo)
+        except DicomflowError as exc:
+            log.warning("C-ECHO to %s failed: %s", pool.where, exc)
+        else:
+            log.info("C-ECHO to %s: status 0x%04X", pool.where, status)
+
+
+async def _reap(pools: dict[str, AssociationPool], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=REAP_INTERVAL)
+        for pool in pools.values():
+            await asyncio.to_thread(pool.reap)
