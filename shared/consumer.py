@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from dicomflow.shared import subjects
 from dicomflow.shared.budget import ByteBudget
 from dicomflow.shared.disposition import Action, Disposition, decide
-from dicomflow.shared.errors import DicomflowError
+from dicomflow.shared.errors import DicomflowError, ProcessingError
 from dicomflow.shared.messages import H_SEALED_SIZE, H_SIZE
 from dicomflow.shared.settings import ConsumerSettings
 
@@ -110,24 +110,29 @@ class Consumer:
                 outcome.reason,
                 exc_info=None if isinstance(error, DicomflowError) else error,
             )
-        await self._settle(msg, outcome, delivered)
+        await self._settle(msg, outcome, delivered, error)
         if outcome.action is Action.ACK and after_ack is not None:
             await after_ack()
 
-    async def _settle(self, msg: Msg, outcome: Disposition, delivered: int) -> None:
+    async def _settle(
+        self, msg: Msg, outcome: Disposition, delivered: int, error: BaseException | None
+    ) -> None:
         try:
             if outcome.action is Action.ACK:
                 await msg.ack_sync(timeout=10.0)
             elif outcome.action is Action.NAK:
                 await msg.nak(delay=outcome.delay)
             else:
-                await self._dead_letter(msg, outcome.reason, delivered)
+                extra = error.dead_letter_headers() if isinstance(error, ProcessingError) else {}
+                await self._dead_letter(msg, outcome.reason, delivered, extra)
                 await msg.term()
         except (NatsError, TimeoutError) as exc:
             # Not settled: JetStream redelivers after AckWait. Nothing is lost.
             log.warning("%s: could not settle message (%s): %r", self._stage, outcome.action, exc)
 
-    async def _dead_letter(self, msg: Msg, reason: str, delivered: int) -> None:
+    async def _dead_letter(
+        self, msg: Msg, reason: str, delivered: int, extra: dict[str, str]
+    ) -> None:
         log.error("%s: dead-lettering message: %s", self._stage, reason)
         headers = dict(msg.headers or {})
         headers.pop("Nats-Msg-Id", None)
@@ -140,6 +145,7 @@ class Consumer:
                 H_DLQ_DELIVERIES: str(delivered),
                 H_DLQ_STREAM_SEQ: str(seq),
                 "Nats-Msg-Id": f"{self._stage}:{self._stream}:{seq}",
+                **extra,
             }
         )
         await self._js.publish(

@@ -66,6 +66,10 @@ class IntegrityError(EnvelopeError):
 class ProcessingError(DicomflowError):
     """Raised by a stage while it handles one message."""
 
+    def dead_letter_headers(self) -> dict[str, str]:
+        """Facts for the dead-letter record besides the reason (never patient data)."""
+        return {}
+
 
 class TransientError(ProcessingError):
     """A failure that may pass: the message is nak'ed and delivered again later."""

@@ -34,6 +34,7 @@ H_KEY_ID = "Dicomflow-Key-Id"
 H_SEALED_SIZE = "Dicomflow-Sealed-Size"
 H_TRACEPARENT = "traceparent"
 H_MSG_ID = "Nats-Msg-Id"
+H_OBJECT_KEY = "Dicomflow-Object-Key"  # on dicom.stored events: where the object is
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

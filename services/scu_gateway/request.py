@@ -18,9 +18,8 @@ from nats.js import JetStreamContext
 from dicomflow.shared import messages, subjects
 from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
 from dicomflow.shared.index import Record
-from dicomflow.shared.messages import BodyKind, Instance
+from dicomflow.shared.messages import H_OBJECT_KEY, BodyKind, Instance
 
-H_OBJECT_KEY = "Dicomflow-Object-Key"  # as the store writer's dicom.stored events carry it
 H_DESTINATION = "Dicomflow-Destination"
 
 DESTINATION_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")

@@ -20,6 +20,8 @@ from enum import Enum
 
 from dicomflow.shared.errors import PermanentError, TransientError
 
+H_DLQ_STATUS = "Dicomflow-Dlq-Status"
+
 SUCCESS = 0x0000
 TRANSIENT_STATUSES = frozenset({0x0210, 0x0213, 0xFE00})
 
@@ -45,6 +47,9 @@ class DeliveryDeferred(TransientError):
         super().__init__(_with_status(reason, status))
         self.status = status
 
+    def dead_letter_headers(self) -> dict[str, str]:
+        return _status_header(self.status)
+
 
 class DeliveryRefused(PermanentError):
     """The destination refused the instance for good; it is dead-lettered with the status."""
@@ -52,6 +57,13 @@ class DeliveryRefused(PermanentError):
     def __init__(self, reason: str, status: int | None = None) -> None:
         super().__init__(_with_status(reason, status))
         self.status = status
+
+    def dead_letter_headers(self) -> dict[str, str]:
+        return _status_header(self.status)
+
+
+def _status_header(status: int | None) -> dict[str, str]:
+    return {} if status is None else {H_DLQ_STATUS: f"0x{status:04X}"}
 
 
 def _with_status(reason: str, status: int | None) -> str:

@@ -43,7 +43,6 @@ from dicomflow.shared.transport import Transport
 log = logging.getLogger(__name__)
 
 STAGE = "store-writer"
-H_OBJECT_KEY = "Dicomflow-Object-Key"
 
 
 class StoreWriter:
@@ -182,7 +181,7 @@ class StoreWriter:
     async def _emit(self, instance: Instance, record: Record) -> None:
         headers = instance.with_body(messages.BodyKind.INLINE).headers()
         headers[messages.H_MSG_ID] = f"stored:{record.object_key}:{instance.sha256}"
-        headers[H_OBJECT_KEY] = record.object_key
+        headers[messages.H_OBJECT_KEY] = record.object_key
         try:
             await self._js.publish(
                 subjects.stored_subject(instance.called_ae, instance.calling_ae),

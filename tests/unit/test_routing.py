@@ -190,3 +190,12 @@ def test_delivery_consumer_settings() -> None:
     assert (plain.concurrency, plain.max_deliver, plain.backoff_max) == (3, 10, 60)
     tuned = delivery_consumer(base, DestinationSettings(**DEST, max_deliver=50, backoff_max=300))
     assert (tuned.max_deliver, tuned.backoff_max) == (50, 300)
+
+
+def test_dead_letter_record_carries_the_dicom_status() -> None:
+    from dicomflow.scu_gateway.status import DeliveryRefused
+
+    assert DeliveryRefused("refused", 0xA900).dead_letter_headers() == {
+        "Dicomflow-Dlq-Status": "0xA900"
+    }
+    assert DeliveryRefused("association rejected").dead_letter_headers() == {}
