@@ -12,6 +12,8 @@ need_apt=()
 if (( want_test )); then
   # DCMTK is the real DICOM peer of the tests (storescu, dcmcjpeg, dcmcrle, dcmconv).
   command -v /usr/bin/storescu >/dev/null || need_apt+=(dcmtk)
+  # npm installs Azurite, the Azure Blob emulator of the backend tests (below).
+  command -v npm >/dev/null || need_apt+=(nodejs npm)
   # Orthanc is the real remote PACS of the scu-gateway tests and the benchmarks.
   command -v /usr/sbin/Orthanc >/dev/null || need_apt+=(orthanc)
 fi
@@ -41,4 +43,11 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$inputs" ]]; then
   .venv/bin/python -m pip install -q -r requirements.lock
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$inputs" > "$stamp"
+fi
+
+# Azurite (Azure Blob emulator) for the backend tests, into .tools/ of this checkout.
+azurite_version="3.35.0"
+if (( want_test )) && ! grep -qs "\"version\": \"$azurite_version\"" .tools/node_modules/azurite/package.json; then
+  echo "bootstrap: installing azurite $azurite_version into .tools" >&2
+  npm install --prefix .tools --no-audit --no-fund --loglevel=error "azurite@$azurite_version" >/dev/null
 fi

@@ -83,6 +83,8 @@ class EncryptionSettings(Section):
 class StorageBackend(StrEnum):
     LOCAL = "local"
     S3 = "s3"
+    AZURE = "azure"
+    GCS = "gcs"
 
 
 class StorageSettings(Section):
@@ -96,6 +98,28 @@ class StorageSettings(Section):
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
     s3_allow_http: bool = False
+    s3_virtual_hosted_style: bool = Field(
+        default=False, description="bucket in the host name instead of the path"
+    )
+    s3_storage_class: str | None = Field(
+        default=None, pattern=r"^[A-Z][A-Z0-9_]{1,63}$", description="e.g. STANDARD_IA"
+    )
+    azure_connection_string: SecretStr | None = None
+    azure_account_name: str | None = None
+    azure_account_key: SecretStr | None = None
+    azure_container: str | None = Field(
+        default=None, max_length=63, pattern=r"^[a-z0-9](?:-?[a-z0-9]){2,62}$"
+    )
+    azure_endpoint: str | None = Field(
+        default=None, pattern=r"^https?://", description="blob endpoint, e.g. Azurite's"
+    )
+    azure_create_container: bool = False
+    gcs_bucket: str | None = None
+    gcs_service_account_file: Path | None = None
+    gcs_endpoint: str | None = Field(
+        default=None, pattern=r"^https?://", description="base URL, e.g. an emulator's"
+    )
+    connect_timeout: float = Field(default=10.0, gt=0)
     request_timeout: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=5, ge=0)
     multipart_chunk_size: int = Field(

@@ -1,23 +1,27 @@
 """Object storage through ``obstore``: building the store, and the few operations we use.
 
-The same code runs against a local folder, an S3 server, or obstore's ``MemoryStore``
-in unit tests. Every failure of the backend becomes ``StorageUnavailable`` (retried by
-the consumer), except "not found" and "already exists", which callers decide on.
+The same code runs against a local folder, S3, Azure Blob, Google Cloud Storage (see
+``backends``), or obstore's ``MemoryStore`` in unit tests. Every failure of the backend
+becomes ``StorageUnavailable`` (retried by the consumer), except "not found" and
+"already exists", which callers decide on.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
-from datetime import timedelta
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError
-from obstore.store import LocalStore, ObjectStore, S3Store
+from obstore.store import ObjectStore
 
-from dicomflow.shared.errors import ConfigError, StorageUnavailable
-from dicomflow.shared.settings import StorageBackend, StorageSettings
+from dicomflow.shared import backends
+from dicomflow.shared.errors import StorageUnavailable
+from dicomflow.shared.settings import StorageSettings
+
+if TYPE_CHECKING:
+    from obstore import Attributes
 
 CHUNK = 1024 * 1024
 
@@ -28,57 +32,14 @@ __all__ = [
     "exists",
     "put",
     "read_chunks",
+    "read_range",
     "sha256_of",
 ]
 
 
 def build_store(settings: StorageSettings) -> ObjectStore:
     """The configured store; raises ConfigError naming the missing or bad field."""
-    retry = {
-        "max_retries": settings.max_retries,
-        "retry_timeout": timedelta(seconds=settings.request_timeout * 2),
-        "backoff": {
-            "init_backoff": timedelta(milliseconds=100),
-            "max_backoff": timedelta(seconds=5),
-            "base": 2,
-        },
-    }
-    if settings.backend is StorageBackend.LOCAL:
-        if settings.local_path is None:
-            raise ConfigError("storage.local_path must be set for the local backend")
-        try:
-            settings.local_path.mkdir(parents=True, exist_ok=True)
-            return LocalStore(settings.local_path, mkdir=True)
-        except (OSError, BaseError) as exc:
-            raise ConfigError(f"storage.local_path {settings.local_path}: {exc}") from exc
-    if not settings.s3_bucket:
-        raise ConfigError("storage.s3_bucket must be set for the s3 backend")
-    credentials: dict[str, str] = {}
-    if settings.s3_access_key_id or settings.s3_secret_access_key:
-        if not (settings.s3_access_key_id and settings.s3_secret_access_key):
-            raise ConfigError(
-                "storage.s3_access_key_id and storage.s3_secret_access_key go together: "
-                "set both, or neither to use the default credential chain"
-            )
-        credentials = {
-            "access_key_id": settings.s3_access_key_id,
-            "secret_access_key": settings.s3_secret_access_key.get_secret_value(),
-        }
-    try:
-        return S3Store(
-            settings.s3_bucket,
-            region=settings.s3_region,
-            endpoint=settings.s3_endpoint,
-            client_options={
-                "allow_http": settings.s3_allow_http,
-                "timeout": timedelta(seconds=settings.request_timeout),
-                "connect_timeout": timedelta(seconds=min(settings.request_timeout, 10.0)),
-            },
-            retry_config=retry,  # type: ignore[arg-type]
-            **credentials,  # type: ignore[arg-type]
-        )
-    except BaseError as exc:
-        raise ConfigError(f"storage: cannot configure S3 store: {exc}") from exc
+    return backends.build(settings)
 
 
 class ObjectExists(Exception):
@@ -102,10 +63,11 @@ async def put(
     caller (the store writer) holds a ``pending`` index claim on the key, so no other
     writer races it between the check and the upload.
     """
+    attributes = _attributes(settings)
     try:
         if size <= settings.multipart_chunk_size:
             mode: Literal["create", "overwrite"] = "create" if create else "overwrite"
-            await obstore.put_async(store, key, body.read(), mode=mode)
+            await obstore.put_async(store, key, body.read(), mode=mode, attributes=attributes)
             return
         if create and await exists(store, key):
             raise ObjectExists(key)
@@ -116,11 +78,19 @@ async def put(
             use_multipart=True,
             chunk_size=settings.multipart_chunk_size,
             max_concurrency=settings.multipart_concurrency,
+            attributes=attributes,
         )
     except AlreadyExistsError as exc:
         raise ObjectExists(key) from exc
     except (BaseError, OSError) as exc:
         raise StorageUnavailable(f"writing object failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _attributes(settings: StorageSettings) -> Attributes | None:
+    """The storage class applies to S3 only: Azure tiers and GCS classes are set per bucket."""
+    if settings.s3_storage_class and settings.backend == "s3":
+        return {"Storage-Class": settings.s3_storage_class}
+    return None
 
 
 async def exists(store: ObjectStore, key: str) -> bool:
@@ -150,3 +120,17 @@ async def sha256_of(store: ObjectStore, key: str) -> str:
     async for chunk in read_chunks(store, key):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+async def read_range(store: ObjectStore, key: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of an object, in one ranged GET.
+
+    A missing object raises FileNotFoundError; an object shorter than ``end`` returns
+    what it has.
+    """
+    try:
+        return bytes(await obstore.get_range_async(store, key, start=start, end=end))
+    except FileNotFoundError:
+        raise
+    except (BaseError, OSError) as exc:
+        raise StorageUnavailable(f"reading object failed: {type(exc).__name__}: {exc}") from exc

@@ -9,7 +9,9 @@ whose body is gone.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import logging
 import tempfile
@@ -31,7 +33,8 @@ from dicomflow.shared.messages import BodyKind, Instance
 log = logging.getLogger(__name__)
 
 HEADER_ROOM = 16 * 1024
-BLOB_CHUNK = 512 * 1024
+BLOB_CHUNK = 4 * 1024 * 1024
+BLOB_STREAM = f"OBJ_{subjects.BLOB_BUCKET}"
 
 
 class Transport:
@@ -104,7 +107,7 @@ class Transport:
             return io.BytesIO(msg.data)  # shares the bytes: no copy
         spool = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115 (returned)
         try:
-            await (await self.blobs()).get(instance.blob, writeinto=spool)
+            await self._read_blob(instance.blob, spool)
             spool.seek(0)
         except (NotFoundError, ObjectNotFoundError) as exc:
             spool.close()
@@ -118,6 +121,35 @@ class Transport:
             spool.close()
             raise
         return spool
+
+    async def _read_blob(self, name: str, out: IO[bytes]) -> None:
+        """Copy a blob into ``out`` chunk by chunk, checking its size and digest.
+
+        Not ``ObjectStore.get``: that reads through an ordered push consumer whose
+        flow-control replies nats-py sends from a 250 ms timer, which capped reads at
+        about 60 MB/s and made nats-server cache whole blobs. Direct gets of the chunk
+        subject, one chunk per round trip, keep one chunk in memory at a time.
+        """
+        info = await (await self.blobs()).get_info(name)
+        if info.nuid is None or info.size is None or info.chunks is None:
+            raise ContractViolation(f"blob {name} has incomplete metadata")
+        subject = f"$O.{subjects.BLOB_BUCKET}.C.{info.nuid}"
+        digest = hashlib.sha256()
+        size = 0
+        seq = 1
+        for _ in range(info.chunks):
+            chunk = await self._js.get_msg(
+                BLOB_STREAM, seq, subject=subject, next=True, direct=True
+            )
+            data = chunk.data or b""
+            digest.update(data)
+            size += len(data)
+            out.write(data)
+            seq = (chunk.seq or seq) + 1
+        expected = (info.digest or "").split("=", 1)[-1]
+        actual = base64.urlsafe_b64encode(digest.digest()).decode()
+        if size != info.size or expected.rstrip("=") != actual.rstrip("="):
+            raise BrokerUnavailable(f"blob {name} read back incomplete or altered; retrying")
 
     async def delete_blob(self, instance: Instance) -> None:
         """Best effort: a blob left behind is an orphan, never a loss."""

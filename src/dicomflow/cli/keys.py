@@ -1,4 +1,5 @@
-"""`dicomflow keys new`: create a master key file."""
+"""`dicomflow keys new` creates a master key file; `keys status` (in ``rotation``) counts
+the objects each key protects."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dicomflow.cli import rotation
 from dicomflow.shared.keyring import generate_master_key_file
 
 
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     new.add_argument("path", type=Path, metavar="PATH", help="file to create")
     new.set_defaults(func=_new)
+    rotation.register_status(keys_sub)
 
 
 def _new(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dicomflow.cli import crypt, dlq, instances, keys, send, stages, up
+from dicomflow.cli import crypt, dlq, importer, instances, keys, rotation, send, stages, up
 from dicomflow.shared.errors import ConfigError, DicomflowError
 
 EXIT_OK = 0
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (up, stages, keys, instances, send, dlq, crypt):
+    for module in (up, stages, keys, instances, send, dlq, crypt, rotation, importer):
         module.register(sub)
     return parser
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 
 from dicomflow.embedded.layout import DataDir, to_toml
-from dicomflow.embedded.natsserver import NatsServer
+from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import generate_master_key_file
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    nats = NatsServer(data.nats_store).start()
+    nats = NatsServer(data.nats_store, max_payload=EMBEDDED_MAX_PAYLOAD).start()
     stages: list[StageProcess] = []
     try:
         data.config.write_text(to_toml(_config(data, nats.url, args, allowed)))

@@ -21,6 +21,9 @@ from types import TracebackType
 
 from dicomflow.shared.errors import ConfigError, DicomflowError
 
+DEFAULT_MEMORY_LIMIT = "256MiB"
+EMBEDDED_MAX_PAYLOAD = 8 * 1024 * 1024  # blob chunks of 4 MiB: fewer round trips per GiB
+
 _LISTEN = re.compile(r"Listening for client connections on ([^\s:]+|\[[^\]]+\]):(\d+)")
 
 
@@ -50,12 +53,16 @@ class NatsServer:
         host: str = "127.0.0.1",
         port: int = -1,
         config_file: Path | None = None,
+        max_payload: int | None = None,
+        memory_limit: str | None = DEFAULT_MEMORY_LIMIT,
         extra_args: list[str] | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port
         self._config_file = config_file
+        self._max_payload = max_payload
+        self._memory_limit = memory_limit
         self._extra = extra_args or []
         self._proc: subprocess.Popen[str] | None = None
         self._lines: deque[str] = deque(maxlen=200)
@@ -86,13 +93,24 @@ class NatsServer:
         ]
         if self._config_file is not None:
             args += ["-c", str(self._config_file)]
+        elif self._max_payload is not None:
+            # max_payload has no command-line flag; a one-line config file sets it.
+            config = self.store_dir / "dicomflow-nats.conf"
+            config.write_text(f"max_payload: {self._max_payload}\n")
+            args += ["-c", str(config)]
         args += self._extra
+        env = dict(os.environ)
+        if self._memory_limit:
+            # Go's collector otherwise lets the heap grow to twice what is live: with
+            # blob traffic that took nats-server past 600 MiB in the large-object bench.
+            env["GOMEMLIMIT"] = self._memory_limit
         self._ready.clear()
         self._proc = subprocess.Popen(
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
             start_new_session=True,  # stopped by its owner, after the stages drained
         )
         self._reader = threading.Thread(target=self._read, daemon=True)

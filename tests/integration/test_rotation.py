@@ -1,0 +1,144 @@
+"""Key rotation through the real pipeline: new key for new objects, `rekey`, retiring a key.
+
+Stored on the local backend: the storage operations `rekey` uses (ranged GET, GET,
+overwriting PUT) are the ones test_backends drives on S3, Azurite and GCS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicomflow.embedded.natsserver import NatsServer
+from dicomflow.shared.keyring import generate_master_key_file
+from support.dicomfiles import ct_series
+from support.pipeline import Pipeline
+
+pytestmark = pytest.mark.integration
+
+OLD_BATCH = 120
+
+
+def _status(pipeline: Pipeline) -> dict[str, int]:
+    done = pipeline.cli("keys", "status", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    keys: dict[str, int] = json.loads(done.stdout.splitlines()[-1])["keys"]
+    return keys
+
+
+def _rotate(pipeline: Pipeline, new_key: Path, *, keep_old: bool) -> None:
+    encryption = {
+        "master_key": {"id": 2, "path": new_key},
+        "previous_keys": [{"id": 1, "path": pipeline.key}] if keep_old else [],
+    }
+    pipeline.extra["encryption"] = encryption
+    pipeline.write_config()
+
+
+def test_rotate_rekey_resume_and_retire_the_old_key(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    objects = tmp_path / "objects"
+    pipeline = Pipeline(
+        tmp_path / "p", nats_server, {"backend": "local", "local_path": objects, "layout": "flat"}
+    ).start()
+    try:
+        old = ct_series(tmp_path / "old", OLD_BATCH, rows=32, columns=32)
+        assert pipeline.send(old).statuses() == ["Success"] * OLD_BATCH
+        pipeline.wait_stored(OLD_BATCH)
+        assert _status(pipeline) == {"1": OLD_BATCH}
+
+        # Rotate: key 2 current, key 1 previous; the encryptor restarts on the new config.
+        key2 = tmp_path / "p" / "keys" / "master-2.key"
+        generate_master_key_file(key2)
+        _rotate(pipeline, key2, keep_old=True)
+        pipeline.stages["encryptor"].stop()
+        pipeline.start("encryptor")
+        new = ct_series(tmp_path / "new", 3, rows=32, columns=32)
+        assert pipeline.send(new).statuses() == ["Success"] * 3
+        records = pipeline.wait_stored(OLD_BATCH + 3)
+        assert {records[f.sop_instance_uid]["key_id"] for f in new} == {2}
+        assert {records[f.sop_instance_uid]["key_id"] for f in old} == {1}
+        assert _status(pipeline) == {"1": OLD_BATCH, "2": 3}
+        verify = pipeline.cli("verify")
+        assert verify.returncode == 0, verify.stdout
+
+        dry = pipeline.cli("rekey", "--to", "2", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert json.loads(dry.stdout.splitlines()[-1])["would-rekey"] == OLD_BATCH
+        assert _status(pipeline) == {"1": OLD_BATCH, "2": 3}
+
+        wrong = pipeline.cli("rekey", "--to", "3")
+        assert wrong.returncode == 2 and "current master key is 2" in wrong.stderr
+
+        # One old object is tampered with at rest (a flipped ciphertext byte).
+        victim = old[7]
+        victim_path = objects / records[victim.sop_instance_uid]["object_key"]
+        original = victim_path.read_bytes()
+        flipped = bytearray(original)
+        flipped[100] ^= 0x01
+        victim_path.write_bytes(bytes(flipped))
+
+        # Killed half-way: SIGKILL once it has reported some progress.
+        _rekey_killed_after(pipeline, progress_lines=15)
+        partial = _status(pipeline)
+        assert 0 < partial["1"] < OLD_BATCH, partial
+        assert partial["1"] + partial["2"] == OLD_BATCH + 3
+
+        # The re-run finishes, and reports the tampered object with the integrity error.
+        rerun = pipeline.cli("rekey", "--to", "2")
+        assert rerun.returncode == 1, rerun.stdout + rerun.stderr
+        summary = json.loads(rerun.stdout.splitlines()[-1])
+        assert summary["failed"] == 1
+        assert summary["rekeyed"] + summary["already"] == OLD_BATCH + 2
+        assert summary["already"] >= 3 + 15 - 4  # the 3 new, and what the killed run did
+        assert f"FAIL {victim.sop_instance_uid}: integrity check failed" in rerun.stdout
+        assert victim_path.read_bytes() == bytes(flipped)  # left exactly as it was
+        assert _status(pipeline) == {"1": 1, "2": OLD_BATCH + 2}
+
+        # With the original bytes back, the last one is re-encrypted too.
+        victim_path.write_bytes(original)
+        last = pipeline.cli("rekey", "--to", "2")
+        assert last.returncode == 0, last.stdout + last.stderr
+        assert json.loads(last.stdout.splitlines()[-1])["rekeyed"] == 1
+        assert _status(pipeline) == {"2": OLD_BATCH + 3}
+        assert {r["key_id"] for r in pipeline.records().values()} == {2}
+
+        # Key 1 retired: everything still decrypts and matches the index.
+        _rotate(pipeline, key2, keep_old=False)
+        verify = pipeline.cli("verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert f'"verified": {OLD_BATCH + 3}' in verify.stdout
+        out = tmp_path / "back.dcm"
+        assert pipeline.cli("get", old[0].sop_instance_uid, "-o", str(out)).returncode == 0
+    finally:
+        pipeline.stop()
+
+
+def _rekey_killed_after(pipeline: Pipeline, *, progress_lines: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicomflow", "rekey", "--to", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, DICOMFLOW_CONFIG=str(pipeline.config)),
+    )
+    assert proc.stderr is not None
+    seen = 0
+    try:
+        for line in proc.stderr:
+            if line.startswith("rekey "):
+                seen += 1
+                if seen >= progress_lines:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        proc.wait(60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, f"rekey ended on its own after {seen} lines"

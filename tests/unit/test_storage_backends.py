@@ -1,0 +1,171 @@
+"""Building each backend's store: every bad or missing field is named, no secret is shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from obstore.store import AzureStore, GCSStore, S3Store
+
+from dicomflow.shared import storage
+from dicomflow.shared.backends import parse_connection_string
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.settings import StorageSettings, StoreWriterSettings, load_settings
+
+SECRET = "c2VjcmV0LWtleS1zZWNyZXQta2V5LXNlY3JldC1rZXktMTIz"  # noqa: S105 (a made-up value)
+
+
+def _build(**fields: Any) -> object:
+    return storage.build_store(StorageSettings(**fields))
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"backend": "local"}, "storage.local_path"),
+        ({"backend": "s3"}, "storage.s3_bucket"),
+        (
+            {"backend": "s3", "s3_bucket": "b", "s3_secret_access_key": SECRET},
+            "storage.s3_access_key_id",
+        ),
+        (
+            {"backend": "s3", "s3_bucket": "b", "s3_endpoint": "http://127.0.0.1:9"},
+            "storage.s3_allow_http",
+        ),
+        (
+            {"backend": "azure", "azure_account_name": "a", "azure_account_key": SECRET},
+            "storage.azure_container",
+        ),
+        ({"backend": "azure", "azure_container": "dicom"}, "storage.azure_account_name"),
+        (
+            {"backend": "azure", "azure_container": "dicom", "azure_account_name": "a"},
+            "storage.azure_account_key",
+        ),
+        (
+            {
+                "backend": "azure",
+                "azure_container": "dicom",
+                "azure_account_name": "a",
+                "azure_connection_string": f"AccountName=a;AccountKey={SECRET}",
+            },
+            "storage.azure_connection_string",
+        ),
+        (
+            {
+                "backend": "azure",
+                "azure_container": "dicom",
+                "azure_connection_string": f"AccountKey={SECRET}",
+            },
+            "has no AccountName",
+        ),
+        (
+            {
+                "backend": "azure",
+                "azure_container": "dicom",
+                "azure_connection_string": "AccountName=a;EndpointSuffix=core.windows.net",
+            },
+            "neither AccountKey nor SharedAccessSignature",
+        ),
+        (
+            {
+                "backend": "azure",
+                "azure_container": "dicom",
+                "azure_connection_string": f"AccountName=a;{SECRET}",
+            },
+            "malformed",
+        ),
+        ({"backend": "gcs"}, "storage.gcs_bucket"),
+        (
+            {"backend": "gcs", "gcs_bucket": "b", "gcs_service_account_file": "/nonexistent.json"},
+            "storage.gcs_service_account_file",
+        ),
+    ],
+)
+def test_missing_or_bad_backend_fields_are_named(fields: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")) as caught:
+        _build(**fields)
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "field"),
+    [
+        ('[storage]\nbackend = "dropbox"\n', "storage.backend"),
+        ('[storage]\nazure_container = "Has_Upper"\n', "storage.azure_container"),
+        ('[storage]\nazure_endpoint = "ftp://x"\n', "storage.azure_endpoint"),
+        ('[storage]\ngcs_endpoint = "localhost:4443"\n', "storage.gcs_endpoint"),
+        ('[storage]\ns3_storage_class = "cheap please"\n', "storage.s3_storage_class"),
+        ("[storage]\nconnect_timeout = 0\n", "storage.connect_timeout"),
+    ],
+)
+def test_bad_backend_values_fail_at_load(tmp_path: Path, toml: str, field: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_settings(StoreWriterSettings, config)
+
+
+def test_a_bad_service_account_file_is_a_config_error(tmp_path: Path) -> None:
+    account = tmp_path / "sa.json"
+    account.write_text('{"private_key": "' + SECRET + '"}')
+    with pytest.raises(ConfigError, match=r"storage\.backend gcs") as caught:
+        _build(backend="gcs", gcs_bucket="b", gcs_service_account_file=account)
+    assert SECRET not in str(caught.value)
+
+
+def test_each_backend_builds_its_store(tmp_path: Path) -> None:
+    assert isinstance(
+        _build(
+            backend="s3",
+            s3_bucket="b",
+            s3_access_key_id="k",
+            s3_secret_access_key=SECRET,
+            s3_virtual_hosted_style=True,
+            s3_storage_class="GLACIER_IR",
+        ),
+        S3Store,
+    )
+    assert isinstance(
+        _build(
+            backend="azure",
+            azure_container="dicom",
+            azure_connection_string=f"AccountName=acct;AccountKey={SECRET};",
+        ),
+        AzureStore,
+    )
+    account = tmp_path / "sa.json"
+    account.write_text(
+        '{"gcs_base_url": "http://127.0.0.1:9", "disable_oauth": true, "client_email": "",'
+        ' "private_key": "", "private_key_id": ""}'
+    )
+    assert isinstance(
+        _build(backend="gcs", gcs_bucket="b", gcs_service_account_file=account), GCSStore
+    )
+
+
+def test_connection_string_parts() -> None:
+    account = parse_connection_string(
+        f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={SECRET};"
+        "EndpointSuffix=core.usgovcloudapi.net"
+    )
+    assert account.endpoint == "https://acct.blob.core.usgovcloudapi.net"
+    assert account.key == SECRET  # '=' inside the value survives
+    assert SECRET not in repr(account)
+    emulator = parse_connection_string(
+        "AccountName=devstoreaccount1;SharedAccessSignature=?sv=2021&sig=x;"
+        "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1/"
+    )
+    assert emulator.endpoint == "http://127.0.0.1:10000/devstoreaccount1"
+    assert emulator.sas == "sv=2021&sig=x"
+
+
+def test_secrets_are_not_in_the_settings_repr() -> None:
+    settings = StorageSettings(
+        backend="azure",
+        azure_connection_string=f"AccountName=a;AccountKey={SECRET}",
+        azure_account_key=SECRET,
+        s3_secret_access_key=SECRET,
+    )
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings.model_dump())
