@@ -16,6 +16,8 @@ if (( want_test )); then
   command -v npm >/dev/null || need_apt+=(nodejs npm)
   # Orthanc is the real remote PACS of the scu-gateway tests and the benchmarks.
   command -v /usr/sbin/Orthanc >/dev/null || need_apt+=(orthanc)
+  # Prometheus scrapes a real run and answers every query of the Grafana dashboard.
+  command -v /usr/bin/prometheus >/dev/null || need_apt+=(prometheus)
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if (( ${#need_apt[@]} )); then

@@ -8,6 +8,11 @@ the ack went through: that is where consumed blobs are deleted.
 Dead-lettering publishes the original headers and body to ``dicomflow.dlq.<stage>``
 with the reason, and only then terminates the original: if the dead-letter publish
 fails the message is nak'ed and comes back, so it is never lost in between.
+
+Every stage's metrics are counted here, once: messages and bytes by outcome, handling
+time, redeliveries, dead letters, and the lag of the stage's durable consumer (pending
+and unacknowledged messages, polled every ``LAG_INTERVAL`` seconds). Each message is
+handled in a span continuing the trace of its ``traceparent`` header.
 """
 
 from __future__ import annotations
@@ -15,19 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from opentelemetry.trace import SpanKind, StatusCode
 
 from dicomflow.shared import subjects
 from dicomflow.shared.budget import ByteBudget
 from dicomflow.shared.disposition import Action, Disposition, decide
-from dicomflow.shared.errors import DicomflowError, ProcessingError
-from dicomflow.shared.messages import H_SEALED_SIZE, H_SIZE
+from dicomflow.shared.errors import DicomflowError, EnvelopeError, PermanentError, ProcessingError
+from dicomflow.shared.messages import H_SEALED_SIZE, H_SIZE, H_TRACEPARENT
 from dicomflow.shared.settings import ConsumerSettings
+from dicomflow.shared.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ H_DLQ_SUBJECT = "Dicomflow-Dlq-Subject"
 H_DLQ_DELIVERIES = "Dicomflow-Dlq-Deliveries"
 H_DLQ_STREAM_SEQ = "Dicomflow-Dlq-Stream-Seq"
 
+LAG_INTERVAL = 5.0
+
 
 class Consumer:
     def __init__(
@@ -51,6 +61,7 @@ class Consumer:
         durable: str,
         handler: Handler,
         settings: ConsumerSettings,
+        telemetry: Telemetry,
     ) -> None:
         self._js = js
         self._stage = stage
@@ -59,6 +70,9 @@ class Consumer:
         self._handler = handler
         self._settings = settings
         self._budget = ByteBudget(settings.max_inflight_bytes)
+        self._metrics = telemetry.metrics
+        self._tracing = telemetry.tracing
+        self._metrics.consumer_stage(stage)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process messages until ``stop`` is set; in-flight messages finish first."""
@@ -67,9 +81,11 @@ class Consumer:
             asyncio.create_task(self._work(sub, stop), name=f"{self._stage}-worker-{i}")
             for i in range(self._settings.concurrency)
         ]
+        lag = asyncio.create_task(self._watch_lag(stop), name=f"{self._stage}-lag")
         try:
             await asyncio.gather(*workers)
         finally:
+            lag.cancel()
             for worker in workers:
                 worker.cancel()
             with contextlib.suppress(NatsError):
@@ -90,11 +106,32 @@ class Consumer:
 
     async def _process(self, msg: Msg) -> None:
         delivered = msg.metadata.num_delivered
+        size = _declared_size(msg)
+        start = time.perf_counter()
+        parent = (msg.headers or {}).get(H_TRACEPARENT, "")
+        with self._tracing.span(
+            self._stage,
+            parent=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={"dicomflow.stage": self._stage, "dicomflow.delivery": delivered},
+        ) as span:
+            outcome = await self._handle_and_settle(msg, delivered, size)
+            span.set_attribute("dicomflow.outcome", outcome.value)
+            if outcome is not Action.ACK:
+                span.set_status(StatusCode.ERROR)
+        m, stage = self._metrics, self._stage
+        m.instances.labels(stage, outcome.value).inc()
+        m.bytes.labels(stage, outcome.value).inc(size)
+        m.handle_seconds.labels(stage, outcome.value).observe(time.perf_counter() - start)
+        if delivered > 1:
+            m.redeliveries.labels(stage).inc()
+
+    async def _handle_and_settle(self, msg: Msg, delivered: int, size: int) -> Action:
         heartbeat = asyncio.create_task(self._keep_alive(msg))  # also while queued
         after_ack: AfterAck | None = None
         error: BaseException | None = None
         try:
-            async with self._budget.hold(_declared_size(msg)):
+            async with self._budget.hold(size):
                 after_ack = await self._handler(msg)
         except Exception as exc:  # noqa: BLE001 (every failure is mapped by disposition.decide)
             error = exc
@@ -113,6 +150,7 @@ class Consumer:
         await self._settle(msg, outcome, delivered, error)
         if outcome.action is Action.ACK and after_ack is not None:
             await after_ack()
+        return outcome.action
 
     async def _settle(
         self, msg: Msg, outcome: Disposition, delivered: int, error: BaseException | None
@@ -126,6 +164,9 @@ class Consumer:
                 extra = error.dead_letter_headers() if isinstance(error, ProcessingError) else {}
                 await self._dead_letter(msg, outcome.reason, delivered, extra)
                 await msg.term()
+                permanent = isinstance(error, PermanentError | EnvelopeError)
+                kind = "permanent" if permanent else "exhausted"
+                self._metrics.dead_letters.labels(self._stage, kind).inc()
         except (NatsError, TimeoutError) as exc:
             # Not settled: JetStream redelivers after AckWait. Nothing is lost.
             log.warning("%s: could not settle message (%s): %r", self._stage, outcome.action, exc)
@@ -151,6 +192,20 @@ class Consumer:
         await self._js.publish(
             subjects.dlq_subject(self._stage), msg.data, headers=headers, timeout=10.0
         )
+
+    async def _watch_lag(self, stop: asyncio.Event) -> None:
+        """Export the durable consumer's pending and unacknowledged counts (its lag)."""
+        pending = self._metrics.consumer_pending.labels(self._stage)
+        ack_pending = self._metrics.consumer_ack_pending.labels(self._stage)
+        while not stop.is_set():
+            try:
+                info = await self._js.consumer_info(self._stream, self._durable, timeout=5.0)
+            except (NatsError, TimeoutError) as exc:
+                log.debug("%s: consumer info unavailable: %r", self._stage, exc)
+            else:
+                pending.set(info.num_pending or 0)
+                ack_pending.set(info.num_ack_pending or 0)
+            await _sleep_unless(stop, LAG_INTERVAL)
 
     async def _keep_alive(self, msg: Msg) -> None:
         interval = max(self._settings.ack_wait / 3, 0.5)

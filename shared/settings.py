@@ -188,7 +188,7 @@ def _check_ae(value: str) -> str:
 
 
 class ServiceSettings(BaseSettings):
-    """What every service has: NATS, logging, a metrics port."""
+    """What every service has: NATS, logging, telemetry (metrics port, probes, traces)."""
 
     model_config = SettingsConfigDict(
         env_prefix="DICOMFLOW_",
@@ -202,6 +202,7 @@ class ServiceSettings(BaseSettings):
     spool_dir: Path | None = Field(
         default=None, description="folder for private scratch files (default: system temp)"
     )
+    telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
 
     @classmethod
     def settings_customise_sources(
@@ -213,6 +214,28 @@ class ServiceSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+class TelemetrySettings(Section):
+    """Metrics and probes over HTTP, and traces (exported only when configured)."""
+
+    metrics_host: str = "0.0.0.0"  # noqa: S104  (Prometheus and the kubelet scrape the pod IP)
+    metrics_port: int = Field(
+        default=9090, ge=0, lt=65536, description="/metrics, /livez, /readyz; 0 picks a free port"
+    )
+    readiness_interval: float = Field(
+        default=3.0, gt=0, description="seconds between readiness checks (results are cached)"
+    )
+    traces: Literal["off", "otlp", "jsonl"] = "off"
+    otlp_endpoint: str = Field(
+        default="http://127.0.0.1:4318/v1/traces", pattern=r"^https?://", description="OTLP/HTTP"
+    )
+    traces_path: Path | None = Field(
+        default=None, description="folder of <service>.jsonl span files (traces = jsonl)"
+    )
+
+
+ServiceSettings.model_rebuild()  # resolves the TelemetrySettings reference above
 
 
 class ScpGatewaySettings(ServiceSettings):

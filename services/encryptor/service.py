@@ -21,6 +21,8 @@ from dicomflow.shared.envelope import OVERHEAD
 from dicomflow.shared.errors import ContractViolation
 from dicomflow.shared.keyring import KeyRing
 from dicomflow.shared.settings import EncryptorSettings
+from dicomflow.shared.telemetry import Telemetry
+from dicomflow.shared.tracing import Tracing
 from dicomflow.shared.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,10 @@ STAGE = "encryptor"
 
 
 class Encryptor:
-    def __init__(self, transport: Transport, keyring: KeyRing) -> None:
+    def __init__(self, transport: Transport, keyring: KeyRing, tracing: Tracing) -> None:
         self._transport = transport
         self._keyring = keyring
+        self._tracing = tracing
 
     async def handle(self, msg: Msg) -> AfterAck:
         instance = messages.parse(msg.headers)
@@ -46,7 +49,7 @@ class Encryptor:
                     "body does not match its Dicomflow-Size/Dicomflow-Sha256 headers"
                 )
             sealed_file.seek(0)
-            out = instance.sealed(key.key_id, sealed.sealed_size)
+            out = self._tracing.propagate(instance.sealed(key.key_id, sealed.sealed_size))
             await self._transport.publish(
                 subjects.sealed_subject(instance.called_ae, instance.calling_ae),
                 out,
@@ -61,9 +64,10 @@ class Encryptor:
         return after_ack
 
 
-async def serve(settings: EncryptorSettings, stop: asyncio.Event) -> None:
+async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
     keyring = settings.encryption.keyring()  # refuses to start without a usable key
     nc = await natsconn.connect(settings.nats, STAGE, stop)
+    telemetry.readiness.add_nats(nc)
     try:
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
@@ -73,7 +77,7 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event) -> None:
         transport = Transport(
             nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
         )
-        encryptor = Encryptor(transport, keyring)
+        encryptor = Encryptor(transport, keyring, telemetry.tracing)
         log.info("encryptor ready; current master key id %d", keyring.current.key_id)
         consumer = Consumer(
             js,
@@ -82,7 +86,9 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event) -> None:
             durable=subjects.ENCRYPTOR_DURABLE,
             handler=encryptor.handle,
             settings=settings.consumer,
+            telemetry=telemetry,
         )
+        telemetry.readiness.started()
         await asyncio.gather(
             consumer.run(stop),
             blobsweeper.run_periodically(

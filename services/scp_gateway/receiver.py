@@ -7,6 +7,10 @@ Statuses, and why:
 - 0xA900 Data set does not match SOP class: the identity we need (SOP Instance UID
   equal to the request's, Study and Series UIDs) is missing or wrong.
 - 0xC210 Cannot understand: the dataset cannot be parsed at all.
+
+Each C-STORE is counted by status class and calling-AE class (allowed or any, never
+the AE title) and timed, and starts the trace that follows the instance through every
+stage (its context travels in the ``traceparent`` header).
 """
 
 from __future__ import annotations
@@ -14,15 +18,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from opentelemetry.trace import SpanKind, StatusCode
+
 from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
 from dicomflow.shared import subjects
 from dicomflow.shared.errors import BrokerUnavailable
 from dicomflow.shared.messages import Instance
+from dicomflow.shared.telemetry import Telemetry
 from dicomflow.shared.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -33,6 +41,13 @@ DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 
 _CHUNK = 1024 * 1024
+
+STATUS_CLASSES = {
+    SUCCESS: "success",
+    OUT_OF_RESOURCES: "out_of_resources",
+    DOES_NOT_MATCH: "does_not_match",
+    CANNOT_UNDERSTAND: "cannot_understand",
+}
 
 
 class Rejected(Exception):
@@ -78,11 +93,39 @@ class Receiver:
     """Bridges pynetdicom's association threads to the asyncio loop that owns NATS."""
 
     def __init__(
-        self, transport: Transport, loop: asyncio.AbstractEventLoop, publish_timeout: float
+        self,
+        transport: Transport,
+        loop: asyncio.AbstractEventLoop,
+        publish_timeout: float,
+        telemetry: Telemetry,
+        allowed_calling_aes: frozenset[str] | None,
     ) -> None:
+        """``allowed_calling_aes`` None: any calling AE is accepted."""
         self._transport = transport
         self._loop = loop
         self._timeout = publish_timeout
+        self._metrics = telemetry.metrics
+        self._tracing = telemetry.tracing
+        self._allowed = allowed_calling_aes
+        self._metrics.scp_gateway(accept_any=allowed_calling_aes is None)
+
+    def _calling_class(self, calling: str) -> str:
+        if self._allowed is None:
+            return "any"
+        return "allowed" if calling in self._allowed else "not_allowed"
+
+    def on_accepted(self, event: Any) -> None:
+        self._count_association(event, "accepted")
+
+    def on_rejected(self, event: Any) -> None:
+        self._count_association(event, "rejected")
+
+    def on_aborted(self, event: Any) -> None:
+        self._count_association(event, "aborted")
+
+    def _count_association(self, event: Any, result: str) -> None:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        self._metrics.scp_associations.labels(result, self._calling_class(calling)).inc()
 
     def on_echo(self, event: Any) -> int:
         return SUCCESS
@@ -90,6 +133,24 @@ class Receiver:
     def on_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
         called = str(event.assoc.acceptor.ae_title).strip()
+        start = time.perf_counter()
+        with self._tracing.span(
+            "C-STORE", kind=SpanKind.SERVER, attributes={"dicomflow.stage": "scp-gateway"}
+        ) as span:
+            status, size = self._store(event, calling, called)
+            span.set_attribute("dicom.status", f"0x{status:04X}")
+            if status != SUCCESS:
+                span.set_status(StatusCode.ERROR)
+        label = STATUS_CLASSES.get(status, "out_of_resources")
+        self._metrics.cstore.labels(label, self._calling_class(calling)).inc()
+        self._metrics.cstore_seconds.labels(label).observe(time.perf_counter() - start)
+        if status == SUCCESS:
+            self._metrics.cstore_bytes.inc(size)
+        return status
+
+    def _store(self, event: Any, calling: str, called: str) -> tuple[int, int]:
+        """The status to answer, and the dataset's size."""
+        size = 0
         try:
             request = event.request
             # pynetdicom spooled the dataset to a Part-10 file as it arrived (chunked
@@ -108,20 +169,21 @@ class Receiver:
                     transfer_syntax=str(event.context.transfer_syntax),
                     size=size,
                     sha256=sha256,
+                    traceparent=self._tracing.traceparent(),
                 )
                 fp.seek(0)
                 self._publish(instance, fp, size)
         except Rejected as exc:
             log.warning("C-STORE from %s refused with 0x%04X: %s", calling, exc.status, exc)
-            return exc.status
+            return exc.status, size
         except BrokerUnavailable as exc:
             log.error("C-STORE from %s answered 0xA700: %s", calling, exc)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, size
         except Exception:
             # Anything unforeseen: the instance is not safe, so never Success.
             log.exception("C-STORE from %s failed unexpectedly; answered 0xA700", calling)
-            return OUT_OF_RESOURCES
-        return SUCCESS
+            return OUT_OF_RESOURCES, size
+        return SUCCESS, size
 
     def _publish(self, instance: Instance, body: BinaryIO, size: int) -> None:
         coro = self._transport.publish(

@@ -22,6 +22,7 @@ from dicomflow.scp_gateway.receiver import Receiver
 from dicomflow.shared import natsconn, topology
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.settings import ScpGatewaySettings, ScpSettings
+from dicomflow.shared.telemetry import Telemetry
 from dicomflow.shared.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -66,24 +67,42 @@ def build_ae(scp: ScpSettings) -> AE:
     return ae
 
 
-async def serve(settings: ScpGatewaySettings, stop: asyncio.Event) -> None:
+async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
     ae = build_ae(settings.scp)
     receive_to_files(settings.spool_dir)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
+    telemetry.readiness.add_nats(nc)
     try:
         js = nc.jetstream()
         await topology.ensure(js, settings.nats)
         transport = Transport(
             nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
         )
-        receiver = Receiver(transport, asyncio.get_running_loop(), settings.nats.publish_timeout)
+        scp = settings.scp
+        receiver = Receiver(
+            transport,
+            asyncio.get_running_loop(),
+            settings.nats.publish_timeout,
+            telemetry,
+            None if scp.accept_any_calling_ae else frozenset(scp.allowed_calling_aes),
+        )
         server = ae.start_server(
             (settings.scp.host, settings.scp.port),
             block=False,
-            evt_handlers=[(evt.EVT_C_ECHO, receiver.on_echo), (evt.EVT_C_STORE, receiver.on_store)],
+            evt_handlers=[
+                (evt.EVT_C_ECHO, receiver.on_echo),
+                (evt.EVT_C_STORE, receiver.on_store),
+                (evt.EVT_ACCEPTED, receiver.on_accepted),
+                (evt.EVT_REJECTED, receiver.on_rejected),
+                (evt.EVT_ABORTED, receiver.on_aborted),
+            ],
         )
         if server is None:  # only a blocking server returns None
             raise RuntimeError("pynetdicom did not return the association server")
+        telemetry.metrics.scp_associations_active.set_function(
+            lambda: len(server.active_associations)
+        )
+        telemetry.readiness.started()
         host, port = server.server_address[:2]
         log.info(
             "scp-gateway ready: listening on %s:%d as AE %s; calling AEs accepted: %s",

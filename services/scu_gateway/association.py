@@ -12,6 +12,9 @@ association. Instances are sent exactly as stored (pynetdicom streams the file's
 encoded dataset), never transcoded: a pair the peer does not accept is a permanent
 refusal. Nagle is off on every association's socket. A reused association the peer
 closed while idle is replaced once, at once, before the failure counts as a transient one.
+
+Association attempts are counted per destination (opened, rejected, failed) and the
+open ones exported as a gauge, when the pool is given the service's metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
+from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import DestinationSettings
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,13 @@ class Link:
 
 
 class AssociationPool:
-    def __init__(self, name: str, destination: DestinationSettings, calling_ae: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        destination: DestinationSettings,
+        calling_ae: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.name = name
         self._dest = destination
         self._ae = AE(ae_title=calling_ae)
@@ -60,6 +70,14 @@ class AssociationPool:
         self._idle: list[Link] = []
         self._open = 0
         self._wanted: dict[Pair, None] = {}
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.destination(name, lambda: self.open_count)
+
+    @property
+    def open_count(self) -> int:
+        """Associations open for sending now (the C-ECHO health check's not included)."""
+        return self._open
 
     @property
     def where(self) -> str:
@@ -150,6 +168,9 @@ class AssociationPool:
             ae_title=dest.ae_title,
             max_pdu=dest.maximum_pdu_size,
         )
+        self._count(
+            "opened" if assoc.is_established else "rejected" if assoc.is_rejected else "failed"
+        )
         if assoc.is_established:
             # pynetdicom leaves Nagle on: with delayed ACKs at the peer, the last
             # segment of every C-STORE would wait tens of milliseconds.
@@ -173,6 +194,10 @@ class AssociationPool:
         raise DeliveryDeferred(
             f"cannot associate with {self.where}: connection refused, timed out or aborted"
         )
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.scu_associations.labels(self.name, result).inc()
 
     def _send(self, link: Link, path: Path) -> int:
         try:

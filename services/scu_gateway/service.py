@@ -31,9 +31,12 @@ from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.routing import Router
 from dicomflow.shared import messages, natsconn, storage, subjects, topology
-from dicomflow.shared.consumer import AfterAck, Consumer
-from dicomflow.shared.errors import ConfigError, DicomflowError
+from dicomflow.shared.consumer import AfterAck, Consumer, Handler
+from dicomflow.shared.errors import ConfigError, DicomflowError, EnvelopeError, PermanentError
+from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import ConsumerSettings, DestinationSettings, ScuGatewaySettings
+from dicomflow.shared.telemetry import Telemetry
+from dicomflow.shared.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +48,40 @@ REAP_INTERVAL = 1.0
 class Routing:
     """The handler of the router consumer."""
 
-    def __init__(self, js: JetStreamContext, router: Router, publish_timeout: float) -> None:
+    def __init__(
+        self, js: JetStreamContext, router: Router, publish_timeout: float, tracing: Tracing
+    ) -> None:
         self._js = js
         self._router = router
         self._timeout = publish_timeout
+        self._tracing = tracing
 
     async def handle(self, msg: Msg) -> AfterAck | None:
-        instance = messages.parse(msg.headers, sealed=True)
+        instance = self._tracing.propagate(messages.parse(msg.headers, sealed=True))
         object_key = request.object_key_of(msg.headers)
         for destination in self._router.destinations(instance):
             req = request.DeliveryRequest(instance, object_key, destination)
             await request.publish(self._js, req, self._timeout)
         return None
+
+
+def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
+    """``handler`` counting each attempt's outcome for ``destination``: delivered,
+    deferred (retried later) or refused (permanent: dead-lettered)."""
+
+    async def handle(msg: Msg) -> AfterAck | None:
+        try:
+            after_ack = await handler(msg)
+        except (PermanentError, EnvelopeError):
+            metrics.deliveries.labels(destination, "refused").inc()
+            raise
+        except Exception:
+            metrics.deliveries.labels(destination, "deferred").inc()
+            raise
+        metrics.deliveries.labels(destination, "delivered").inc()
+        return after_ack
+
+    return handle
 
 
 def delivery_consumer(base: ConsumerSettings, dest: DestinationSettings) -> ConsumerSettings:
@@ -69,7 +94,7 @@ def delivery_consumer(base: ConsumerSettings, dest: DestinationSettings) -> Cons
     return base.model_copy(update=update)
 
 
-async def serve(settings: ScuGatewaySettings, stop: asyncio.Event) -> None:
+async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
     scu = settings.scu
     if not scu.destinations:
         raise ConfigError(
@@ -83,9 +108,12 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event) -> None:
     # byte-identical on the wire, memory independent of the object's size.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     pools = {
-        name: AssociationPool(name, dest, scu.ae_title) for name, dest in scu.destinations.items()
+        name: AssociationPool(name, dest, scu.ae_title, telemetry.metrics)
+        for name, dest in scu.destinations.items()
     }
+    telemetry.readiness.add_storage(store, settings.storage.root_path)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
+    telemetry.readiness.add_nats(nc)
     tasks: list[asyncio.Task[None]] = []
     try:
         js: JetStreamContext = nc.jetstream()
@@ -99,7 +127,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event) -> None:
                 f"{subjects.STORED_PREFIX}.>",
                 settings.consumer,
             )
-            routing = Routing(js, router, settings.nats.publish_timeout)
+            routing = Routing(js, router, settings.nats.publish_timeout, telemetry.tracing)
             consumers.append(
                 Consumer(
                     js,
@@ -108,6 +136,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event) -> None:
                     durable=subjects.ROUTER_DURABLE,
                     handler=routing.handle,
                     settings=settings.consumer,
+                    telemetry=telemetry,
                 )
             )
         for name, dest in scu.destinations.items():
@@ -127,12 +156,14 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event) -> None:
                     stage=durable,
                     stream=subjects.DELIVERY_STREAM,
                     durable=durable,
-                    handler=deliverer.handle,
+                    handler=counted(deliverer.handle, name, telemetry.metrics),
                     settings=consumer_settings,
+                    telemetry=telemetry,
                 )
             )
         tasks.append(asyncio.create_task(_echo_all(pools)))
         tasks.append(asyncio.create_task(_reap(pools, stop)))
+        telemetry.readiness.started()
         log.info(
             "scu-gateway ready: destinations %s; %d rule(s); calling AE %s",
             ", ".join(pool.where for pool in pools.values()),

@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import IO
+from typing import IO, TypeVar
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -36,11 +38,15 @@ from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
 from dicomflow.shared.index import Conflict, Index, Record, State
 from dicomflow.shared.layout import Layout, object_key
 from dicomflow.shared.messages import Instance
+from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import DuplicatePolicy, StorageSettings, StoreWriterSettings
 from dicomflow.shared.storage import ObjectExists, ObjectStore
+from dicomflow.shared.telemetry import Telemetry
 from dicomflow.shared.transport import Transport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STAGE = "store-writer"
 
@@ -55,6 +61,7 @@ class StoreWriter:
         storage_settings: StorageSettings,
         policy: DuplicatePolicy,
         publish_timeout: float,
+        telemetry: Telemetry,
     ) -> None:
         self._js = js
         self._transport = transport
@@ -65,6 +72,9 @@ class StoreWriter:
         self._root = storage_settings.root_path
         self._policy = policy
         self._timeout = publish_timeout
+        self._metrics = telemetry.metrics
+        self._tracing = telemetry.tracing
+        self._metrics.storage()
 
     async def handle(self, msg: Msg) -> AfterAck:
         instance = messages.parse(msg.headers, sealed=True)
@@ -134,13 +144,19 @@ class StoreWriter:
 
     async def _write(self, key: str, body: IO[bytes], size: int, *, fresh: bool) -> None:
         try:
-            await storage.put(
-                self._store, key, body, size=size, create=fresh, settings=self._settings
+            await _timed(
+                self._metrics,
+                "put",
+                lambda: storage.put(
+                    self._store, key, body, size=size, create=fresh, settings=self._settings
+                ),
             )
         except ObjectExists:
             body.seek(0)
             ours = await asyncio.to_thread(_sha256_file, body)
-            theirs = await storage.sha256_of(self._store, key)
+            theirs = await _timed(
+                self._metrics, "compare", lambda: storage.sha256_of(self._store, key)
+            )
             if ours != theirs:
                 raise DuplicateConflict(
                     "an object the index does not know already exists at the target key "
@@ -179,7 +195,7 @@ class StoreWriter:
         )
 
     async def _emit(self, instance: Instance, record: Record) -> None:
-        headers = instance.with_body(messages.BodyKind.INLINE).headers()
+        headers = self._tracing.propagate(instance.with_body(messages.BodyKind.INLINE)).headers()
         headers[messages.H_MSG_ID] = f"stored:{record.object_key}:{instance.sha256}"
         headers[messages.H_OBJECT_KEY] = record.object_key
         try:
@@ -193,6 +209,24 @@ class StoreWriter:
             raise BrokerUnavailable(f"could not publish the dicom.stored event: {exc!r}") from exc
 
 
+async def _timed(metrics: Metrics, operation: str, request: Callable[[], Awaitable[T]]) -> T:
+    """Run one storage request, observing its latency and whether it failed.
+
+    "Already exists" and "not found" are answers, not failures of the store.
+    """
+    start = time.perf_counter()
+    outcome = "ok"
+    try:
+        return await request()
+    except (ObjectExists, FileNotFoundError):
+        raise
+    except Exception:
+        outcome = "error"
+        raise
+    finally:
+        metrics.storage_seconds.labels(operation, outcome).observe(time.perf_counter() - start)
+
+
 def _sha256_file(body: IO[bytes]) -> str:
     digest = hashlib.sha256()
     while chunk := body.read(storage.CHUNK):
@@ -200,11 +234,13 @@ def _sha256_file(body: IO[bytes]) -> str:
     return digest.hexdigest()
 
 
-async def serve(settings: StoreWriterSettings, stop: asyncio.Event) -> None:
+async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
     store = storage.build_store(settings.storage)
     if settings.storage.layout is Layout.LEGACY:
         log.info("legacy layout: object names carry no extension, as the Orthanc plugins write")
+    telemetry.readiness.add_storage(store, settings.storage.root_path)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
+    telemetry.readiness.add_nats(nc)
     try:
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
@@ -221,6 +257,7 @@ async def serve(settings: StoreWriterSettings, stop: asyncio.Event) -> None:
             settings.storage,
             settings.duplicate_policy,
             settings.nats.publish_timeout,
+            telemetry,
         )
         log.info(
             "store-writer ready: backend %s, layout %s",
@@ -234,7 +271,9 @@ async def serve(settings: StoreWriterSettings, stop: asyncio.Event) -> None:
             durable=subjects.STORE_WRITER_DURABLE,
             handler=writer.handle,
             settings=settings.consumer,
+            telemetry=telemetry,
         )
+        telemetry.readiness.started()
         await asyncio.gather(
             consumer.run(stop),
             blobsweeper.run_periodically(

@@ -34,6 +34,8 @@ def _up(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
                 "127.0.0.1",
                 "--allow-ae",
                 "CT01",
+                "--metrics-port",
+                "0",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

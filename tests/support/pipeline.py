@@ -26,6 +26,7 @@ from support.dicomfiles import Made
 from support.servers import free_port, wait_for_port
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's, not pynetdicom's app of the same name
+_METRICS_AT = re.compile(r"metrics and probes on http://[^:]+:(\d+)")
 STAGES = ("store-writer", "encryptor", "scp-gateway")
 SCU_STAGE = "scu-gateway"
 
@@ -87,6 +88,8 @@ class Pipeline:
             "storage": self.storage,
             "encryption": {"master_key": {"id": 1, "path": self.key}},
             "consumer": {"ack_wait": 10.0, "backoff_initial": 0.2, "backoff_max": 2.0},
+            # Every stage serves /metrics, /livez, /readyz on a free loopback port it logs.
+            "telemetry": {"metrics_host": "127.0.0.1", "metrics_port": 0},
         }
         if self.scu is not None:
             tables["scu"] = self.scu
@@ -116,6 +119,15 @@ class Pipeline:
     def stop(self) -> None:
         for name in reversed(self.names):
             self.stages[name].stop(timeout=15)
+
+    def metrics_port(self, name: str) -> int:
+        """The port the stage's current process serves its metrics and probes on."""
+        ports = _METRICS_AT.findall(self.logs(name))
+        if not ports:
+            raise RuntimeError(
+                f"{name} has not logged its metrics port:\n{self.logs(name)[-2000:]}"
+            )
+        return int(ports[-1])
 
     def logs(self, name: str) -> str:
         path = self.root / "logs" / f"{name}.log"

@@ -20,11 +20,12 @@ from dicomflow.shared.settings import (
     ServiceSettings,
     StoreWriterSettings,
 )
+from dicomflow.shared.telemetry import Telemetry
 from dicomflow.store_writer import service as store_writer
 
-STAGES: dict[
-    str, tuple[type[ServiceSettings], Callable[[Any, asyncio.Event], Awaitable[None]], str]
-] = {
+Serve = Callable[[Any, asyncio.Event, Telemetry], Awaitable[None]]
+
+STAGES: dict[str, tuple[type[ServiceSettings], Serve, str]] = {
     "scp-gateway": (
         ScpGatewaySettings,
         scp_gateway.serve,
@@ -67,4 +68,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run(args: argparse.Namespace) -> int:
     settings_cls, serve, _ = STAGES[args.stage]
     settings = settings_from(args, settings_cls)
-    return runner.run(args.stage, lambda stop: serve(settings, stop), settings.log_level)
+    return runner.run(
+        args.stage, lambda stop, telemetry: serve(settings, stop, telemetry), settings
+    )

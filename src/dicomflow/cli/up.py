@@ -19,6 +19,7 @@ from dicomflow.shared.keyring import generate_master_key_file
 from dicomflow.shared.settings import ScpSettings
 
 STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first
+METRICS_PORT_ENV = "DICOMFLOW_TELEMETRY__METRICS_PORT"
 DEFAULT_CALLING_AE = "STORESCU"  # DCMTK storescu's default calling AE title
 
 WARNING = """
@@ -71,12 +72,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         dest="allow_ae",
         help=f"calling AE title allowed to send; repeat for more (default: {DEFAULT_CALLING_AE})",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        metavar="PORT",
+        help="first of the loopback ports serving each stage's /metrics, /livez and /readyz "
+        "(one per stage, in the order store-writer, encryptor, scp-gateway; 0: free ports, "
+        "logged by each stage; default: 9090)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
+    if not 0 <= args.metrics_port < 65536 - len(STAGE_ORDER):
+        raise ConfigError(f"--metrics-port {args.metrics_port} is not a TCP port (0-65532)")
     allowed = args.allow_ae or [DEFAULT_CALLING_AE]
     ScpSettings(ae_title=args.ae_title, allowed_calling_aes=allowed)  # validates AE titles
     data = DataDir(args.data_dir.resolve())
@@ -102,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         data.config.write_text(to_toml(_config(data, nats.url, args, allowed)))
         env = stage_env(data.config)
-        stages = [StageProcess(name, data.config, data.logs, env) for name in STAGE_ORDER]
+        stages = [
+            StageProcess(
+                name, data.config, data.logs, {**env, METRICS_PORT_ENV: str(_metrics_port(args, i))}
+            )
+            for i, name in enumerate(STAGE_ORDER)
+        ]
         for stage in stages:
             stage.start()
         if _wait_for_port(args.host, args.port, stop, stages):
@@ -132,7 +149,12 @@ def _config(
         },
         "storage": {"backend": "local", "local_path": data.objects, "layout": "flat"},
         "encryption": {"master_key": {"id": 1, "path": data.dev_key}},
+        "telemetry": {"metrics_host": "127.0.0.1"},
     }
+
+
+def _metrics_port(args: argparse.Namespace, index: int) -> int:
+    return 0 if args.metrics_port == 0 else int(args.metrics_port) + index
 
 
 def _wait_for_port(host: str, port: int, stop: threading.Event, stages: list[StageProcess]) -> bool:
@@ -149,6 +171,15 @@ def _wait_for_port(host: str, port: int, stop: threading.Event, stages: list[Sta
     return False
 
 
+def _metrics_urls(args: argparse.Namespace) -> str:
+    if args.metrics_port == 0:
+        return "free loopback ports, logged in each stage's log"
+    return ", ".join(
+        f"{name} http://127.0.0.1:{_metrics_port(args, i)}/metrics"
+        for i, name in enumerate(STAGE_ORDER)
+    )
+
+
 def _banner(args: argparse.Namespace, allowed: list[str], data: DataDir, nats_url: str) -> None:
     print(
         f"""
@@ -159,6 +190,7 @@ dicomflow is up.
   Encrypted objects: {data.objects}
   NATS (JetStream):  {nats_url}, state in {data.nats_store}
   Logs:              {data.logs}
+  Metrics, probes:   {_metrics_urls(args)}
   Read back:         dicomflow ls --data-dir {data.root}
                      dicomflow get --data-dir {data.root} SOP_INSTANCE_UID -o FILE.dcm
 Press Ctrl-C to stop.
