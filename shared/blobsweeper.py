@@ -24,7 +24,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from dicomflow.shared import subjects
+from dicomflow.shared.consumer import Consumer
 from dicomflow.shared.messages import H_BLOB
+from dicomflow.shared.settings import NatsSettings
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +130,13 @@ async def run_periodically(
             log.warning("blob sweep failed, will retry: %r", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+async def consume_and_sweep(
+    js: JetStreamContext, consumer: Consumer, nats: NatsSettings, stop: asyncio.Event
+) -> None:
+    """Run a consumer stage whose bodies may arrive as blobs, sweeping orphans beside it."""
+    await asyncio.gather(
+        consumer.run(stop),
+        run_periodically(js, nats.blob_sweep_interval, nats.blob_orphan_grace, stop),
+    )

@@ -14,7 +14,9 @@
     │   │   └── StorageUnavailable  object storage did not answer or failed (5xx, timeout)
     │   └── PermanentError          retrying cannot help: dead-letter with the reason
     │       ├── ContractViolation   headers or body do not match the message contract
-    │       └── DuplicateConflict   same SOP Instance UID, different bytes, policy reject
+    │       ├── DuplicateConflict   same SOP Instance UID, different bytes, policy reject
+    │       ├── ObjectMissing       the index names an object that storage does not have
+    │       └── DigestMismatch      an object decrypts, but not to the SHA-256 on record
     └── StoreError                  a CLI read of a stored instance failed (not found, ...)
 
 How a ProcessingError (and any other exception) becomes ack / nak / dead-letter is
@@ -93,6 +95,14 @@ class ContractViolation(PermanentError):
 
 class DuplicateConflict(PermanentError):
     """The SOP Instance UID is already stored with different bytes (policy: reject)."""
+
+
+class ObjectMissing(PermanentError):
+    """The index (or a request) names an object that is not in storage."""
+
+
+class DigestMismatch(PermanentError):
+    """An object decrypted with a valid tag, but not to the SHA-256 on record."""
 
 
 class StoreError(DicomflowError):

@@ -32,8 +32,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
-from dicomflow.shared import envelope, storage
-from dicomflow.shared.errors import EnvelopeError, StoreError, TransientError
+from dicomflow.shared import envelope, retrieval, storage
+from dicomflow.shared.errors import EnvelopeError, ProcessingError, StoreError
 from dicomflow.shared.index import Conflict, Index, Record, State
 from dicomflow.shared.keyring import KeyRing
 from dicomflow.shared.settings import StorageSettings
@@ -108,7 +108,7 @@ class Rotator:
         for done, uid in enumerate(keys, start=1):
             try:
                 outcome = await self.rekey(uid, dry_run=dry_run)
-            except (EnvelopeError, StoreError, TransientError) as exc:
+            except (EnvelopeError, StoreError, ProcessingError) as exc:
                 tally.counts["failed"] += 1
                 tally.failures.append((uid, str(exc)))
             else:
@@ -136,11 +136,7 @@ class Rotator:
             tempfile.TemporaryFile(dir=self._scratch) as old,
             tempfile.TemporaryFile(dir=self._scratch) as new,
         ):
-            try:
-                async for chunk in storage.read_chunks(self._store, record.object_key):
-                    old.write(chunk)
-            except FileNotFoundError as exc:
-                raise StoreError(f"object {record.object_key} is missing from storage") from exc
+            await retrieval.download(self._store, record.object_key, old)
             size = await asyncio.to_thread(self._reseal, old, new, record)
             current = await self._index.get(uid)
             if current is None or current[1] != revision:

@@ -89,11 +89,6 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Tel
             telemetry=telemetry,
         )
         telemetry.readiness.started()
-        await asyncio.gather(
-            consumer.run(stop),
-            blobsweeper.run_periodically(
-                js, settings.nats.blob_sweep_interval, settings.nats.blob_orphan_grace, stop
-            ),
-        )
+        await blobsweeper.consume_and_sweep(js, consumer, settings.nats, stop)
     finally:
         await nc.drain()

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.reading import Reader, open_reader
-from dicomflow.shared.errors import ConfigError, EnvelopeError, StoreError
+from dicomflow.shared.errors import (
+    ConfigError,
+    DigestMismatch,
+    EnvelopeError,
+    ObjectMissing,
+    StoreError,
+)
 from dicomflow.shared.index import Record, State
 from dicomflow.shared.settings import ReaderSettings
 
@@ -112,7 +118,7 @@ async def _verify(args: argparse.Namespace) -> int:
 async def _check(reader: Reader, record: Record, out: Path) -> str:
     try:
         await reader.fetch(record, out)
-    except (EnvelopeError, StoreError) as exc:
+    except (EnvelopeError, StoreError, ObjectMissing, DigestMismatch) as exc:
         return str(exc)
     out.unlink()
     return ""

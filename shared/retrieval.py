@@ -1,0 +1,92 @@
+"""Reading a stored instance back: download its envelope, verify, decrypt.
+
+Used by `get` and `verify`, by the scu-gateway before it sends, and by `rekey`. The
+plaintext is released only after the GCM tag verified and its SHA-256 matched the record:
+until then it lives in a private scratch file next to the destination, which is renamed
+into place (atomically) at the very end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from dicomflow.shared import storage
+from dicomflow.shared.envelope import open_stream
+from dicomflow.shared.errors import DigestMismatch, ObjectMissing
+from dicomflow.shared.keyring import KeyRing
+from dicomflow.shared.storage import ObjectStore
+
+
+async def download(store: ObjectStore, key: str, out: IO[bytes]) -> int:
+    """Copy the object at ``key`` into ``out``; return its size."""
+    size = 0
+    try:
+        async for chunk in storage.read_chunks(store, key):
+            out.write(chunk)
+            size += len(chunk)
+    except FileNotFoundError as exc:
+        raise ObjectMissing(f"object {key} is missing from storage") from exc
+    return size
+
+
+class _Hashing:
+    """A write-only sink that hashes what passes through to ``out``."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.out.write(data)
+
+
+def open_checked(
+    keyring: KeyRing, sealed: IO[bytes], size: int, out: IO[bytes], sha256: str
+) -> int:
+    """Decrypt ``size`` bytes of ``sealed`` into ``out`` and check the plaintext digest.
+
+    Raises an EnvelopeError or DigestMismatch; on any error the caller discards ``out``.
+    """
+    sink = _Hashing(out)
+    written = open_stream(keyring, sealed, sink, size=size)  # type: ignore[arg-type]
+    if sink.digest.hexdigest() != sha256:
+        raise DigestMismatch("object decrypts, but not to the SHA-256 on record")
+    return written
+
+
+async def fetch_verified(
+    store: ObjectStore,
+    keyring: KeyRing,
+    *,
+    object_key: str,
+    sha256: str,
+    out: Path,
+    scratch: Path | None = None,
+) -> int:
+    """Create ``out`` holding the verified plaintext of ``object_key``; return its size.
+
+    Nothing is created at ``out`` unless the tag verified and the digest matched.
+    """
+    with tempfile.TemporaryFile(dir=scratch) as sealed:
+        size = await download(store, object_key, sealed)
+        sealed.seek(0)
+        return await asyncio.to_thread(_open_into, keyring, sealed, size, sha256, out)
+
+
+def _open_into(keyring: KeyRing, sealed: IO[bytes], size: int, sha256: str, out: Path) -> int:
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=".dicomflow-")
+    partial = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as plain:
+            written = open_checked(keyring, sealed, size, plain, sha256)
+        partial.replace(out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written
