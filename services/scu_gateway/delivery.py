@@ -41,6 +41,10 @@ class Deliverer:
     ) -> None:
         self._name = name
         self._syntaxes = set(destination.transfer_syntaxes)
+        # Workers outnumber associations (see service.delivery_consumer) so that the next
+        # instance is fetched and decrypted while this one is on the wire; only
+        # max_associations of them send at once.
+        self._sending = asyncio.Semaphore(destination.max_associations)
         self._pool = pool
         self._store = store
         self._keyring = keyring
@@ -70,9 +74,10 @@ class Deliverer:
             )
             if size != instance.size:
                 raise DigestMismatch("decrypted object is not the size the request names")
-            status = await asyncio.to_thread(
-                self._pool.store, plain, (instance.sop_class_uid, instance.transfer_syntax)
-            )
+            async with self._sending:
+                status = await asyncio.to_thread(
+                    self._pool.store, plain, (instance.sop_class_uid, instance.transfer_syntax)
+                )
         error = error_for(status, self._name)
         if error is not None:
             raise error

@@ -84,9 +84,14 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
     return handle
 
 
+PREFETCH = 2
+
+
 def delivery_consumer(base: ConsumerSettings, dest: DestinationSettings) -> ConsumerSettings:
-    """One worker per association; the destination may stretch the retry budget."""
-    update: dict[str, object] = {"concurrency": dest.max_associations}
+    """Two workers per association (one sends while the other fetches and decrypts the
+    next instance; Deliverer lets only max_associations send); the destination may
+    stretch the retry budget."""
+    update: dict[str, object] = {"concurrency": PREFETCH * dest.max_associations}
     if dest.max_deliver is not None:
         update["max_deliver"] = dest.max_deliver
     if dest.backoff_max is not None:
