@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -39,53 +40,30 @@ WEEK = 7 * 24 * 3600.0
 
 
 def stream_configs(nats: NatsSettings) -> list[StreamConfig]:
-    storage, replicas, window = StorageType.FILE, nats.stream_replicas, nats.duplicate_window
+    def stream(name: str, prefix: str, retention: RetentionPolicy, **limits: Any) -> StreamConfig:
+        return StreamConfig(
+            name=name,
+            subjects=[f"{prefix}.>"],
+            retention=retention,
+            storage=StorageType.FILE,
+            num_replicas=nats.stream_replicas,
+            duplicate_window=nats.duplicate_window,
+            **limits,
+        )
+
+    bounded = {"max_bytes": nats.ingest_max_bytes, "discard": DiscardPolicy.NEW}
     return [
-        StreamConfig(
-            name=subjects.INGEST_STREAM,
-            subjects=[f"{subjects.INGEST_PREFIX}.>"],
-            retention=RetentionPolicy.WORK_QUEUE,
-            max_bytes=nats.ingest_max_bytes,
-            discard=DiscardPolicy.NEW,
-            storage=storage,
-            num_replicas=replicas,
-            duplicate_window=window,
+        stream(
+            subjects.INGEST_STREAM, subjects.INGEST_PREFIX, RetentionPolicy.WORK_QUEUE, **bounded
         ),
-        StreamConfig(
-            name=subjects.SEALED_STREAM,
-            subjects=[f"{subjects.SEALED_PREFIX}.>"],
-            retention=RetentionPolicy.WORK_QUEUE,
-            max_bytes=nats.ingest_max_bytes,
-            discard=DiscardPolicy.NEW,
-            storage=storage,
-            num_replicas=replicas,
-            duplicate_window=window,
+        stream(
+            subjects.SEALED_STREAM, subjects.SEALED_PREFIX, RetentionPolicy.WORK_QUEUE, **bounded
         ),
-        StreamConfig(
-            name=subjects.EVENTS_STREAM,
-            subjects=[f"{subjects.STORED_PREFIX}.>"],
-            retention=RetentionPolicy.LIMITS,
-            max_age=WEEK,
-            storage=storage,
-            num_replicas=replicas,
-            duplicate_window=window,
+        stream(
+            subjects.EVENTS_STREAM, subjects.STORED_PREFIX, RetentionPolicy.LIMITS, max_age=WEEK
         ),
-        StreamConfig(
-            name=subjects.DELIVERY_STREAM,
-            subjects=[f"{subjects.DELIVER_PREFIX}.>"],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=storage,
-            num_replicas=replicas,
-            duplicate_window=window,
-        ),
-        StreamConfig(
-            name=subjects.DLQ_STREAM,
-            subjects=[f"{subjects.DLQ_PREFIX}.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=storage,
-            num_replicas=replicas,
-            duplicate_window=window,
-        ),
+        stream(subjects.DELIVERY_STREAM, subjects.DELIVER_PREFIX, RetentionPolicy.WORK_QUEUE),
+        stream(subjects.DLQ_STREAM, subjects.DLQ_PREFIX, RetentionPolicy.LIMITS),
     ]
 
 

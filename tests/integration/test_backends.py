@@ -11,6 +11,7 @@ API), and with a separate obstore store for Azurite.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,20 +52,20 @@ def fake_gcs() -> Iterator[FakeGcs]:
         server.stop()
 
 
-class Backend:
+class Backend(ABC):
     """One backend under test: its [storage] table and an independent way to list it."""
 
     layout: Layout
     root: str
 
-    def storage(self, tmp_path: Path) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def storage(self, tmp_path: Path) -> dict[str, Any]: ...
 
-    def names(self) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def names(self) -> list[str]: ...
 
-    def read(self, key: str) -> bytes:
-        raise NotImplementedError
+    @abstractmethod
+    def read(self, key: str) -> bytes: ...
 
 
 class S3(Backend):
