@@ -74,8 +74,11 @@ def _wait_listed(data: Path, uid: str, timeout: float = 60) -> str:
     raise AssertionError(f"{uid} not stored")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
+def _stop(proc: subprocess.Popen[bytes], *, twice: bool = False) -> int:
     proc.send_signal(signal.SIGTERM)
+    if twice:  # Ctrl-C pressed again and again, a supervisor's TERM: must never hang
+        for _ in range(500):
+            proc.send_signal(signal.SIGINT)
     return proc.wait(timeout=90)
 
 
@@ -97,7 +100,7 @@ def test_up_stores_reads_back_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         assert got.returncode == 0, got.stderr
         assert dataset_bytes(out) == dataset_bytes(first.path)
     finally:
-        code = _stop(proc)
+        code = _stop(proc, twice=True)
     assert code == 0, log.read_text()[-3000:]
     assert "dicomflow: stopped." in log.read_text()
 

@@ -6,7 +6,6 @@ import argparse
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -31,6 +30,31 @@ WARNING = """
 *  keep it in a secret store, and configure [encryption.master_key].
 ************************************************************************************
 """
+
+
+class StopFlag:
+    """Set from a signal handler, polled by the main loop.
+
+    Not a ``threading.Event``: its ``set`` takes a lock that ``wait`` holds, so a signal
+    arriving while the main thread waits on it deadlocks (seen with a second SIGTERM).
+    Setting a plain attribute is safe at any point.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds`` (in short steps); True once the flag is set."""
+        deadline = time.monotonic() + seconds
+        while not self._set and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._set
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -101,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"dicomflow: using the development master key {data.dev_key}", file=sys.stderr)
 
-    stop = threading.Event()
+    stop = StopFlag()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -157,7 +181,7 @@ def _metrics_port(args: argparse.Namespace, index: int) -> int:
     return 0 if args.metrics_port == 0 else int(args.metrics_port) + index
 
 
-def _wait_for_port(host: str, port: int, stop: threading.Event, stages: list[StageProcess]) -> bool:
+def _wait_for_port(host: str, port: int, stop: StopFlag, stages: list[StageProcess]) -> bool:
     probe = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
     deadline = time.monotonic() + 60
     while not stop.is_set() and time.monotonic() < deadline:
