@@ -97,11 +97,10 @@ class StoreWriter:
             try:
                 revision = await self._index.create(index_key, record)
             except Conflict:
-                pass
+                found = await self._index.get(index_key)
             else:
                 fresh = True
                 break
-            found = await self._index.get(index_key)
             if found is None:
                 continue
             existing, revision = found

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from pydicom.uid import CTImageStorage, generate_uid
@@ -21,22 +20,9 @@ from support.dicomfiles import Made, ct_series, dataset, dataset_bytes, made, tr
 from support.dicomfiles import write as write_dicom
 from support.orthanc import Orthanc
 from support.pipeline import Pipeline, StoreResult
+from support.servers import wait_for
 
 pytestmark = pytest.mark.integration
-
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 60.0) -> T:
-    """Poll ``probe`` until it returns something truthy, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def destination(orthanc: Orthanc, **overrides: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dicomflow.shared import blobsweeper, subjects
 from dicomflow.shared.transport import HEADER_ROOM
 from support.dicomfiles import Made, dataset_bytes, of_total_size, with_pixel_bytes
 from support.pipeline import Pipeline
-from support.servers import MotoServer
+from support.servers import MotoServer, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -123,13 +123,21 @@ def test_kill9_mid_300mib_object_stores_it_once_and_leaves_no_blob(
 
         # The encryptor is writing the sealed blob (the blob stream holds more than the
         # plaintext): kill it there. INGEST still holding the message proves it was mid-way.
-        _wait_for(lambda: _blob_bytes(nats_server.url) > 1.3 * big.path.stat().st_size)
+        wait_for(
+            "the sealed blob being written",
+            lambda: _blob_bytes(nats_server.url) > 1.3 * big.path.stat().st_size,
+            timeout=180,
+        )
         pipeline.kill("encryptor")
         assert _stream_messages(nats_server.url, subjects.INGEST_STREAM) == 1
         pipeline.start("encryptor")
 
         # The store writer has the sealed message and is storing it: kill it too.
-        _wait_for(lambda: _stream_messages(nats_server.url, subjects.SEALED_STREAM) == 1)
+        wait_for(
+            "the sealed message",
+            lambda: _stream_messages(nats_server.url, subjects.SEALED_STREAM) == 1,
+            timeout=180,
+        )
         time.sleep(0.5)
         pipeline.kill("store-writer")
         assert _stream_messages(nats_server.url, subjects.SEALED_STREAM) == 1
@@ -142,14 +150,6 @@ def test_kill9_mid_300mib_object_stores_it_once_and_leaves_no_blob(
         assert pipeline.dead_letters() == []
     finally:
         pipeline.stop()
-
-
-def _wait_for(condition: Any, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
 
 
 def _blob_bytes(url: str) -> int:

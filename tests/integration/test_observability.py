@@ -14,10 +14,10 @@ import math
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -26,25 +26,13 @@ from support.dicomfiles import Made, ct_series
 from support.orthanc import Orthanc
 from support.pipeline import Pipeline
 from support.prometheus import Prometheus
+from support.servers import wait_for
 
 pytestmark = pytest.mark.integration
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "dicomflow.json"
 DESTINATION = "PACS"
 CONSUMER_STAGES = ("encryptor", "store-writer", "scu-router", f"deliver-{DESTINATION}")
-
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass

@@ -12,6 +12,8 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from dicomflow.embedded.process import terminate
+
 BINARY = Path(__file__).resolve().parents[2] / ".tools" / "node_modules" / ".bin" / "azurite-blob"
 ACCOUNT = "devstoreaccount1"
 # Azurite's fixed, publicly documented development key: not a secret.
@@ -73,12 +75,6 @@ class Azurite:
                 self._ready.set()
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, 10)
         if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()

