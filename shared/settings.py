@@ -13,9 +13,10 @@ import os
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -155,29 +156,6 @@ class ConsumerSettings(Section):
     backoff_max: float = Field(default=60.0, gt=0)
 
 
-class ScpSettings(Section):
-    ae_title: str = Field(default="DICOMFLOW", min_length=1, max_length=16)
-    host: str = "0.0.0.0"  # noqa: S104  (a DICOM receiver listens on the imaging network)
-    port: int = Field(default=11112, ge=0, lt=65536)
-    allowed_calling_aes: list[str] = Field(default_factory=list)
-    accept_any_calling_ae: bool = False
-    max_associations: int = Field(default=32, ge=1)
-    acse_timeout: float = Field(default=30.0, gt=0)
-    dimse_timeout: float = Field(default=60.0, gt=0)
-    network_timeout: float = Field(default=60.0, gt=0)
-    maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae(value)
-
-    @field_validator("allowed_calling_aes")
-    @classmethod
-    def _aes(cls, values: list[str]) -> list[str]:
-        return [_check_ae(v) for v in values]
-
-
 def _check_ae(value: str) -> str:
     stripped = value.strip()
     if not stripped or len(stripped) > 16 or "\\" in stripped:
@@ -185,6 +163,23 @@ def _check_ae(value: str) -> str:
     if any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in stripped):
         raise ValueError(f"{value!r} is not an AE title (printable ASCII only)")
     return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae)]
+"""An AE title: 1 to 16 printable ASCII characters, no backslash; surrounding spaces dropped."""
+
+
+class ScpSettings(Section):
+    ae_title: AETitle = Field(default="DICOMFLOW", min_length=1, max_length=16)
+    host: str = "0.0.0.0"  # noqa: S104  (a DICOM receiver listens on the imaging network)
+    port: int = Field(default=11112, ge=0, lt=65536)
+    allowed_calling_aes: list[AETitle] = Field(default_factory=list)
+    accept_any_calling_ae: bool = False
+    max_associations: int = Field(default=32, ge=1)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
 
 
 class ServiceSettings(BaseSettings):
@@ -300,7 +295,7 @@ _UID_PATTERN = r"^[0-9.*?\[\]!-]{1,64}$"  # fnmatch over a UID: digits, dots, wi
 class DestinationSettings(Section):
     """A remote AE the scu_gateway delivers to. TLS is not supported yet."""
 
-    ae_title: str = Field(min_length=1, max_length=16)
+    ae_title: AETitle = Field(min_length=1, max_length=16)
     host: str = Field(min_length=1)
     port: int = Field(ge=1, lt=65536)
     max_associations: int = Field(default=2, ge=1, le=64)
@@ -316,11 +311,6 @@ class DestinationSettings(Section):
     maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
     max_deliver: int | None = Field(default=None, ge=2, description="default: consumer's")
     backoff_max: float | None = Field(default=None, gt=0, description="default: consumer's")
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae(value)
 
     @field_validator("transfer_syntaxes")
     @classmethod
@@ -348,14 +338,9 @@ class RuleSettings(Section):
 
 
 class ScuSettings(Section):
-    ae_title: str = Field(default="DICOMFLOW", min_length=1, max_length=16)
+    ae_title: AETitle = Field(default="DICOMFLOW", min_length=1, max_length=16)
     destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
     rules: list[RuleSettings] = Field(default_factory=list)
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae(value)
 
     @field_validator("destinations")
     @classmethod
