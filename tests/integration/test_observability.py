@@ -122,11 +122,14 @@ def test_every_dashboard_query_returns_data_from_a_real_run(run: Run) -> None:
         time.sleep(0.5)
     assert not missing, "dashboard queries without data:\n" + "\n".join(missing)
 
-    throughput = run.prometheus.query(
-        'sum by (stage) (rate(dicomflow_instances_total{outcome="ack"}[1m]))'
-    )
-    busy = {s["metric"]["stage"] for s in throughput if float(s["value"][1]) > 0}
-    assert busy == set(CONSUMER_STAGES)
+    # The counters, not their rate (a stage that finished before its first scrape has a
+    # flat series), polled: a stage's last ack may not have been scraped yet (1 s interval).
+    def busy() -> set[str]:
+        acked = run.prometheus.query('sum by (stage) (dicomflow_instances_total{outcome="ack"})')
+        return {s["metric"]["stage"] for s in acked if float(s["value"][1]) > 0}
+
+    wait_for("every consumer stage's acks scraped", lambda: busy() == set(CONSUMER_STAGES), 15)
+    assert busy() == set(CONSUMER_STAGES)
     cstores = run.prometheus.query('dicomflow_cstore_responses_total{status="success"}')
     assert [float(s["value"][1]) for s in cstores] == [5.0]
     rejected = run.prometheus.query(
