@@ -43,15 +43,54 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class NatsTlsSettings(Section):
+    """TLS to NATS. The server's certificate is always verified (chain and host name);
+    there is no setting to turn verification off."""
+
+    enabled: bool = Field(default=False, description="also implied by a tls:// server URL")
+    ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle to verify the server (default: system CAs)"
+    )
+    cert_file: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    key_file: Path | None = Field(default=None, description="private key of cert_file")
+    server_name: str | None = Field(
+        default=None, min_length=1, description="name to verify instead of the URL's host"
+    )
+    handshake_first: bool = Field(
+        default=True,
+        description="start TLS before the server's INFO (no plaintext downgrade); "
+        "the server's tls block needs handshake_first: true",
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> NatsTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("nats.tls.cert_file and nats.tls.key_file go together")
+        return self
+
+
 class NatsSettings(Section):
     servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    tls: NatsTlsSettings = Field(default_factory=lambda: NatsTlsSettings())
+    nkey_seed_file: Path | None = Field(
+        default=None,
+        description="this service's NKey seed file (from `dicomflow nats-config`); "
+        "replies then come to a private inbox _INBOX.<public key>",
+    )
+    manage_topology: bool = Field(
+        default=True,
+        description="create/update streams and buckets at start; false: only verify "
+        "(least-privilege users cannot manage streams; run `dicomflow topology` as admin)",
+    )
     connect_timeout: float = Field(default=5.0, gt=0)
     publish_timeout: float = Field(default=10.0, gt=0, description="seconds to await a PubAck")
     stream_replicas: int = Field(default=1, ge=1, le=5)
     ingest_max_bytes: int = Field(
         default=4 * 1024**3, gt=0, description="bound of the INGEST and SEALED streams"
     )
-    blob_max_bytes: int = Field(default=16 * 1024**3, gt=0)
+    blob_max_bytes: int = Field(
+        default=8 * 1024**3, gt=0, description="bound of each of the two blob buckets"
+    )
     duplicate_window: float = Field(default=120.0, gt=0)
     blob_sweep_interval: float = Field(default=300.0, gt=0)
     blob_orphan_grace: float = Field(
@@ -169,6 +208,41 @@ AETitle = Annotated[str, AfterValidator(_check_ae)]
 """An AE title: 1 to 16 printable ASCII characters, no backslash; surrounding spaces dropped."""
 
 
+class DicomTlsSettings(Section):
+    """DICOM TLS of the gateway (``[scp.tls]``): TLS 1.2 or 1.3 with AEAD ciphers only.
+
+    ``client_aes`` maps a client-certificate identity (its subject CN or a SAN DNS name)
+    to the calling AE titles that certificate may use; when it is set, a certificate
+    it does not name, or a calling AE not listed for it, is rejected.
+    """
+
+    enabled: bool = False
+    port: int = Field(default=2762, ge=0, lt=65536, description="2762: the DICOM-TLS port")
+    plain_listener: bool = Field(
+        default=True, description="also listen without TLS on scp.port; false: TLS only"
+    )
+    cert_file: Path | None = Field(default=None, description="PEM server certificate (chain)")
+    key_file: Path | None = Field(default=None, description="PEM private key, unencrypted")
+    ca_file: Path | None = Field(default=None, description="PEM CAs that sign client certs")
+    require_client_cert: bool = False
+    client_aes: dict[str, list[AETitle]] = Field(default_factory=dict)
+    handshake_timeout: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomTlsSettings:
+        if not self.enabled:
+            if not self.plain_listener:
+                raise ValueError("tls.plain_listener = false needs tls.enabled = true")
+            return self
+        if self.cert_file is None or self.key_file is None:
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file (the clients' CA)")
+        if self.client_aes and not self.require_client_cert:
+            raise ValueError("tls.client_aes needs tls.require_client_cert = true")
+        return self
+
+
 class ScpSettings(Section):
     ae_title: AETitle = Field(default="DICOMFLOW", min_length=1, max_length=16)
     host: str = "0.0.0.0"  # noqa: S104  (a DICOM receiver listens on the imaging network)
@@ -180,6 +254,10 @@ class ScpSettings(Section):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
+    max_dataset_bytes: int = Field(
+        default=4 * 1024**3, ge=1, description="larger datasets are refused with 0xC211"
+    )
+    tls: DicomTlsSettings = Field(default_factory=DicomTlsSettings)
 
 
 class ServiceSettings(BaseSettings):
@@ -292,8 +370,30 @@ _DESTINATION_NAME = r"^[A-Za-z0-9_-]{1,32}$"  # a subject token and a consumer n
 _UID_PATTERN = r"^[0-9.*?\[\]!-]{1,64}$"  # fnmatch over a UID: digits, dots, wildcards
 
 
+class DestinationTlsSettings(Section):
+    """DICOM TLS to a destination (``[scu.destinations.<name>.tls]``); the peer's
+    certificate is always verified, against ``ca_file`` (default: the system's CAs).
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = Field(default=None, description="client certificate, if asked")
+    key_file: Path | None = None
+    server_name: str | None = Field(
+        default=None, min_length=1, description="name the peer's certificate must carry"
+    )
+    check_hostname: bool = Field(
+        default=True, description="false: any name, chain still verified (logged loudly)"
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        return self
+
+
 class DestinationSettings(Section):
-    """A remote AE the scu_gateway delivers to. TLS is not supported yet."""
+    """A remote AE the scu_gateway delivers to, over DICOM TLS when ``tls`` is set."""
 
     ae_title: AETitle = Field(min_length=1, max_length=16)
     host: str = Field(min_length=1)
@@ -311,6 +411,7 @@ class DestinationSettings(Section):
     maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
     max_deliver: int | None = Field(default=None, ge=2, description="default: consumer's")
     backoff_max: float | None = Field(default=None, gt=0, description="default: consumer's")
+    tls: DestinationTlsSettings | None = None
 
     @field_validator("transfer_syntaxes")
     @classmethod
