@@ -27,9 +27,10 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo, RetentionPolicy
 from opentelemetry.trace import SpanKind, StatusCode
 
-from dicomflow.shared import subjects
+from dicomflow.shared import messages, subjects
 from dicomflow.shared.budget import ByteBudget
 from dicomflow.shared.disposition import Action, Disposition, decide
 from dicomflow.shared.errors import DicomflowError, EnvelopeError, PermanentError, ProcessingError
@@ -49,6 +50,7 @@ H_DLQ_DELIVERIES = "Dicomflow-Dlq-Deliveries"
 H_DLQ_STREAM_SEQ = "Dicomflow-Dlq-Stream-Seq"
 
 LAG_INTERVAL = 5.0
+LEFTOVER_INTERVAL = 60.0
 
 
 class Consumer:
@@ -73,6 +75,13 @@ class Consumer:
         self._metrics = telemetry.metrics
         self._tracing = telemetry.tracing
         self._metrics.consumer_stage(stage)
+        self._settled_floor = 0
+        self._next_leftover_check = 0.0
+
+    @property
+    def stream(self) -> str:
+        """The stream this consumer drains."""
+        return self._stream
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process messages until ``stop`` is set; in-flight messages finish first."""
@@ -131,6 +140,8 @@ class Consumer:
         after_ack: AfterAck | None = None
         error: BaseException | None = None
         try:
+            # The contract first: a forged or malformed message never reaches the handler.
+            messages.check_delivery(self._stream, msg.headers, msg.data)
             async with self._budget.hold(size):
                 after_ack = await self._handler(msg)
         except Exception as exc:  # noqa: BLE001 (every failure is mapped by disposition.decide)
@@ -205,7 +216,45 @@ class Consumer:
             else:
                 pending.set(info.num_pending or 0)
                 ack_pending.set(info.num_ack_pending or 0)
+                if time.monotonic() >= self._next_leftover_check:
+                    self._next_leftover_check = time.monotonic() + LEFTOVER_INTERVAL
+                    try:
+                        await self._remove_acked_leftovers(info)
+                    except (NatsError, TimeoutError) as exc:
+                        log.debug("%s: leftover check failed: %r", self._stage, exc)
             await _sleep_unless(stop, LAG_INTERVAL)
+
+    async def _remove_acked_leftovers(self, info: ConsumerInfo) -> None:
+        """Work-queue streams: remove messages at or below the consumer's ack floor.
+
+        A nats-server killed with -9 can lose a work-queue stream's deletions while it
+        keeps the consumer's acks: the fault suite saw 414 instances, all acked and
+        stored, reappear in INGEST after nine kills. No consumer would ever take them,
+        and they would fill the bounded stream until the gateway answered 0xA700 for
+        good. Everything at or below the ack floor was acked (or dead-lettered), so
+        removing it loses nothing; messages above it are untouched.
+        """
+        floor = info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+        if floor <= self._settled_floor:
+            return
+        stream = await self._js.stream_info(self._stream)
+        if stream.config.retention != RetentionPolicy.WORK_QUEUE:
+            self._settled_floor = 2**63  # never again: other streams keep acked messages
+            return
+        if stream.state.first_seq and stream.state.first_seq <= floor:
+            before = stream.state.messages
+            subject = info.config.filter_subject if info.config else None
+            await self._js.purge_stream(self._stream, seq=floor + 1, subject=subject)
+            if subject is None:
+                after = (await self._js.stream_info(self._stream)).state.messages
+                log.warning(
+                    "%s: removed about %d acknowledged message(s) that reappeared in %s "
+                    "below the consumer's ack floor (after a nats-server crash)",
+                    self._stage,
+                    max(before - after, 0),
+                    self._stream,
+                )
+        self._settled_floor = floor
 
     async def _keep_alive(self, msg: Msg) -> None:
         interval = max(self._settings.ack_wait / 3, 0.5)
@@ -216,10 +265,16 @@ class Consumer:
 
 
 def _declared_size(msg: Msg) -> int:
-    """The body size the headers announce (validated later by the handler)."""
+    """The body size the headers announce (validated later, against the contract).
+
+    Only ASCII digits, at most 19: ``str.isdigit`` also accepts digits ``int`` refuses
+    ("²"), and a forged header must not crash the worker before the contract check.
+    """
     headers = msg.headers or {}
     raw = headers.get(H_SEALED_SIZE) or headers.get(H_SIZE) or ""
-    return int(raw) if raw.isdigit() else len(msg.data)
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 19:
+        return int(raw)
+    return len(msg.data)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

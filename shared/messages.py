@@ -5,6 +5,11 @@ body is either the bytes themselves (``Dicomflow-Body: inline``) or, above the i
 limit, a reference to a chunked object in the blob bucket (``Dicomflow-Body: blob``
 and ``Dicomflow-Blob: <name>``). ``parse`` validates every header before a stage uses
 it; anything off raises ``ContractViolation`` and the message is dead-lettered.
+
+``check_delivery`` is what the consumer runs on every INGEST and SEALED message before
+the stage's handler sees it: the headers, plus what can be checked of the body without
+reading a blob (an inline body's length; a sealed body's A1 prefix and key id). Reasons
+name the header that is off, never its value: a forged value may carry patient data.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from dicomflow.shared.errors import ContractViolation
+from dicomflow.shared import subjects
+from dicomflow.shared.envelope import OVERHEAD, key_id_of
+from dicomflow.shared.errors import ContractViolation, EnvelopeError
 
 SCHEMA_VERSION = "1"
 
@@ -39,7 +46,14 @@ H_OBJECT_KEY = "Dicomflow-Object-Key"  # on dicom.stored events: where the objec
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODALITY = re.compile(r"[A-Z0-9_ ]{0,16}")
-_BLOB = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+# AE titles: the DICOM default repertoire without backslash or control characters.
+_AE = re.compile(r"[\x20-\x5b\x5d-\x7e]{0,16}")
+_BLOB_TAIL = re.compile(r"[0-9a-f]{8,64}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_DIGITS = re.compile(r"[0-9]{1,19}")
+MAX_SIZE = 2**62  # far above any dataset; keeps sizes within a signed 64-bit integer
+INGEST_BLOB_PREFIX = "ingest"
+SEALED_BLOB_PREFIX = "sealed"
 
 
 class BodyKind(StrEnum):
@@ -105,60 +119,99 @@ class Instance:
         return out
 
 
+def is_uid(value: str) -> bool:
+    """A DICOM UID as the contract accepts it: digits and dots, at most 64 characters."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
 def parse(headers: dict[str, str] | None, *, sealed: bool = False) -> Instance:
-    """Validate message headers against the contract; raise ContractViolation if off."""
+    """Validate message headers against the contract; raise ContractViolation if off.
+
+    A blob body must name this instance's own blob under the stage's prefix
+    (``ingest.`` before sealing, ``sealed.`` after): never another instance's object
+    nor anything outside the prefix.
+    """
     if not headers:
         raise ContractViolation("message has no headers: not a dicomflow instance message")
     h = headers
     if h.get(H_SCHEMA) != SCHEMA_VERSION:
-        raise ContractViolation(
-            f"unsupported {H_SCHEMA} {h.get(H_SCHEMA)!r} (this build reads {SCHEMA_VERSION!r})"
-        )
+        raise ContractViolation(f"unsupported {H_SCHEMA} (this build reads {SCHEMA_VERSION!r})")
     body = _enum(h, H_BODY)
-    blob = h.get(H_BLOB, "")
-    if body is BodyKind.BLOB and not _BLOB.fullmatch(blob):
-        raise ContractViolation(f"{H_BLOB} is missing or malformed for a blob body")
     instance = Instance(
         sop_class_uid=_uid(h, H_SOP_CLASS),
         sop_instance_uid=_uid(h, H_SOP_INSTANCE),
         study_uid=_uid(h, H_STUDY),
         series_uid=_uid(h, H_SERIES),
-        calling_ae=_text(h, H_CALLING_AE, 16),
-        called_ae=_text(h, H_CALLED_AE, 16),
+        calling_ae=_match(h, H_CALLING_AE, _AE),
+        called_ae=_match(h, H_CALLED_AE, _AE),
         transfer_syntax=_uid(h, H_TRANSFER_SYNTAX),
-        size=_int(h, H_SIZE, minimum=1),
+        size=_int(h, H_SIZE, minimum=1, maximum=MAX_SIZE),
         sha256=_match(h, H_SHA256, _SHA256),
         modality=_match(h, H_MODALITY, _MODALITY, required=False),
         body=body,
-        blob=blob if body is BodyKind.BLOB else "",
-        traceparent=h.get(H_TRACEPARENT, "")[:128],
+        traceparent=_match(h, H_TRACEPARENT, _TRACEPARENT, required=False),
     )
+    if body is BodyKind.BLOB:
+        prefix = SEALED_BLOB_PREFIX if sealed else INGEST_BLOB_PREFIX
+        instance = instance.with_body(body, _blob(h, prefix, instance))
+    elif H_BLOB in h:
+        raise ContractViolation(f"{H_BLOB} is set on a message whose body is inline")
     if sealed:
         instance = instance.sealed(
             key_id=_int(h, H_KEY_ID, minimum=0, maximum=2**32 - 1),
-            sealed_size=_int(h, H_SEALED_SIZE, minimum=86),
+            sealed_size=_int(h, H_SEALED_SIZE, minimum=OVERHEAD, maximum=MAX_SIZE + OVERHEAD),
         )
     return instance
 
 
+def check_delivery(stream: str, headers: dict[str, str] | None, data: bytes) -> None:
+    """Validate a message consumed from ``stream`` before its handler uses it.
+
+    INGEST and SEALED messages are checked here; other streams carry other contracts,
+    checked by their own handlers. Raises ContractViolation.
+    """
+    if stream == subjects.INGEST_STREAM:
+        instance = parse(headers)
+        _check_payload(instance, data, instance.size, H_SIZE)
+    elif stream == subjects.SEALED_STREAM:
+        instance = parse(headers, sealed=True)
+        if instance.sealed_size != instance.size + OVERHEAD:
+            raise ContractViolation(
+                f"{H_SEALED_SIZE} must be {H_SIZE} plus the {OVERHEAD}-byte A1 overhead"
+            )
+        _check_payload(instance, data, instance.sealed_size, H_SEALED_SIZE)
+        if instance.body is BodyKind.INLINE:
+            _check_envelope(instance, data)
+
+
+def _check_payload(instance: Instance, data: bytes, declared: int | None, name: str) -> None:
+    if instance.body is BodyKind.BLOB:
+        if data:
+            raise ContractViolation("a message with a blob body must have an empty payload")
+    elif len(data) != declared:
+        raise ContractViolation(f"the inline body is {len(data)} bytes, but {name} says {declared}")
+
+
+def _check_envelope(instance: Instance, data: bytes) -> None:
+    try:
+        key_id = key_id_of(data[:OVERHEAD])
+    except EnvelopeError as exc:
+        raise ContractViolation(f"the sealed body is not an A1 envelope: {exc}") from exc
+    if key_id != instance.key_id:
+        raise ContractViolation(f"the A1 envelope's key id differs from {H_KEY_ID}")
+
+
 def _uid(h: dict[str, str], name: str) -> str:
-    value = h.get(name, "")
-    if len(value) > 64 or not _UID.fullmatch(value):
+    value = _get(h, name)
+    if not is_uid(value):
         raise ContractViolation(f"{name} is missing or not a DICOM UID")
     return value
 
 
-def _text(h: dict[str, str], name: str, limit: int) -> str:
-    value = h.get(name)
-    if value is None or len(value) > limit or not value.isprintable():
-        raise ContractViolation(f"{name} is missing or malformed")
-    return value
-
-
 def _int(h: dict[str, str], name: str, *, minimum: int, maximum: int | None = None) -> int:
-    raw = h.get(name, "")
-    if not raw.isdigit():
-        raise ContractViolation(f"{name} is missing or not a non-negative integer")
+    raw = _get(h, name)
+    if not _DIGITS.fullmatch(raw):
+        raise ContractViolation(f"{name} is missing or not a decimal integer of 1 to 19 digits")
     value = int(raw)
     if value < minimum or (maximum is not None and value > maximum):
         raise ContractViolation(f"{name} is out of range")
@@ -166,14 +219,37 @@ def _int(h: dict[str, str], name: str, *, minimum: int, maximum: int | None = No
 
 
 def _match(h: dict[str, str], name: str, pattern: re.Pattern[str], required: bool = True) -> str:
-    value = h.get(name, "")
+    value = _get(h, name)
     if (required or value) and not pattern.fullmatch(value):
         raise ContractViolation(f"{name} is missing or malformed")
     return value
 
 
+def _blob(h: dict[str, str], prefix: str, instance: Instance) -> str:
+    """The blob name, which must be ``<prefix>.<SOP Instance UID>.<sha256 prefix>``."""
+    name = _get(h, H_BLOB)
+    head = f"{prefix}.{instance.sop_instance_uid}."
+    tail = name[len(head) :]
+    if not (
+        name.startswith(head) and _BLOB_TAIL.fullmatch(tail) and instance.sha256.startswith(tail)
+    ):
+        raise ContractViolation(
+            f"{H_BLOB} is missing or does not name this instance's own blob "
+            f"(expected {prefix}.<SOP Instance UID>.<first hex digits of the SHA-256>)"
+        )
+    return name
+
+
+def _get(h: dict[str, str], name: str) -> str:
+    """A header value, "" when absent; anything but a string is a violation."""
+    value = h.get(name, "")
+    if not isinstance(value, str):
+        raise ContractViolation(f"{name} is not a text header")
+    return value
+
+
 def _enum(h: dict[str, str], name: str) -> BodyKind:
     try:
-        return BodyKind(h.get(name, ""))
+        return BodyKind(_get(h, name))
     except ValueError:
         raise ContractViolation(f"{name} must be one of {[k.value for k in BodyKind]}") from None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from dicomflow.embedded.natsserver import NatsServer
 from support.pipeline import STORESCU
@@ -36,3 +38,18 @@ def _dcmtk_present() -> None:
     ]
     if missing or shutil.which("dcmconv") is None:
         pytest.fail(f"DCMTK is not installed ({missing}); run scripts/test, which installs it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis profiles of the fuzz tests (tests/unit/test_fuzz_*.py and the association
+    fuzz): "ci", the default, is the short run of every test command; scripts/fuzz selects
+    "fuzz" and sets DICOMFLOW_FUZZ_EXAMPLES. CI keeps no example database."""
+    quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile(
+        "ci", max_examples=40, deadline=None, database=None, suppress_health_check=quiet
+    )
+    examples = int(os.environ.get("DICOMFLOW_FUZZ_EXAMPLES", "2000"))
+    settings.register_profile(
+        "fuzz", max_examples=examples, deadline=None, suppress_health_check=quiet
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

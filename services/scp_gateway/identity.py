@@ -8,6 +8,8 @@ pydicom's ``dcmread`` would inflate a deflated file whole, in memory.
 from __future__ import annotations
 
 import io
+import re
+import struct
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -28,6 +30,30 @@ _IDENTITY: list[BaseTag | int] = [
     Tag(0x0020, 0x000D),
     Tag(0x0020, 0x000E),
 ]
+
+
+# Modality is a CS value: upper-case letters, digits, space, underscore. Anything else
+# (a multi-valued or non-conforming value) is dropped: Modality is informational, and
+# the message contract refuses other characters.
+_MODALITY = re.compile(r"[A-Z0-9_ ]{0,16}")
+
+
+# What pydicom raises on malformed input, found by tests/unit/test_fuzz_identity.py:
+# NotImplementedError for an unknown VR (also in the file meta), RecursionError for
+# sequences nested hundreds deep (pydicom recurses once per level), struct.error for a
+# file meta element cut short inside its header.
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    TypeError,
+    KeyError,
+    EOFError,
+    OSError,
+    NotImplementedError,
+    RecursionError,
+    struct.error,
+    zlib.error,
+)
 
 
 class Unreadable(Exception):
@@ -58,20 +84,16 @@ def read_identity(fp: BinaryIO) -> Identity:
             sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
             study_uid=str(ds.get("StudyInstanceUID", "")),
             series_uid=str(ds.get("SeriesInstanceUID", "")),
-            modality=str(ds.get("Modality", "") or "").strip().upper()[:16],
+            modality=_modality(ds.get("Modality", "")),
             transfer_syntax=str(syntax),
         )
-    except (
-        InvalidDicomError,
-        ValueError,
-        TypeError,
-        KeyError,
-        EOFError,
-        OSError,
-        NotImplementedError,
-        zlib.error,
-    ) as exc:
+    except _PARSE_ERRORS as exc:
         raise Unreadable(f"dataset cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _modality(value: object) -> str:
+    text = str(value or "").strip().upper()[:16]
+    return text if _MODALITY.fullmatch(text) else ""
 
 
 def _read_meta(fp: BinaryIO) -> UID:
@@ -79,9 +101,10 @@ def _read_meta(fp: BinaryIO) -> UID:
     try:
         read_preamble(fp, False)
         meta = read_dataset(fp, False, True, stop_when=_after_meta)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
+        # Values are decoded on access: a malformed element fails here, not above.
+        syntax = UID(str(meta.get("TransferSyntaxUID", "")))
+    except _PARSE_ERRORS as exc:
         raise Unreadable(f"file meta cannot be parsed ({type(exc).__name__})") from exc
-    syntax = UID(str(meta.get("TransferSyntaxUID", "")))
     if not syntax:
         raise Unreadable("no transfer syntax in the file meta")
     return syntax

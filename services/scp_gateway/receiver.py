@@ -7,6 +7,14 @@ Statuses, and why:
 - 0xA900 Data set does not match SOP class: the identity we need (SOP Instance UID
   equal to the request's, Study and Series UIDs) is missing or wrong.
 - 0xC210 Cannot understand: the dataset cannot be parsed at all.
+- 0xC211 Cannot understand (too large): the dataset exceeds ``scp.max_dataset_bytes``.
+  Not 0xA700: "out of resources" tells the modality to retry later, and resending the
+  same oversized object can never succeed. A Cxxx failure is permanent for the sender;
+  0xC211 (not 0xC210) lets logs and the sender's operator tell "too large" apart from
+  "unparseable". It is counted in the ``cannot_understand`` status class.
+- Anything the pipeline would dead-letter as a contract violation (a UID, AE title or
+  transfer syntax the message contract refuses) is refused here with 0xA900, so the
+  gateway never answers Success for an instance the encryptor would not take.
 
 Each C-STORE is counted by status class and calling-AE class (allowed or any, never
 the AE title) and timed, and starts the trace that follows the instance through every
@@ -27,9 +35,10 @@ from typing import Any, BinaryIO
 from opentelemetry.trace import SpanKind, StatusCode
 
 from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
-from dicomflow.shared import subjects
-from dicomflow.shared.errors import BrokerUnavailable
+from dicomflow.shared import messages, subjects
+from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
 from dicomflow.shared.messages import Instance
+from dicomflow.shared.settings import ScpSettings
 from dicomflow.shared.telemetry import Telemetry
 from dicomflow.shared.transport import Transport
 
@@ -39,6 +48,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
+TOO_LARGE = 0xC211
+DEFAULT_MAX_DATASET_BYTES: int = ScpSettings.model_fields["max_dataset_bytes"].default
 
 _CHUNK = 1024 * 1024
 
@@ -47,10 +58,13 @@ STATUS_CLASSES = {
     OUT_OF_RESOURCES: "out_of_resources",
     DOES_NOT_MATCH: "does_not_match",
     CANNOT_UNDERSTAND: "cannot_understand",
+    TOO_LARGE: "cannot_understand",
 }
 
 
 class Rejected(Exception):
+    """The dataset is refused with ``status``; the reason names no patient data."""
+
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
@@ -75,7 +89,25 @@ def identify(fp: BinaryIO, affected_sop_instance_uid: str) -> Identity:
 
 
 def _is_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and all(p.isdigit() for p in value.split("."))
+    """The message contract's own rule: ``str.isdigit`` would also pass non-ASCII digits."""
+    return bool(value) and messages.is_uid(value)
+
+
+def check_size(size: int, limit: int) -> None:
+    """Refuse a dataset larger than ``limit`` bytes (``scp.max_dataset_bytes``)."""
+    if size > limit:
+        raise Rejected(
+            TOO_LARGE,
+            f"dataset of {size} bytes exceeds scp.max_dataset_bytes ({limit} bytes)",
+        )
+
+
+def check_contract(instance: Instance) -> None:
+    """Refuse what the encryptor would dead-letter: the headers must parse as sent."""
+    try:
+        messages.parse(instance.headers())
+    except ContractViolation as exc:
+        raise Rejected(DOES_NOT_MATCH, f"not publishable: {exc}") from exc
 
 
 def digest(fp: BinaryIO) -> tuple[int, str]:
@@ -99,8 +131,10 @@ class Receiver:
         publish_timeout: float,
         telemetry: Telemetry,
         allowed_calling_aes: frozenset[str] | None,
+        max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
     ) -> None:
         """``allowed_calling_aes`` None: any calling AE is accepted."""
+        self._max_dataset_bytes = max_dataset_bytes
         self._transport = transport
         self._loop = loop
         self._timeout = publish_timeout
@@ -155,7 +189,10 @@ class Receiver:
             request = event.request
             # pynetdicom spooled the dataset to a Part-10 file as it arrived (chunked
             # receive): it is never held whole in memory, here or later.
-            with Path(event.dataset_path).open("rb") as fp:
+            path = Path(event.dataset_path)
+            # Before anything reads it: the Part-10 file as it would be published.
+            check_size(path.stat().st_size, self._max_dataset_bytes)
+            with path.open("rb") as fp:
                 identity = identify(fp, str(request.AffectedSOPInstanceUID))
                 size, sha256 = digest(fp)
                 instance = Instance(
@@ -171,6 +208,7 @@ class Receiver:
                     sha256=sha256,
                     traceparent=self._tracing.traceparent(),
                 )
+                check_contract(instance)
                 fp.seek(0)
                 self._publish(instance, fp, size)
         except Rejected as exc:
@@ -191,7 +229,7 @@ class Receiver:
             instance,
             body,
             size,
-            blob_prefix="ingest",
+            blob_prefix=messages.INGEST_BLOB_PREFIX,
         )
         future: Future[Instance] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:

@@ -1,0 +1,109 @@
+"""Acked messages a crashed nats-server brings back into a work queue are removed.
+
+The fault suite saw it after repeated kill -9 of nats-server: INGEST held hundreds of
+messages below the encryptor's ack floor, all acked and stored, that no consumer would
+ever take again. Here the same state is made on purpose: the stream's message files are
+copied before the acks and put back after them, as a crash losing the deletions would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
+
+from dicomflow.embedded.natsserver import NatsServer
+from dicomflow.shared.consumer import AfterAck, Consumer
+from dicomflow.shared.settings import ConsumerSettings
+from dicomflow.shared.telemetry import Telemetry
+
+pytestmark = pytest.mark.integration
+
+STREAM = "WORKQ"
+DURABLE = "worker"
+
+
+async def _messages(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        count: int = (await nc.jetstream().stream_info(STREAM)).state.messages
+        return count
+    finally:
+        await nc.close()
+
+
+async def test_acked_messages_that_reappear_below_the_ack_floor_are_removed(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "js"
+    server = NatsServer(store).start()
+    msgs = store / "jetstream" / "$G" / "streams" / STREAM / "msgs"
+    try:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(name=STREAM, subjects=["wq.>"], retention=RetentionPolicy.WORK_QUEUE)
+        await js.add_consumer(
+            STREAM, ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT)
+        )
+        for i in range(20):
+            await js.publish(f"wq.{i}", b"body")
+        await nc.close()
+        port = server.port
+        server.stop()
+        shutil.copytree(msgs, tmp_path / "before-acks")
+
+        server = NatsServer(store, port=port).start()
+        nc = await nats.connect(server.url)
+        sub = await nc.jetstream().pull_subscribe_bind(DURABLE, STREAM)
+        for msg in await sub.fetch(20, timeout=5):
+            await msg.ack_sync()
+        await nc.close()
+        server.stop()
+        shutil.rmtree(msgs)
+        shutil.copytree(tmp_path / "before-acks", msgs)  # the deletions are lost
+
+        server = NatsServer(store, port=port).start()
+        assert await _messages(server.url) == 20  # back, below the ack floor
+
+        handled: list[str] = []
+
+        async def handler(msg: nats.aio.msg.Msg) -> AfterAck | None:
+            handled.append(msg.subject)
+            return None
+
+        nc = await nats.connect(server.url)
+        stop = asyncio.Event()
+        consumer = Consumer(
+            nc.jetstream(),
+            stage="worker",
+            stream=STREAM,
+            durable=DURABLE,
+            handler=handler,
+            settings=ConsumerSettings(concurrency=1),
+            telemetry=Telemetry.create("test"),
+        )
+        task = asyncio.create_task(consumer.run(stop))
+        try:
+            for _ in range(100):
+                if await _messages(server.url) == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert await _messages(server.url) == 0
+            # A message published after the purge is still consumed: nothing above the
+            # ack floor is touched.
+            await nc.jetstream().publish("wq.new", b"body")
+            for _ in range(100):
+                if handled:
+                    break
+                await asyncio.sleep(0.1)
+            assert handled == ["wq.new"]  # the leftovers were never handed out again
+        finally:
+            stop.set()
+            await task
+            await nc.close()
+    finally:
+        server.stop()
