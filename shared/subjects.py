@@ -26,7 +26,13 @@ STORE_WRITER_DURABLE = "store-writer"
 ROUTER_DURABLE = "scu-router"
 
 INDEX_BUCKET = "dicomflow-index"
-BLOB_BUCKET = "dicomflow-blobs"
+# Plaintext and sealed bodies live in separate object-store buckets: chunk subjects
+# ($O.<bucket>.C.<nuid>) do not carry the object's name, so only a bucket boundary lets
+# NATS permissions keep the store writer away from plaintext.
+INGEST_BLOB_BUCKET = "dicomflow-ingest-blobs"
+SEALED_BLOB_BUCKET = "dicomflow-sealed-blobs"
+BLOB_BUCKETS = (INGEST_BLOB_BUCKET, SEALED_BLOB_BUCKET)
+_BLOB_PREFIXES = {"ingest": INGEST_BLOB_BUCKET, "sealed": SEALED_BLOB_BUCKET}
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]")
 _ESCAPE = re.compile(r"%([0-9A-F]{2})")
@@ -71,3 +77,21 @@ def deliver_subject(destination: str) -> str:
 def deliver_durable(destination: str) -> str:
     """The durable consumer that delivers to one destination (names are token-safe)."""
     return f"deliver-{encode_token(destination)}"
+
+
+def blob_bucket(blob_name: str) -> str:
+    """The bucket of a blob, from its name's prefix (``ingest.`` or ``sealed.``)."""
+    bucket = _BLOB_PREFIXES.get(blob_name.split(".", 1)[0])
+    if bucket is None:
+        raise ValueError(f"blob name {blob_name!r} has neither the ingest. nor the sealed. prefix")
+    return bucket
+
+
+def blob_stream(bucket: str) -> str:
+    """The JetStream stream behind an object-store bucket."""
+    return f"OBJ_{bucket}"
+
+
+def blob_chunks(bucket: str) -> str:
+    """The subjects of a bucket's chunks."""
+    return f"$O.{bucket}.C.>"

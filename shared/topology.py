@@ -1,5 +1,9 @@
 """Creates the JetStream topology idempotently: every service calls ``ensure`` at start.
 
+With least-privilege NATS users (``nats.manage_topology = false``) a service may not
+create or alter streams: ``ensure`` then only checks that they exist, and the admin
+user creates them (`dicomflow topology`, a Kubernetes Job, or `dicomflow up`).
+
 Retention is chosen per stream:
 - INGEST holds plaintext, so it is a work queue (a message is gone once the encryptor
   acks it) and bounded with discard-new: when full, publishes fail and the gateway
@@ -14,10 +18,14 @@ Retention is chosen per stream:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -29,9 +37,10 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from dicomflow.shared import subjects
+from dicomflow.shared.errors import BrokerUnavailable, ConfigError
 from dicomflow.shared.settings import ConsumerSettings, NatsSettings
 
 log = logging.getLogger(__name__)
@@ -82,12 +91,59 @@ def consumer_config(durable: str, consumer: ConsumerSettings) -> ConsumerConfig:
     )
 
 
+class TopologyMissing(ConfigError):
+    """A stream or bucket does not exist and this user may not create it."""
+
+
+SETUP_DEADLINE = 60.0
+
+
 async def ensure(js: JetStreamContext, nats: NatsSettings) -> None:
-    """Create or update streams and buckets; safe to run from every replica at once."""
+    """Create or update streams and buckets; safe to run from every replica at once.
+
+    Without ``nats.manage_topology`` only verifies that they all exist. A JetStream that
+    does not answer yet (a cluster still electing its meta leader, a node restarting) is
+    waited for, up to ``SETUP_DEADLINE`` seconds, instead of failing the stage's start.
+    """
+    deadline = time.monotonic() + SETUP_DEADLINE
+    delay = 0.5
+    while True:
+        try:
+            await _ensure_once(js, nats)
+        except (NatsTimeoutError, TimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise BrokerUnavailable(
+                    f"JetStream did not complete the topology setup within {SETUP_DEADLINE:g} s "
+                    f"({type(exc).__name__}); is JetStream enabled, and does the cluster have "
+                    "a quorum?"
+                ) from exc
+            log.warning("JetStream not answering the topology setup (%r); retrying", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        else:
+            return
+
+
+async def _ensure_once(js: JetStreamContext, nats: NatsSettings) -> None:
+    if not nats.manage_topology:
+        await verify(js)
+        return
     for config in stream_configs(nats):
         await _ensure_stream(js, config)
     await _ensure_kv(js, nats)
-    await _ensure_blobs(js, nats)
+    for bucket in subjects.BLOB_BUCKETS:
+        await _ensure_blobs(js, nats, bucket)
+
+
+async def verify(js: JetStreamContext) -> None:
+    """Raise TopologyMissing naming every stream or bucket that does not exist."""
+    missing = [name for name in all_stream_names() if not await _exists(js, name)]
+    if missing:
+        raise TopologyMissing(
+            f"JetStream streams/buckets missing: {', '.join(missing)}; this service may not "
+            "create them (nats.manage_topology = false): run `dicomflow topology` with the "
+            "admin credentials first"
+        )
 
 
 async def ensure_consumer(
@@ -146,11 +202,11 @@ async def _ensure_kv(js: JetStreamContext, nats: NatsSettings) -> None:
     )
 
 
-async def _ensure_blobs(js: JetStreamContext, nats: NatsSettings) -> None:
-    if await _exists(js, f"OBJ_{subjects.BLOB_BUCKET}"):
+async def _ensure_blobs(js: JetStreamContext, nats: NatsSettings, bucket: str) -> None:
+    if await _exists(js, subjects.blob_stream(bucket)):
         return
     await js.create_object_store(
-        subjects.BLOB_BUCKET,
+        bucket,
         ObjectStoreConfig(
             storage=StorageType.FILE,
             replicas=nats.stream_replicas,
@@ -166,4 +222,13 @@ def stream_names() -> Sequence[str]:
         subjects.EVENTS_STREAM,
         subjects.DELIVERY_STREAM,
         subjects.DLQ_STREAM,
+    )
+
+
+def all_stream_names() -> Sequence[str]:
+    """Every stream of the topology, buckets' streams included."""
+    return (
+        *stream_names(),
+        f"KV_{subjects.INDEX_BUCKET}",
+        *(subjects.blob_stream(b) for b in subjects.BLOB_BUCKETS),
     )

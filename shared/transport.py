@@ -1,10 +1,11 @@
 """Moves message bodies between stages: inline, or through the chunked blob bucket.
 
 A body larger than the inline limit (the server's ``max_payload`` less room for
-headers) is written to the JetStream object-store bucket in chunks and the message
-carries its name. The consumer of such a message deletes the blob after it has acked
-the message; a crash between ack and delete leaves an orphan blob, never a message
-whose body is gone.
+headers) is written to a JetStream object-store bucket in chunks and the message
+carries its name. Plaintext (``ingest.`` names) and sealed (``sealed.``) bodies have a
+bucket each (``subjects.blob_bucket``), so NATS permissions can separate them. The
+consumer of such a message deletes the blob after it has acked the message; a crash
+between ack and delete leaves an orphan blob, never a message whose body is gone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 HEADER_ROOM = 16 * 1024
 BLOB_CHUNK = 4 * 1024 * 1024
-BLOB_STREAM = f"OBJ_{subjects.BLOB_BUCKET}"
 
 
 class Transport:
@@ -52,7 +52,7 @@ class Transport:
         self._timeout = publish_timeout
         self._spool_dir = spool_dir
         self._inline_limit = inline_limit
-        self._blobs: ObjectStore | None = None
+        self._blobs: dict[str, ObjectStore] = {}
 
     @property
     def inline_limit(self) -> int:
@@ -65,10 +65,10 @@ class Transport:
         """Chunks of the blob bucket: large (fewer acks to wait for), within max_payload."""
         return max(min(self._nc.max_payload - HEADER_ROOM, BLOB_CHUNK), 64 * 1024)
 
-    async def blobs(self) -> ObjectStore:
-        if self._blobs is None:
-            self._blobs = await self._js.object_store(subjects.BLOB_BUCKET)
-        return self._blobs
+    async def blobs(self, bucket: str) -> ObjectStore:
+        if bucket not in self._blobs:
+            self._blobs[bucket] = await self._js.object_store(bucket)
+        return self._blobs[bucket]
 
     async def publish(
         self, subject: str, instance: Instance, body: IO[bytes], size: int, *, blob_prefix: str
@@ -87,7 +87,8 @@ class Transport:
                 meta = ObjectMeta(
                     name=name, options=ObjectMetaOptions(max_chunk_size=self.blob_chunk_size)
                 )
-                await (await self.blobs()).put(name, body, meta=meta)  # type: ignore[arg-type]
+                store = await self.blobs(subjects.blob_bucket(name))
+                await store.put(name, body, meta=meta)  # type: ignore[arg-type]
                 sent = instance.with_body(BodyKind.BLOB, name)
             await self._js.publish(subject, data, timeout=self._timeout, headers=sent.headers())
         except (NatsError, TimeoutError, OSError) as exc:
@@ -130,16 +131,17 @@ class Transport:
         about 60 MB/s and made nats-server cache whole blobs. Direct gets of the chunk
         subject, one chunk per round trip, keep one chunk in memory at a time.
         """
-        info = await (await self.blobs()).get_info(name)
+        bucket = _bucket_of(name)
+        info = await (await self.blobs(bucket)).get_info(name)
         if info.nuid is None or info.size is None or info.chunks is None:
             raise ContractViolation(f"blob {name} has incomplete metadata")
-        subject = f"$O.{subjects.BLOB_BUCKET}.C.{info.nuid}"
+        subject = f"$O.{bucket}.C.{info.nuid}"
         digest = hashlib.sha256()
         size = 0
         seq = 1
         for _ in range(info.chunks):
             chunk = await self._js.get_msg(
-                BLOB_STREAM, seq, subject=subject, next=True, direct=True
+                subjects.blob_stream(bucket), seq, subject=subject, next=True, direct=True
             )
             data = chunk.data or b""
             digest.update(data)
@@ -157,6 +159,13 @@ class Transport:
             return
         with contextlib.suppress(NotFoundError, ObjectNotFoundError):
             try:
-                await (await self.blobs()).delete(instance.blob)
+                await (await self.blobs(_bucket_of(instance.blob))).delete(instance.blob)
             except (NatsError, TimeoutError) as exc:
                 log.warning("could not delete consumed blob: %r", exc)
+
+
+def _bucket_of(name: str) -> str:
+    try:
+        return subjects.blob_bucket(name)
+    except ValueError as exc:
+        raise ContractViolation(str(exc)) from exc

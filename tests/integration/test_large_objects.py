@@ -8,6 +8,7 @@ store, up to 300 MiB.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import nats
 import pytest
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import blobsweeper, subjects
+from dicomflow.shared import subjects
 from dicomflow.shared.transport import HEADER_ROOM
 from support.dicomfiles import Made, dataset_bytes, of_total_size, with_pixel_bytes
 from support.pipeline import Pipeline
@@ -35,20 +36,23 @@ def _sha(data: bytes) -> str:
 
 
 async def _blob_state(url: str) -> tuple[int, int, int]:
-    """(live blobs, chunk subjects, INGEST+SEALED messages)."""
+    """(live blobs, chunk subjects, INGEST+SEALED messages), over both blob buckets."""
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        store = await js.object_store(subjects.BLOB_BUCKET)
-        try:
-            live = len(await store.list(ignore_deletes=True))
-        except nats.js.errors.NotFoundError:
-            live = 0
-        info = await js.stream_info(blobsweeper.BLOB_STREAM, subjects_filter=blobsweeper.CHUNKS)
+        live = chunks = 0
+        for bucket in subjects.BLOB_BUCKETS:
+            store = await js.object_store(bucket)
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                live += len(await store.list(ignore_deletes=True))
+            info = await js.stream_info(
+                subjects.blob_stream(bucket), subjects_filter=subjects.blob_chunks(bucket)
+            )
+            chunks += len(info.state.subjects or {})
         pending = 0
         for stream in (subjects.INGEST_STREAM, subjects.SEALED_STREAM):
             pending += (await js.stream_info(stream)).state.messages
-        return live, len(info.state.subjects or {}), pending
+        return live, chunks, pending
     finally:
         await nc.close()
 
@@ -153,7 +157,7 @@ def test_kill9_mid_300mib_object_stores_it_once_and_leaves_no_blob(
 
 
 def _blob_bytes(url: str) -> int:
-    return _stream_bytes(url, blobsweeper.BLOB_STREAM)
+    return sum(_stream_bytes(url, subjects.blob_stream(b)) for b in subjects.BLOB_BUCKETS)
 
 
 def _stream_bytes(url: str, stream: str) -> int:

@@ -18,7 +18,7 @@ from support.servers import free_port, wait_for_port
 pytestmark = pytest.mark.integration
 
 
-def _up(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _up(data: Path, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             [
@@ -36,6 +36,7 @@ def _up(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
                 "CT01",
                 "--metrics-port",
                 "0",
+                *extra,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -117,3 +118,32 @@ def test_up_stores_reads_back_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         assert '"verified": 2' in verify.stdout
     finally:
         assert _stop(proc) == 0
+
+
+def test_up_runs_each_stage_as_its_own_nats_user_with_mutual_tls(tmp_path: Path) -> None:
+    """`up --nats-tls`: generated users and certificates; stages and `ls` still work, and
+    a client without credentials is refused by the embedded server."""
+    (first,) = ct_series(tmp_path / "in", 1)
+    data, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+    proc = _up(data, port, log, "--nats-tls")
+    try:
+        wait_for_port(port, timeout=90)
+        security = data / "keys" / "nats"
+        for user in ("admin", "scp-gateway", "encryptor", "store-writer"):
+            assert (security / "creds" / f"{user}.nk").stat().st_mode & 0o777 == 0o600
+        config = (security / "nats-server.conf").read_text()
+        assert "verify: true" in config and "authorization" in config
+        assert "Received Store Response (Success)" in _send(port, first.path)
+        _wait_listed(data, first.sop_instance_uid)
+        # The admin's config without its seed (TLS client certificate kept), then without
+        # its client certificate (seed kept): both refused by the embedded server.
+        admin = (data / "dicomflow.toml").read_text().splitlines()
+        for dropped in (("nkey_seed_file",), ("cert_file", "key_file")):
+            config = tmp_path / f"without-{dropped[0]}.toml"
+            config.write_text("\n".join(li for li in admin if not li.startswith(dropped)))
+            refused = _cli("ls", "--config", str(config))
+            assert refused.returncode != 0, dropped
+            assert "cannot connect to NATS" in refused.stderr, refused.stderr
+        assert _cli("ls", "--data-dir", str(data)).returncode == 0
+    finally:
+        assert _stop(proc) == 0, log.read_text()[-3000:]

@@ -114,5 +114,31 @@ def test_every_stage_finds_its_settings(tmp_path: Path, monkeypatch: pytest.Monk
         storage = getattr(settings, "storage", None)
         if storage is not None and storage.backend == "s3":
             assert storage.s3_bucket and storage.s3_secret_access_key is not None, name
+        # Its own NATS user: the seed file comes from the Secret of this stage only.
+        assert settings.nats.nkey_seed_file is not None and not settings.nats.manage_topology
+        assert str(settings.nats.nkey_seed_file.parent) in mounts, name
+        assert (
+            _secret_at(deployment, settings.nats.nkey_seed_file.parent) == f"dicomflow-nats-{name}"
+        )
     assert table["scp"]["allowed_calling_aes"]
     assert table["scu"]["destinations"] and table["scu"]["rules"]
+
+
+def _secret_at(workload: dict[str, Any], folder: Path) -> str:
+    """The Secret mounted at ``folder`` in a workload's (only) container."""
+    spec = workload["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(folder)]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return str(volume["secret"]["secretName"])
+
+
+def test_topology_job_runs_as_admin() -> None:
+    """Only the admin user may create streams: the setup Job mounts its credentials."""
+    objects = render("base")
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"][0] == "topology"
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    nats = tomllib.loads(config_map["data"]["dicomflow.toml"])["nats"]
+    assert _secret_at(job, Path(nats["nkey_seed_file"]).parent) == "dicomflow-nats-admin"

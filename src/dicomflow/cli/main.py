@@ -11,7 +11,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dicomflow.cli import crypt, dlq, importer, instances, keys, rotation, send, stages, up
+from dicomflow.cli import (
+    crypt,
+    dlq,
+    importer,
+    instances,
+    keys,
+    natsconfig,
+    rotation,
+    send,
+    stages,
+    topology,
+    up,
+)
 from dicomflow.shared.errors import ConfigError, DicomflowError
 
 EXIT_OK = 0
@@ -28,7 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (up, stages, keys, instances, send, dlq, crypt, rotation, importer):
+    for module in (
+        up,
+        stages,
+        keys,
+        instances,
+        send,
+        dlq,
+        crypt,
+        rotation,
+        importer,
+        natsconfig,
+        topology,
+    ):
         module.register(sub)
     return parser
 

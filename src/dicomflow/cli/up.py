@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import socket
 import sys
@@ -10,15 +11,21 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from dicomflow.cli import topology
+from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.embedded.layout import DataDir, to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import generate_master_key_file
-from dicomflow.shared.settings import ScpSettings
+from dicomflow.shared.settings import NatsSettings, ScpSettings
 
 STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first
 METRICS_PORT_ENV = "DICOMFLOW_TELEMETRY__METRICS_PORT"
+SEED_ENV = "DICOMFLOW_NATS__NKEY_SEED_FILE"
+MANAGE_TOPOLOGY_ENV = "DICOMFLOW_NATS__MANAGE_TOPOLOGY"
+CERT_ENV = "DICOMFLOW_NATS__TLS__CERT_FILE"
+KEY_ENV = "DICOMFLOW_NATS__TLS__KEY_FILE"
 DEFAULT_CALLING_AE = "STORESCU"  # DCMTK storescu's default calling AE title
 
 WARNING = """
@@ -105,6 +112,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(one per stage, in the order store-writer, encryptor, scp-gateway; 0: free ports, "
         "logged by each stage; default: 9090)",
     )
+    parser.add_argument(
+        "--nats-tls",
+        action="store_true",
+        help="mutual TLS to the embedded nats-server as well (certificates under DIR/keys/nats/"
+        "tls). Off by default: the server listens on 127.0.0.1 only, and every stage already "
+        "authenticates with its own least-privilege NKey user",
+    )
     parser.set_defaults(func=run)
 
 
@@ -133,14 +147,32 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    nats = NatsServer(data.nats_store, max_payload=EMBEDDED_MAX_PAYLOAD).start()
+    bundle = Bundle(data.nats_security)
+    write_bundle(
+        bundle,
+        tls=args.nats_tls,
+        mtls=args.nats_tls,
+        hosts=["127.0.0.1", "localhost"],
+        max_payload=EMBEDDED_MAX_PAYLOAD,
+        reuse=True,
+    )
+    nats = NatsServer(data.nats_store, config_file=bundle.server_config).start()
     stages: list[StageProcess] = []
     try:
-        data.config.write_text(to_toml(_config(data, nats.url, args, allowed)))
+        config = _config(data, nats.url, args, allowed, bundle)
+        data.config.write_text(to_toml(config))
+        asyncio.run(topology.setup(NatsSettings.model_validate(config["nats"])))
         env = stage_env(data.config)
         stages = [
             StageProcess(
-                name, data.config, data.logs, {**env, METRICS_PORT_ENV: str(_metrics_port(args, i))}
+                name,
+                data.config,
+                data.logs,
+                {
+                    **env,
+                    **_stage_credentials(bundle, name, tls=args.nats_tls),
+                    METRICS_PORT_ENV: str(_metrics_port(args, i)),
+                },
             )
             for i, name in enumerate(STAGE_ORDER)
         ]
@@ -160,11 +192,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nats_config(bundle: Bundle, nats_url: str, tls: bool) -> dict[str, object]:
+    """The admin's connection (for `ls`, `get`, `dlq`...); stages override the identity."""
+    nats: dict[str, object] = {"servers": [nats_url], "nkey_seed_file": bundle.seed("admin")}
+    if tls:
+        nats["tls"] = {
+            "enabled": True,
+            "ca_file": bundle.ca,
+            "cert_file": bundle.cert("admin"),
+            "key_file": bundle.key("admin"),
+        }
+    return nats
+
+
+def _stage_credentials(bundle: Bundle, stage: str, *, tls: bool) -> dict[str, str]:
+    """Each stage connects as its own least-privilege user, which may not manage streams."""
+    env = {SEED_ENV: str(bundle.seed(stage)), MANAGE_TOPOLOGY_ENV: "false"}
+    if tls:
+        env.update({CERT_ENV: str(bundle.cert(stage)), KEY_ENV: str(bundle.key(stage))})
+    return env
+
+
 def _config(
-    data: DataDir, nats_url: str, args: argparse.Namespace, allowed: list[str]
+    data: DataDir, nats_url: str, args: argparse.Namespace, allowed: list[str], bundle: Bundle
 ) -> dict[str, dict[str, object]]:
     return {
-        "nats": {"servers": [nats_url]},
+        "nats": _nats_config(bundle, nats_url, args.nats_tls),
         "scp": {
             "ae_title": args.ae_title,
             "host": args.host,
@@ -213,6 +266,8 @@ dicomflow is up.
   For example:       storescu -aet {allowed[0]} -aec {args.ae_title} localhost {args.port} FILE.dcm
   Encrypted objects: {data.objects}
   NATS (JetStream):  {nats_url}, state in {data.nats_store}
+  NATS users:        one NKey user per stage, admin for the commands below; seeds and
+                     the generated nats-server.conf in {data.nats_security}
   Logs:              {data.logs}
   Metrics, probes:   {_metrics_urls(args)}
   Read back:         dicomflow ls --data-dir {data.root}

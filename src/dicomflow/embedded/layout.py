@@ -35,6 +35,11 @@ class DataDir:
         return self.keys / "master-1.key"
 
     @property
+    def nats_security(self) -> Path:
+        """The generated nats-server config, NKey seeds (0600) and TLS certificates."""
+        return self.keys / "nats"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 
