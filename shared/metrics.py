@@ -121,6 +121,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.scp_tls_handshakes = Counter(
+            "scp_tls_handshakes",
+            "DICOM TLS handshakes on the gateway: ok, or the kind of refusal.",
+            ["outcome"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         # -- scu_gateway -----------------------------------------------------------------
         self.deliveries = Counter(
             "deliveries",
@@ -189,6 +196,10 @@ class Metrics:
         for result in SCP_ASSOCIATION_RESULTS:
             for calling in (*classes, "not_allowed"):
                 self.scp_associations.labels(result, calling)
+
+    def scp_tls(self, refusal_kinds: tuple[str, ...]) -> None:
+        for outcome in ("ok", *refusal_kinds):
+            self.scp_tls_handshakes.labels(outcome)
 
     def destination(self, name: str, open_count: Callable[[], int]) -> None:
         for outcome in DELIVERY_OUTCOMES:

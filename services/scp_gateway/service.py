@@ -4,13 +4,19 @@ pynetdicom runs each association in a thread of its own; NATS lives on the async
 loop of the main thread. On stop, the listening socket closes first, associations in
 progress get up to ``drain_seconds`` to finish, and only then is NATS drained, so no
 instance is answered Success without having been published.
+
+With ``scp.tls.enabled`` a DICOM TLS listener (``scp.tls.port``, 2762 by default) runs
+beside the plain one, or alone when ``scp.tls.plain_listener`` is false; both serve the
+same AE with the same handlers (see ``tlslistener`` for what TLS adds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +25,10 @@ from pynetdicom import AE, _config, evt
 
 from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from dicomflow.scp_gateway.receiver import Receiver
-from dicomflow.shared import natsconn, topology
+from dicomflow.scp_gateway.tlslistener import CertificateAeMap, TlsAssociationServer
+from dicomflow.shared import dicomtls, natsconn, topology
 from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import ScpGatewaySettings, ScpSettings
 from dicomflow.shared.telemetry import Telemetry
 from dicomflow.shared.transport import Transport
@@ -67,8 +75,63 @@ def build_ae(scp: ScpSettings) -> AE:
     return ae
 
 
+def build_tls(scp: ScpSettings) -> ssl.SSLContext | None:
+    """The TLS listener's context, or None without one; bad TLS settings fail here, at start."""
+    if not scp.tls.enabled:
+        return None
+    check_client_aes(scp)
+    return dicomtls.server_context(scp.tls)
+
+
+def check_client_aes(scp: ScpSettings) -> None:
+    """A calling AE a certificate is mapped to must pass the allow-list too."""
+    if scp.accept_any_calling_ae:
+        return
+    for identity, aes in scp.tls.client_aes.items():
+        unknown = sorted(set(aes) - set(scp.allowed_calling_aes))
+        if unknown:
+            raise ConfigError(
+                f"scp.tls.client_aes.{identity}: {', '.join(unknown)} not in "
+                "scp.allowed_calling_aes, so the association would be rejected anyway"
+            )
+
+
+def start_servers(
+    ae: AE,
+    scp: ScpSettings,
+    context: ssl.SSLContext | None,
+    handlers: list[Any],
+    metrics: Metrics,
+) -> list[Any]:
+    """The plain and/or the TLS association server, listening, in their own threads."""
+    servers: list[Any] = []
+    if context is None or scp.tls.plain_listener:
+        servers.append(ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers))
+    if context is not None:
+        metrics.scp_tls(dicomtls.REFUSAL_KINDS)
+        tls_handlers = list(handlers)
+        if scp.tls.client_aes:
+            tls_handlers.append(
+                (evt.EVT_REQUESTED, CertificateAeMap(scp.tls.client_aes).on_requested)
+            )
+        server = ae.make_server(
+            (scp.host, scp.tls.port),
+            ssl_context=context,
+            evt_handlers=tls_handlers,
+            server_class=TlsAssociationServer,
+            handshake_timeout=scp.tls.handshake_timeout,
+            on_handshake=lambda outcome: metrics.scp_tls_handshakes.labels(outcome).inc(),
+        )
+        # What AE.start_server(block=False) does, with our server class.
+        threading.Thread(target=server.serve_forever, name="DicomTlsAcceptor", daemon=True).start()
+        ae._servers.append(server)  # so that AssociationServer.shutdown finds it
+        servers.append(server)
+    return servers
+
+
 async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
     ae = build_ae(settings.scp)
+    tls_context = build_tls(settings.scp)
     receive_to_files(settings.spool_dir)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
@@ -85,29 +148,31 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
             settings.nats.publish_timeout,
             telemetry,
             None if scp.accept_any_calling_ae else frozenset(scp.allowed_calling_aes),
+            max_dataset_bytes=scp.max_dataset_bytes,
         )
-        server = ae.start_server(
-            (settings.scp.host, settings.scp.port),
-            block=False,
-            evt_handlers=[
-                (evt.EVT_C_ECHO, receiver.on_echo),
-                (evt.EVT_C_STORE, receiver.on_store),
-                (evt.EVT_ACCEPTED, receiver.on_accepted),
-                (evt.EVT_REJECTED, receiver.on_rejected),
-                (evt.EVT_ABORTED, receiver.on_aborted),
-            ],
-        )
-        if server is None:  # only a blocking server returns None
-            raise RuntimeError("pynetdicom did not return the association server")
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, ReadTimeout(scp.network_timeout).on_open),
+            (evt.EVT_C_ECHO, receiver.on_echo),
+            (evt.EVT_C_STORE, receiver.on_store),
+            (evt.EVT_ACCEPTED, receiver.on_accepted),
+            (evt.EVT_REJECTED, receiver.on_rejected),
+            (evt.EVT_ABORTED, receiver.on_aborted),
+        ]
+        servers = start_servers(ae, scp, tls_context, handlers, telemetry.metrics)
         telemetry.metrics.scp_associations_active.set_function(
-            lambda: len(server.active_associations)
+            lambda: sum(len(server.active_associations) for server in servers)
         )
         telemetry.readiness.started()
-        host, port = server.server_address[:2]
+        if scp.tls.enabled and scp.tls.plain_listener and scp.tls.client_aes:
+            log.warning(
+                "scp.tls.client_aes binds calling AEs to certificates on the TLS port only; "
+                "the plain listener on port %d accepts the allowed AEs without one "
+                "(set scp.tls.plain_listener = false to close it)",
+                scp.port,
+            )
         log.info(
-            "scp-gateway ready: listening on %s:%d as AE %s; calling AEs accepted: %s",
-            host,
-            port,
+            "scp-gateway ready: listening on %s as AE %s; calling AEs accepted: %s",
+            " and ".join(_describe(server) for server in servers),
             settings.scp.ae_title,
             "any"
             if settings.scp.accept_any_calling_ae
@@ -116,10 +181,35 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
         try:
             await stop.wait()
         finally:
-            await asyncio.to_thread(_shutdown, server)
+            await asyncio.gather(*(asyncio.to_thread(_shutdown, server) for server in servers))
             log.info("scp-gateway closed; draining NATS")
     finally:
         await nc.drain()
+
+
+class ReadTimeout:
+    """Bounds every read of an accepted connection by ``scp.network_timeout``.
+
+    pynetdicom reads the rest of a PDU with blocking ``recv`` calls and no timeout: a
+    peer that stops inside a PDU (half a header, an HTTP request, an A-ASSOCIATE-RQ
+    announcing 4 GiB) would hold its thread and a ``max_associations`` slot for good,
+    past ARTIM and pynetdicom's own network timeout, and enough of them lock every
+    modality out. With a socket timeout the stalled read fails and pynetdicom aborts
+    the association.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def on_open(self, event: Any) -> None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.settimeout(self._seconds)
+
+
+def _describe(server: Any) -> str:
+    host, port = server.server_address[:2]
+    return f"{host}:{port}" + (" (DICOM TLS)" if server.ssl_context is not None else "")
 
 
 def _shutdown(server: Any) -> None:

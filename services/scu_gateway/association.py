@@ -15,12 +15,18 @@ closed while idle is replaced once, at once, before the failure counts as a tran
 
 Association attempts are counted per destination (opened, rejected, failed) and the
 open ones exported as a gauge, when the pool is given the service's metrics.
+
+A destination with a ``tls`` table is reached over DICOM TLS (``shared.dicomtls``): the
+peer's certificate chain is always verified and, unless ``check_hostname`` is false, its
+name against ``server_name`` or the host. A failed handshake is a failed association
+(deferred and retried, like an unreachable peer); pynetdicom logs the TLS error.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +37,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
+from dicomflow.shared import dicomtls
 from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import DestinationSettings
 
@@ -71,6 +78,18 @@ class AssociationPool:
         self._open = 0
         self._wanted: dict[Pair, None] = {}
         self._metrics = metrics
+        self._tls_args: tuple[ssl.SSLContext, str] | None = None
+        if destination.tls is not None:
+            tls = destination.tls
+            context = dicomtls.client_context(tls, f"scu.destinations.{name}.tls")
+            self._tls_args = (context, dicomtls.server_hostname(tls, destination.host))
+            if not tls.check_hostname:
+                log.warning(
+                    "%s: scu.destinations.%s.tls.check_hostname = false: any certificate "
+                    "signed by the trusted CAs is accepted, whatever name it carries",
+                    self.where,
+                    name,
+                )
         if metrics is not None:
             metrics.destination(name, lambda: self.open_count)
 
@@ -81,7 +100,8 @@ class AssociationPool:
 
     @property
     def where(self) -> str:
-        return f"{self.name} ({self._dest.ae_title}@{self._dest.host}:{self._dest.port})"
+        tls = ", TLS" if self._tls_args is not None else ""
+        return f"{self.name} ({self._dest.ae_title}@{self._dest.host}:{self._dest.port}{tls})"
 
     def store(self, path: Path, pair: Pair) -> int:
         """C-STORE the Part-10 file at ``path``; the peer's status, or a typed error."""
@@ -167,6 +187,7 @@ class AssociationPool:
             contexts=contexts,
             ae_title=dest.ae_title,
             max_pdu=dest.maximum_pdu_size,
+            tls_args=self._tls_args,
         )
         self._count(
             "opened" if assoc.is_established else "rejected" if assoc.is_rejected else "failed"
