@@ -53,3 +53,10 @@ if (( want_test )) && ! grep -qs "\"version\": \"$azurite_version\"" .tools/node
   echo "bootstrap: installing azurite $azurite_version into .tools" >&2
   npm install --prefix .tools --no-audit --no-fund --loglevel=error "azurite@$azurite_version" >/dev/null
 fi
+
+# s3rver (an S3 server keeping objects on disk) for the fault suite's S3 restarts.
+s3rver_version="3.7.1"
+if (( want_test )) && ! grep -qs "\"version\": \"$s3rver_version\"" .tools/node_modules/s3rver/package.json; then
+  echo "bootstrap: installing s3rver $s3rver_version into .tools" >&2
+  npm install --prefix .tools --no-audit --no-fund --loglevel=error "s3rver@$s3rver_version" >/dev/null
+fi

@@ -62,6 +62,9 @@ class Pipeline:
     ae_title: str = "DICOMFLOW"
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     scu: dict[str, Any] | None = None  # the [scu] table; set, the scu-gateway runs too
+    # More processes of a stage, e.g. {"store-writer": 1}: named "store-writer-2", ...
+    # each with a log folder of its own; start() and stop() include them.
+    more: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -75,10 +78,26 @@ class Pipeline:
         self.stages = {
             name: StageProcess(name, self.config, self.root / "logs", env) for name in self.names
         }
+        self._stage_of = {name: name for name in self.names}
+        for stage, count in self.more.items():
+            for n in range(2, count + 2):
+                name = f"{stage}-{n}"
+                logs = self.root / "logs" / name
+                self.stages[name] = StageProcess(stage, self.config, logs, env)
+                self._stage_of[name] = stage
+                self.names = (*self.names, name)
 
     def write_config(self) -> None:
         tables: dict[str, dict[str, Any]] = {
-            "nats": {"servers": [self.nats.url], "publish_timeout": 3.0},
+            # Small stream bounds: nats-server reserves each stream's max_bytes on disk
+            # when it creates it, and CI disks are shared. 3 GiB blob buckets still hold
+            # the 2 GiB + 1 B object of the large-object test.
+            "nats": {
+                "servers": [self.nats.url],
+                "publish_timeout": 3.0,
+                "ingest_max_bytes": 1024**3,
+                "blob_max_bytes": 3 * 1024**3,
+            },
             "scp": {
                 "ae_title": self.ae_title,
                 "host": "127.0.0.1",
@@ -100,12 +119,13 @@ class Pipeline:
     def start(self, *names: str, timeout: float = 60.0) -> Pipeline:
         """Start stages and wait until each logged that it is ready (topology set up)."""
         names = names or self.names
-        before = {name: self.logs(name).count(f'"{name} ready') for name in names}
+        ready = {name: f'"{self._stage_of[name]} ready' for name in names}
+        before = {name: self.logs(name).count(ready[name]) for name in names}
         for name in names:
             self.stages[name].start()
         deadline = time.monotonic() + timeout
         for name in names:
-            while self.logs(name).count(f'"{name} ready') <= before[name]:
+            while self.logs(name).count(ready[name]) <= before[name]:
                 if time.monotonic() > deadline or self.stages[name].exit_code() is not None:
                     raise RuntimeError(f"{name} did not become ready:\n{self.logs(name)[-3000:]}")
                 time.sleep(0.05)
@@ -130,7 +150,9 @@ class Pipeline:
         return int(ports[-1])
 
     def logs(self, name: str) -> str:
-        path = self.root / "logs" / f"{name}.log"
+        stage = self._stage_of.get(name, name)
+        folder = self.root / "logs" if stage == name else self.root / "logs" / name
+        path = folder / f"{stage}.log"
         return path.read_text() if path.exists() else ""
 
     # -- sending ---------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""RELIABILITY.md's L1-L5 under faults, with a ledger-keeping sender (marker ``faults``).
+
+Each scenario drives load from several parallel associations for ``DICOMFLOW_FAULT_MINUTES``
+(short by default; ``scripts/faults`` runs them longer), injects its faults on a
+schedule, waits for the pipeline to drain and fails on any lost, unexpected or
+duplicated object, anything left in flight, or a dead letter that was not injected.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from dicomflow.embedded.natsserver import NatsServer
+from faults.scenario import Injector, PoisonMaker, kill_and_restart, run
+from support.natscluster import NatsCluster
+from support.pipeline import Pipeline
+from support.s3rver import S3rver
+from support.servers import wait_for
+
+pytestmark = [
+    pytest.mark.faults,
+    # pynetdicom 3.0.4 drops the socket of a refused connection without closing it
+    # (transport.py, AssociationSocket.connect); the sender meets refusals whenever the
+    # gateway is down, and each leaked socket would fail the test at garbage collection.
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+
+def _local(tmp_path: Path) -> dict[str, object]:
+    return {"backend": "local", "local_path": tmp_path / "objects", "layout": "hierarchical"}
+
+
+def test_kill9_of_each_service_and_nats_restart(tmp_path: Path, nats_server: NatsServer) -> None:
+    pipeline = Pipeline(tmp_path / "p", nats_server, _local(tmp_path))
+
+    def restart_nats() -> None:
+        nats_server.kill()
+        time.sleep(1.0)
+        nats_server.start()  # same port, same store folder
+
+    injector = Injector(
+        [
+            ("kill -9 encryptor", kill_and_restart(pipeline, "encryptor")),
+            ("nats-server kill -9 and restart", restart_nats),
+            ("kill -9 scp-gateway", kill_and_restart(pipeline, "scp-gateway")),
+            ("kill -9 store-writer", kill_and_restart(pipeline, "store-writer")),
+        ],
+        every=2.0,
+    )
+    try:
+        pipeline.start()
+        report = run("kills", pipeline, tmp_path / "send", injector)
+    finally:
+        pipeline.stop()
+    assert not report.problems, report.line() + "\n" + "\n".join(report.problems[:30])
+    assert report.success > 0 and report.faults["nats-server kill -9 and restart"] >= 1
+
+
+def test_cluster_node_stopped_and_restarted_under_load(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path / "cluster").start()
+    node = 0
+
+    def bounce() -> None:
+        nonlocal node
+        cluster.kill(node)
+        time.sleep(2.0)
+        cluster.restart(node)
+        node = (node + 1) % len(cluster.nodes)  # one node, then another
+
+    try:
+        pipeline = Pipeline(
+            tmp_path / "p",
+            cluster.nodes[0],
+            _local(tmp_path),
+            extra={"nats": {"servers": cluster.urls, "stream_replicas": 3}},
+        )
+        injector = Injector([("cluster node kill -9 and restart", bounce)], every=3.0)
+        try:
+            _start_as_supervised(pipeline)
+            report = run("cluster", pipeline, tmp_path / "send", injector)
+        finally:
+            pipeline.stop()
+    finally:
+        cluster.stop()
+    assert not report.problems, report.line() + "\n" + "\n".join(report.problems[:30])
+    assert report.success > 0 and report.faults["cluster node kill -9 and restart"] >= 2
+
+
+def test_s3_server_killed_and_restarted_mid_upload(tmp_path: Path, nats_server: NatsServer) -> None:
+    s3 = S3rver(tmp_path / "s3", "faults").start()
+    storage = {
+        **s3.storage(),
+        "multipart_chunk_size": 5 * 1024**2,
+        "request_timeout": 20.0,
+        "max_retries": 2,
+    }
+    pipeline = Pipeline(tmp_path / "p", nats_server, storage)
+
+    def bounce() -> None:
+        s3.kill()  # uploads in flight are cut off, new ones refused
+        time.sleep(1.5)
+        s3.start()
+
+    try:
+        pipeline.start()
+        injector = Injector([("s3 server kill -9 and restart", bounce)], every=4.0)
+        try:
+            # 1700 x 1700 x 16 bit: 5.5 MiB each, sealed in more than one 5 MiB part.
+            report = run("s3", pipeline, tmp_path / "send", injector, workers=2, rows=1700)
+        finally:
+            pipeline.stop()
+    finally:
+        s3.stop()
+    assert not report.problems, report.line() + "\n" + "\n".join(report.problems[:30])
+    assert report.success > 0 and report.faults["s3 server kill -9 and restart"] >= 1
+
+
+def test_handler_stalled_past_ack_wait_and_poison_messages(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    ack_wait = 3.0
+    pipeline = Pipeline(
+        tmp_path / "p",
+        nats_server,
+        _local(tmp_path),
+        extra={"consumer": {"ack_wait": ack_wait}},
+        more={"store-writer": 1, "encryptor": 1},
+    )
+    poison = PoisonMaker(pipeline, tmp_path / "poison")
+    stall_targets = ["store-writer", "encryptor-2", "store-writer-2", "encryptor"]
+    stalls = 0
+
+    def stall() -> None:
+        nonlocal stalls
+        pid = pipeline.stages[stall_targets[stalls % len(stall_targets)]].pid
+        assert pid is not None
+        stalls += 1
+        os.kill(pid, signal.SIGSTOP)  # holds its messages, sends no progress
+        time.sleep(ack_wait * 2)  # redelivered to the other process meanwhile
+        os.kill(pid, signal.SIGCONT)  # wakes up and finishes (writes) them too
+
+    injector = Injector(
+        [
+            ("poison batch", poison.inject("undecodable", "bad-digest")),
+            ("SIGSTOP past AckWait", stall),
+        ],
+        every=1.5,
+    )
+    try:
+        pipeline.start()
+        report = run("stall+poison", pipeline, tmp_path / "send", injector, poisons=poison.injected)
+    finally:
+        pipeline.stop()
+    assert not report.problems, report.line() + "\n" + "\n".join(report.problems[:30])
+    assert report.faults["SIGSTOP past AckWait"] >= 1
+    assert sum(report.dead_lettered.values()) == len(poison.injected) > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the store-writer does not open the envelope: a SEALED body with a bad GCM tag "
+    "or an unknown master key id is stored as it is, not dead-lettered (see the report)",
+)
+def test_sealed_poison_with_bad_tag_or_unknown_key_is_dead_lettered(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    pipeline = Pipeline(tmp_path / "p", nats_server, _local(tmp_path))
+    poison = PoisonMaker(pipeline, tmp_path / "poison")
+    try:
+        pipeline.start()
+        poison.inject("bad-tag", "unknown-key")()
+        pipeline.wait_drained()
+        letters = wait_for(
+            "two dead letters", lambda: len(pipeline.dead_letters()) >= 2 or None, timeout=30
+        )
+    finally:
+        pipeline.stop()
+    assert letters
+    assert not [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
+
+
+def _start_as_supervised(pipeline: Pipeline, attempts: int = 4) -> None:
+    """Start the stages one by one, starting again one that exits, as ``up`` would.
+
+    On a fresh R3 cluster the first stream updates can outlast the client's request
+    timeout; the stage then exits and its supervisor restarts it.
+    """
+    for name in pipeline.names:
+        for attempt in range(attempts):
+            try:
+                pipeline.start(name, timeout=90)
+                break
+            except RuntimeError:
+                pipeline.kill(name)  # exited, or still not ready: never two of it
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1.0)
