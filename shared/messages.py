@@ -181,7 +181,7 @@ def check_delivery(stream: str, headers: dict[str, str] | None, data: bytes) -> 
             )
         _check_payload(instance, data, instance.sealed_size, H_SEALED_SIZE)
         if instance.body is BodyKind.INLINE:
-            _check_envelope(instance, data)
+            check_envelope(instance, data)
 
 
 def _check_payload(instance: Instance, data: bytes, declared: int | None, name: str) -> None:
@@ -192,7 +192,9 @@ def _check_payload(instance: Instance, data: bytes, declared: int | None, name: 
         raise ContractViolation(f"the inline body is {len(data)} bytes, but {name} says {declared}")
 
 
-def _check_envelope(instance: Instance, data: bytes) -> None:
+def check_envelope(instance: Instance, data: bytes) -> None:
+    """The sealed body (its first ``OVERHEAD`` bytes suffice) is an A1 envelope under
+    the key id the headers name."""
     try:
         key_id = key_id_of(data[:OVERHEAD])
     except EnvelopeError as exc:
