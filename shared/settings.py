@@ -260,7 +260,12 @@ class ScpSettings(Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
-    maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
+    maximum_pdu_size: int = Field(
+        default=4 * 1024**2,
+        ge=0,
+        description="largest PDU accepted (advertised, and longer PDUs close the connection); "
+        "0 advertises no limit but still refuses PDUs over 64 MiB",
+    )
     max_dataset_bytes: int = Field(
         default=4 * 1024**3, ge=1, description="larger datasets are refused with 0xC211"
     )

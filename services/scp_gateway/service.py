@@ -151,7 +151,10 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
             max_dataset_bytes=scp.max_dataset_bytes,
         )
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, ReadTimeout(scp.network_timeout).on_open),
+            (
+                evt.EVT_CONN_OPEN,
+                ConnectionLimits(scp.network_timeout, scp.maximum_pdu_size).on_open,
+            ),
             (evt.EVT_C_ECHO, receiver.on_echo),
             (evt.EVT_C_STORE, receiver.on_store),
             (evt.EVT_ACCEPTED, receiver.on_accepted),
@@ -187,24 +190,51 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
         await nc.drain()
 
 
-class ReadTimeout:
-    """Bounds every read of an accepted connection by ``scp.network_timeout``.
+PDU_MARGIN = 64 * 1024  # room for a PDU's own header fields around the advertised length
+UNLIMITED_PDU_CAP = 64 * 1024**2
 
-    pynetdicom reads the rest of a PDU with blocking ``recv`` calls and no timeout: a
-    peer that stops inside a PDU (half a header, an HTTP request, an A-ASSOCIATE-RQ
-    announcing 4 GiB) would hold its thread and a ``max_associations`` slot for good,
-    past ARTIM and pynetdicom's own network timeout, and enough of them lock every
-    modality out. With a socket timeout the stalled read fails and pynetdicom aborts
-    the association.
+
+class ConnectionLimits:
+    """Bounds every read of an accepted connection, in time and in size.
+
+    pynetdicom reads the rest of a PDU with blocking ``recv`` calls and no timeout, and
+    trusts the length in the PDU's header: a peer that stops inside a PDU (half a
+    header, an HTTP request, an A-ASSOCIATE-RQ announcing 4 GiB) would hold its thread
+    and a ``max_associations`` slot for good, past ARTIM and pynetdicom's own network
+    timeout, and one that sends a huge PDU would have it gathered in memory. Here a read
+    fails after ``scp.network_timeout`` without data, and a PDU longer than
+    ``scp.maximum_pdu_size`` (plus a small margin) is refused before it is read; either
+    way pynetdicom closes the connection.
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, maximum_pdu_size: int) -> None:
         self._seconds = seconds
+        self._max_read = maximum_pdu_size + PDU_MARGIN if maximum_pdu_size else UNLIMITED_PDU_CAP
 
     def on_open(self, event: Any) -> None:
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            sock.settimeout(self._seconds)
+        assoc_socket = event.assoc.dul.socket
+        sock = getattr(assoc_socket, "socket", None)
+        if sock is None:
+            return
+        sock.settimeout(self._seconds)
+        read = assoc_socket.recv
+        limit = self._max_read
+        peer = event.address[0] if getattr(event, "address", None) else "?"
+
+        def bounded(nr_bytes: int) -> bytearray:
+            if nr_bytes > limit:
+                log.warning(
+                    "connection from %s closed: it announced a PDU of %d bytes, over the "
+                    "%d accepted (scp.maximum_pdu_size)",
+                    peer,
+                    nr_bytes,
+                    limit,
+                )
+                raise OSError("PDU longer than scp.maximum_pdu_size")
+            data: bytearray = read(nr_bytes)
+            return data
+
+        assoc_socket.recv = bounded
 
 
 def _describe(server: Any) -> str:

@@ -5,6 +5,7 @@ never published."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -122,3 +123,31 @@ def test_a_dataset_over_the_size_limit_is_refused_and_never_published(
     pipeline.wait_drained()
     assert set(pipeline.records()) == set(stored) == {small.sop_instance_uid}
     assert "exceeds scp.max_dataset_bytes" in pipeline.logs("scp-gateway")
+
+
+def test_a_pdu_longer_than_the_maximum_pdu_size_closes_the_connection_at_once(
+    pipeline: Pipeline,
+) -> None:
+    # A P-DATA-TF header announcing 8 MiB, over the 4 MiB default: refused from the
+    # header alone, long before network_timeout (5 s) or the 8 MiB could arrive.
+    header = b"\x04\x00" + (8 * 1024**2).to_bytes(4, "big")
+    with socket.create_connection(("127.0.0.1", pipeline.port), timeout=30) as peer:
+        start = time.monotonic()
+        peer.sendall(header + b"\x00" * 1024)
+        closed = b""
+        with contextlib.suppress(ConnectionResetError):
+            closed = peer.recv(1)
+        waited = time.monotonic() - start
+    assert closed == b"", closed
+    assert waited < 2.0, waited
+    assert "announced a PDU of 8388608 bytes" in pipeline.logs("scp-gateway")
+    # The gateway still serves; the closed connection's association slot is given back
+    # when its ACSE wait ends (scp.acse_timeout), so allow for that.
+    deadline = time.monotonic() + ACSE_TIMEOUT + 5
+    while True:
+        assoc = _associate(pipeline)
+        if assoc.is_established or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert assoc.is_established and _echo_ok(assoc)
+    assoc.release()
