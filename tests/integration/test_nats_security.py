@@ -4,7 +4,9 @@ each service user is refused outside its permissions, and TLS verifies both ends
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,9 +20,15 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from dicomflow.cli import topology as topology_cmd
 from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.embedded.natsserver import NatsServer
+from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared import natsconn, subjects, topology
 from dicomflow.shared.errors import BrokerUnavailable
 from dicomflow.shared.settings import ConsumerSettings, NatsSettings, NatsTlsSettings
+from support.dicomfiles import ct_series
+from support.pipeline import Pipeline
+from support.servers import free_port, wait_for, wait_for_port
+
+STORESCP = "/usr/bin/storescp"  # DCMTK's
 
 pytestmark = pytest.mark.integration
 
@@ -274,3 +282,65 @@ async def test_mutual_tls_requires_a_client_certificate(
 
 def _consumer_settings() -> ConsumerSettings:
     return ConsumerSettings()
+
+
+def test_every_stage_runs_as_its_own_user_from_modality_to_peer(
+    tmp_path: Path, secured: tuple[NatsServer, Bundle]
+) -> None:
+    """The whole chain, scu-gateway included, on the generated permissions: storescu →
+    gateway → encryptor → store-writer → router → delivery → a DCMTK storescp.
+    A permission missing from any stage's allow-list stops the instance on its way."""
+    server, bundle = secured
+    peer_dir = tmp_path / "peer"
+    peer_dir.mkdir()
+    peer_port = free_port()
+    peer = subprocess.Popen(
+        [STORESCP, "-aet", "PEER", "-od", str(peer_dir), str(peer_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TCP_NODELAY="1"),
+    )
+    pipeline = Pipeline(
+        tmp_path / "p",
+        server,
+        {"backend": "local", "local_path": tmp_path / "objects"},
+        scu={
+            "ae_title": "DICOMFLOW",
+            "destinations": {"peer": {"ae_title": "PEER", "host": "127.0.0.1", "port": peer_port}},
+            "rules": [{"destinations": ["peer"]}],
+        },
+        # The config's identity is the admin's (for `dicomflow ls`); each stage gets its own.
+        extra={"nats": {"nkey_seed_file": str(bundle.seed("admin"))}},
+    )
+    base = stage_env(pipeline.config)
+    for name in pipeline.names:
+        pipeline.stages[name] = StageProcess(
+            name,
+            pipeline.config,
+            pipeline.root / "logs",
+            {
+                **base,
+                "DICOMFLOW_NATS__NKEY_SEED_FILE": str(bundle.seed(name)),
+                "DICOMFLOW_NATS__MANAGE_TOPOLOGY": "false",
+            },
+        )
+    files = ct_series(tmp_path / "in", 3)
+    try:
+        wait_for_port(peer_port)
+        pipeline.start()
+        result = pipeline.send(files)
+        assert result.statuses() == ["Success"] * len(files), result.output
+        stored = pipeline.wait_stored(len(files))
+        assert set(stored) == {f.sop_instance_uid for f in files}
+        arrived = wait_for(
+            "the peer to receive every instance",
+            lambda: len([p for p in peer_dir.iterdir() if p.is_file()]) >= len(files) or None,
+            timeout=60,
+        )
+        assert arrived
+        for name in pipeline.names:
+            assert "Permissions Violation" not in pipeline.logs(name), pipeline.logs(name)[-2000:]
+    finally:
+        pipeline.stop()
+        peer.terminate()
+        peer.wait(timeout=10)
