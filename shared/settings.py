@@ -107,13 +107,6 @@ class EncryptionSettings(Section):
     master_key: KeySpec | None = None
     previous_keys: list[KeySpec] = Field(default_factory=list)
 
-    def key_ids(self) -> frozenset[int] | None:
-        """The ids of the configured master keys (no key file is read), or None when no
-        current key is configured."""
-        if self.master_key is None:
-            return None
-        return frozenset({self.master_key.id, *(k.id for k in self.previous_keys)})
-
     def keyring(self) -> KeyRing:
         """Load every key file; refuses to run without a usable current key."""
         if self.master_key is None:
@@ -334,9 +327,6 @@ class EncryptorSettings(ServiceSettings):
 
 class StoreWriterSettings(ServiceSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
-    # Only the key *ids* are used (sealed messages under an unknown key are dead-lettered);
-    # the store-writer never reads a key file and cannot decrypt.
-    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
 

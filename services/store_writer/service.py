@@ -35,7 +35,7 @@ from nats.js import JetStreamContext
 from dicomflow.shared import blobsweeper, messages, natsconn, storage, subjects, topology
 from dicomflow.shared.consumer import AfterAck, Consumer
 from dicomflow.shared.envelope import OVERHEAD
-from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict, UnknownMasterKey
+from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
 from dicomflow.shared.index import Conflict, Index, Record, State
 from dicomflow.shared.layout import Layout, object_key
 from dicomflow.shared.messages import BodyKind, Instance
@@ -63,11 +63,8 @@ class StoreWriter:
         policy: DuplicatePolicy,
         publish_timeout: float,
         telemetry: Telemetry,
-        key_ids: frozenset[int] | None = None,
     ) -> None:
-        """``key_ids``: the master-key ids sealed bodies may name (None: not checked)."""
         self._js = js
-        self._key_ids = key_ids
         self._transport = transport
         self._index = index
         self._store = store
@@ -82,9 +79,6 @@ class StoreWriter:
 
     async def handle(self, msg: Msg) -> AfterAck:
         instance = messages.parse(msg.headers, sealed=True)
-        if self._key_ids is not None and instance.key_id not in self._key_ids:
-            # Stored, it could never be read back: dead-letter it now, with the reason.
-            raise UnknownMasterKey(instance.key_id if instance.key_id is not None else -1)
         with await self._transport.open_body(msg, instance) as body:
             if instance.body is BodyKind.BLOB:  # inline bodies were checked on delivery
                 messages.check_envelope(instance, body.read(OVERHEAD))
@@ -267,18 +261,12 @@ async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: T
             settings.duplicate_policy,
             settings.nats.publish_timeout,
             telemetry,
-            key_ids=settings.encryption.key_ids(),
         )
         log.info(
             "store-writer ready: backend %s, layout %s",
             settings.storage.backend,
             settings.storage.layout,
         )
-        if settings.encryption.key_ids() is None:
-            log.warning(
-                "encryption.master_key is not configured here: the key ids of sealed "
-                "messages are not checked (configure its id; the key file is never read)"
-            )
         consumer = Consumer(
             js,
             stage=STAGE,

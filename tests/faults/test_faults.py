@@ -148,7 +148,7 @@ def test_handler_stalled_past_ack_wait_and_poison_messages(
 
     injector = Injector(
         [
-            ("poison batch", poison.inject("undecodable", "bad-digest", "unknown-key")),
+            ("poison batch", poison.inject("undecodable", "bad-digest")),
             ("SIGSTOP past AckWait", stall),
         ],
         every=1.5,
@@ -163,6 +163,13 @@ def test_handler_stalled_past_ack_wait_and_poison_messages(
     assert sum(report.dead_lettered.values()) == len(poison.injected) > 0
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the store-writer holds no key and does not check key ids against the key ring: "
+    "checking them there would dead-letter every message sealed under a new key while the "
+    "store-writer still runs the old configuration during a rotation (test_rotation "
+    "caught it); such a body is caught on read (get/verify/scu-gateway)",
+)
 def test_sealed_poison_under_an_unknown_master_key_is_dead_lettered(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
@@ -172,7 +179,7 @@ def test_sealed_poison_under_an_unknown_master_key_is_dead_lettered(
         pipeline.start()
         poison.inject("unknown-key")()
         pipeline.wait_drained()
-        letters = wait_for("one dead letter", lambda: pipeline.dead_letters() or None, timeout=30)
+        letters = wait_for("one dead letter", lambda: pipeline.dead_letters() or None, timeout=15)
     finally:
         pipeline.stop()
     assert [letter["Dicomflow-Dlq-Stage"] for letter in letters] == ["store-writer"]
