@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from collections.abc import Iterator
@@ -13,6 +14,20 @@ from hypothesis import HealthCheck, settings
 from dicomflow.embedded.natsserver import NatsServer
 from support.pipeline import STORESCU
 from support.servers import MotoServer
+
+
+@pytest.fixture(autouse=True)
+def _collect_what_the_test_leaked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Finalize what a test leaked while that test's warning filters still apply.
+
+    pynetdicom drops the socket of a refused connection without closing it; collected
+    later, in whichever test the collector happens to run, its ResourceWarning failed an
+    unrelated test (CI saw it in a backend test after the fault suite). Collecting at
+    each real-server test's teardown charges a leak to the test that made it.
+    """
+    yield
+    if request.node.get_closest_marker("integration") or request.node.get_closest_marker("faults"):
+        gc.collect()
 
 
 @pytest.fixture
