@@ -75,7 +75,8 @@ class Consumer:
         self._metrics = telemetry.metrics
         self._tracing = telemetry.tracing
         self._metrics.consumer_stage(stage)
-        self._settled_floor = 0
+        self._settled_floor = 0  # ack floor below which the stream was last cleared
+        self._work_queue = True  # until the stream says otherwise
         self._next_leftover_check = 0.0
 
     @property
@@ -216,7 +217,7 @@ class Consumer:
             else:
                 pending.set(info.num_pending or 0)
                 ack_pending.set(info.num_ack_pending or 0)
-                if time.monotonic() >= self._next_leftover_check:
+                if self._work_queue and time.monotonic() >= self._next_leftover_check:
                     self._next_leftover_check = time.monotonic() + LEFTOVER_INTERVAL
                     try:
                         await self._remove_acked_leftovers(info)
@@ -239,7 +240,7 @@ class Consumer:
             return
         stream = await self._js.stream_info(self._stream)
         if stream.config.retention != RetentionPolicy.WORK_QUEUE:
-            self._settled_floor = 2**63  # never again: other streams keep acked messages
+            self._work_queue = False  # other streams keep acked messages by design
             return
         if stream.state.first_seq and stream.state.first_seq <= floor:
             before = stream.state.messages

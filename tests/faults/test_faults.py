@@ -83,7 +83,8 @@ def test_cluster_node_stopped_and_restarted_under_load(tmp_path: Path) -> None:
         )
         injector = Injector([("cluster node kill -9 and restart", bounce)], every=3.0)
         try:
-            _start_as_supervised(pipeline)
+            # A fresh R3 cluster may still elect its leader: topology.ensure waits for it.
+            pipeline.start(timeout=90)
             report = run("cluster", pipeline, tmp_path / "send", injector)
         finally:
             pipeline.stop()
@@ -163,6 +164,21 @@ def test_handler_stalled_past_ack_wait_and_poison_messages(
     assert sum(report.dead_lettered.values()) == len(poison.injected) > 0
 
 
+def _dead_letters_of_sealed_poison(
+    tmp_path: Path, nats_server: NatsServer, kind: str
+) -> list[dict[str, str]]:
+    """Inject one poison of ``kind`` on SEALED; the dead letters once the pipeline drained."""
+    pipeline = Pipeline(tmp_path / "p", nats_server, _local(tmp_path))
+    poison = PoisonMaker(pipeline, tmp_path / "poison")
+    try:
+        pipeline.start()
+        poison.inject(kind)()
+        pipeline.wait_drained()
+        return wait_for("one dead letter", lambda: pipeline.dead_letters() or None, timeout=15)
+    finally:
+        pipeline.stop()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="the store-writer holds no key and does not check key ids against the key ring: "
@@ -173,15 +189,7 @@ def test_handler_stalled_past_ack_wait_and_poison_messages(
 def test_sealed_poison_under_an_unknown_master_key_is_dead_lettered(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    pipeline = Pipeline(tmp_path / "p", nats_server, _local(tmp_path))
-    poison = PoisonMaker(pipeline, tmp_path / "poison")
-    try:
-        pipeline.start()
-        poison.inject("unknown-key")()
-        pipeline.wait_drained()
-        letters = wait_for("one dead letter", lambda: pipeline.dead_letters() or None, timeout=15)
-    finally:
-        pipeline.stop()
+    letters = _dead_letters_of_sealed_poison(tmp_path, nats_server, "unknown-key")
     assert [letter["Dicomflow-Dlq-Stage"] for letter in letters] == ["store-writer"]
     assert "UnknownMasterKey" in letters[0]["Dicomflow-Dlq-Reason"], letters
     assert not [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
@@ -196,32 +204,6 @@ def test_sealed_poison_under_an_unknown_master_key_is_dead_lettered(
 def test_sealed_poison_with_a_bad_tag_is_dead_lettered(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    pipeline = Pipeline(tmp_path / "p", nats_server, _local(tmp_path))
-    poison = PoisonMaker(pipeline, tmp_path / "poison")
-    try:
-        pipeline.start()
-        poison.inject("bad-tag")()
-        pipeline.wait_drained()
-        letters = wait_for("one dead letter", lambda: pipeline.dead_letters() or None, timeout=15)
-    finally:
-        pipeline.stop()
+    letters = _dead_letters_of_sealed_poison(tmp_path, nats_server, "bad-tag")
     assert letters
     assert not [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
-
-
-def _start_as_supervised(pipeline: Pipeline, attempts: int = 4) -> None:
-    """Start the stages one by one, starting again one that exits, as ``up`` would.
-
-    On a fresh R3 cluster the first stream updates can outlast the client's request
-    timeout; the stage then exits and its supervisor restarts it.
-    """
-    for name in pipeline.names:
-        for attempt in range(attempts):
-            try:
-                pipeline.start(name, timeout=90)
-                break
-            except RuntimeError:
-                pipeline.kill(name)  # exited, or still not ready: never two of it
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(1.0)

@@ -34,10 +34,6 @@ from dicomflow.scp_gateway.receiver import Rejected, identify
 from support.dicomfiles import ct_series, dataset
 from support.pipeline import Pipeline
 
-# JetStream reserves each stream's max_bytes against 75% of the free disk; the defaults
-# (two 16 GiB blob buckets, 4 GiB INGEST and SEALED) fail on a busy CI disk with
-# "insufficient storage resources". These tests move kilobytes.
-SMALL_STREAMS = {"ingest_max_bytes": 256 * 1024**2, "blob_max_bytes": 256 * 1024**2}
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.filterwarnings("ignore::UserWarning:pydicom.*"),
@@ -75,7 +71,6 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             server,
             {"backend": "local", "local_path": root / "objects"},
             extra={
-                "nats": SMALL_STREAMS,
                 "scp": {
                     "acse_timeout": ACSE_TIMEOUT,
                     "network_timeout": NETWORK_TIMEOUT,

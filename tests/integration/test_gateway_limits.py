@@ -22,10 +22,6 @@ from dicomflow.embedded.natsserver import NatsServer
 from support.dicomfiles import ct_series
 from support.pipeline import Pipeline
 
-# JetStream reserves each stream's max_bytes against 75% of the free disk; the defaults
-# (two 16 GiB blob buckets, 4 GiB INGEST and SEALED) fail on a busy CI disk with
-# "insufficient storage resources". These tests move kilobytes.
-SMALL_STREAMS = {"ingest_max_bytes": 256 * 1024**2, "blob_max_bytes": 256 * 1024**2}
 pytestmark = pytest.mark.integration
 
 ACSE_TIMEOUT = 1.5
@@ -40,7 +36,6 @@ def pipeline(tmp_path: Path, nats_server: NatsServer) -> Iterator[Pipeline]:
         nats_server,
         {"backend": "local", "local_path": tmp_path / "objects"},
         extra={
-            "nats": SMALL_STREAMS,
             "scp": {
                 "max_associations": MAX_ASSOCIATIONS,
                 "acse_timeout": ACSE_TIMEOUT,

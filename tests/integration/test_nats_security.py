@@ -19,6 +19,7 @@ from nats.js.api import ConsumerConfig, StreamConfig
 
 from dicomflow.cli import topology as topology_cmd
 from dicomflow.cli.natsconfig import Bundle, write_bundle
+from dicomflow.cli.up import stage_credentials
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared import natsconn, subjects, topology
@@ -318,11 +319,7 @@ def test_every_stage_runs_as_its_own_user_from_modality_to_peer(
             name,
             pipeline.config,
             pipeline.root / "logs",
-            {
-                **base,
-                "DICOMFLOW_NATS__NKEY_SEED_FILE": str(bundle.seed(name)),
-                "DICOMFLOW_NATS__MANAGE_TOPOLOGY": "false",
-            },
+            {**base, **stage_credentials(bundle, name, tls=False)},
         )
     files = ct_series(tmp_path / "in", 3)
     try:

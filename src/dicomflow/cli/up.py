@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
                 data.logs,
                 {
                     **env,
-                    **_stage_credentials(bundle, name, tls=args.nats_tls),
+                    **stage_credentials(bundle, name, tls=args.nats_tls),
                     METRICS_PORT_ENV: str(_metrics_port(args, i)),
                 },
             )
@@ -205,7 +205,7 @@ def _nats_config(bundle: Bundle, nats_url: str, tls: bool) -> dict[str, object]:
     return nats
 
 
-def _stage_credentials(bundle: Bundle, stage: str, *, tls: bool) -> dict[str, str]:
+def stage_credentials(bundle: Bundle, stage: str, *, tls: bool) -> dict[str, str]:
     """Each stage connects as its own least-privilege user, which may not manage streams."""
     env = {SEED_ENV: str(bundle.seed(stage)), MANAGE_TOPOLOGY_ENV: "false"}
     if tls:
