@@ -8,18 +8,25 @@ identities, sizes and digests, never patient data or key material.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.api import DeliverPolicy
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from dicomflow.shared import subjects
 from dicomflow.shared.errors import BrokerUnavailable, StoreError
+
+_LISTING_STALL = 30.0  # seconds without a message before a listing is declared stalled
+_REMOVED = ("DEL", "PURGE")
 
 
 class State(StrEnum):
@@ -68,12 +75,13 @@ class Conflict(Exception):
 
 
 class Index:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
         self._kv = kv
+        self._js = js
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> Index:
-        return cls(await js.key_value(subjects.INDEX_BUCKET))
+        return cls(await js.key_value(subjects.INDEX_BUCKET), js)
 
     async def get(self, key: str) -> tuple[Record, int] | None:
         try:
@@ -105,10 +113,55 @@ class Index:
             raise BrokerUnavailable(f"index write failed: {exc!r}") from exc
 
     async def keys(self) -> list[str]:
+        """Every live key, in order.
+
+        Not nats-py's ``KeyValue.keys``: it decides that a bucket is empty when a consumer
+        it has just created reports nothing pending, which a clustered server may report
+        before the consumer has counted (a fault run listed 0 of 995 records after a node
+        restart). Here emptiness comes from the stream's own state, and otherwise the
+        listing ends on the message that leaves nothing pending, or fails loudly.
+        """
+        stream = f"KV_{subjects.INDEX_BUCKET}"
+        prefix = f"$KV.{subjects.INDEX_BUCKET}."
         try:
-            return sorted(await self._kv.keys())
-        except NoKeysError:
-            return []
+            info = await self._js.stream_info(stream)
+            if not info.state.messages:
+                return []
+            queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+            async def collect(msg: Msg) -> None:
+                await queue.put(msg)
+
+            sub = await self._js.subscribe(
+                f"{prefix}>",
+                stream=stream,
+                cb=collect,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                headers_only=True,
+                inactive_threshold=60.0,
+            )
+        except NatsError as exc:
+            raise BrokerUnavailable(f"index listing failed: {exc!r}") from exc
+        keys: list[str] = []
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), _LISTING_STALL)
+                except TimeoutError:
+                    raise BrokerUnavailable(
+                        f"index listing stalled after {len(keys)} keys: no message for "
+                        f"{_LISTING_STALL:.0f} s although the bucket holds "
+                        f"{info.state.messages} messages"
+                    ) from None
+                operation = (msg.headers or {}).get("KV-Operation", "")
+                if operation not in _REMOVED and not (msg.headers or {}).get("Nats-Marker-Reason"):
+                    keys.append(msg.subject[len(prefix) :])
+                if msg.metadata.num_pending == 0:
+                    return sorted(keys)
+        finally:
+            with contextlib.suppress(NatsError):  # else it expires (inactive_threshold)
+                await sub.unsubscribe()
 
     async def records(self) -> AsyncIterator[Record]:
         for key in await self.keys():
