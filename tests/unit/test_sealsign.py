@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from dicomflow.cli.main import main
 from dicomflow.shared.errors import ConfigError, KeyFileError, SealNotTrusted
 from dicomflow.shared.messages import BodyKind, Instance, parse
 from dicomflow.shared.sealsign import (
@@ -312,3 +313,21 @@ def test_signer_id_is_a_fingerprint_of_the_public_key() -> None:
     key = Ed25519PrivateKey.generate().public_key()
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert signer_id(key) == hashlib.sha256(raw).hexdigest()[:16]
+
+
+# --- `dicomflow keys new-signing` ------------------------------------------------------
+
+
+def test_keys_new_signing_writes_a_usable_pair_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "new-signing", "--out", str(tmp_path)]) == 0
+    private, public = tmp_path / PRIVATE_NAME, tmp_path / PUBLIC_NAME
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    signer = load_signing_key(private, "encryption.signing_key")
+    load_trusted_keys([public], "encryption.trusted_signing_keys").verify(signer.sign(_sealed()))
+    assert private.read_text() not in capsys.readouterr().err
+    assert main(["keys", "new-signing", "--out", str(tmp_path)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["keys", "new-signing", "--out", str(tmp_path / "nope")]) == 2
+    assert "not an existing folder" in capsys.readouterr().err
