@@ -2,7 +2,7 @@
 
     DicomflowError
     ├── ConfigError                 bad settings, config file or CLI argument (exit 2)
-    │   └── KeyFileError            a master-key file missing, unreadable or not 32 bytes
+    │   └── KeyFileError            a key file (master or signing) missing, unreadable or malformed
     ├── EnvelopeError               an A1 object cannot be read (never retried)
     │   ├── TruncatedEnvelope       fewer than 86 bytes
     │   ├── UnsupportedVersion      the first two bytes are not "A1"
@@ -14,6 +14,7 @@
     │   │   └── StorageUnavailable  object storage did not answer or failed (5xx, timeout)
     │   └── PermanentError          retrying cannot help: dead-letter with the reason
     │       ├── ContractViolation   headers or body do not match the message contract
+    │       │   └── SealNotTrusted  a sealed message's signature or body digest does not verify
     │       ├── DuplicateConflict   same SOP Instance UID, different bytes, policy reject
     │       ├── ObjectMissing       the index names an object that storage does not have
     │       └── DigestMismatch      an object decrypts, but not to the SHA-256 on record
@@ -38,7 +39,8 @@ class ConfigError(DicomflowError):
 
 
 class KeyFileError(ConfigError):
-    """A master-key file is missing, unreadable or does not hold 32 base64 bytes."""
+    """A key file is missing, unreadable or malformed: a master key that is not 32 base64
+    bytes, a signing key that is not an unencrypted Ed25519 PEM key of the right kind."""
 
 
 class EnvelopeError(DicomflowError):
@@ -91,6 +93,11 @@ class PermanentError(ProcessingError):
 
 class ContractViolation(PermanentError):
     """A message does not follow the header/body contract of its stream."""
+
+
+class SealNotTrusted(ContractViolation):
+    """A SEALED message is not signed by a trusted encryptor signing key, or its body is
+    not the one that was signed (see ``sealsign``)."""
 
 
 class DuplicateConflict(PermanentError):

@@ -10,6 +10,12 @@ it; anything off raises ``ContractViolation`` and the message is dead-lettered.
 the stage's handler sees it: the headers, plus what can be checked of the body without
 reading a blob (an inline body's length; a sealed body's A1 prefix and key id). Reasons
 name the header that is off, never its value: a forged value may carry patient data.
+
+A SEALED message also carries the SHA-256 of its sealed body and the encryptor's
+Ed25519 signature over its headers and that digest (``Dicomflow-Sealed-Sha256``,
+``Dicomflow-Signer``, ``Dicomflow-Signature``). Their form is checked here; the
+store-writer verifies the signature and the body's digest (``sealsign``), since only it
+holds the trusted public keys.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ H_BODY = "Dicomflow-Body"
 H_BLOB = "Dicomflow-Blob"
 H_KEY_ID = "Dicomflow-Key-Id"
 H_SEALED_SIZE = "Dicomflow-Sealed-Size"
+H_SEALED_SHA256 = "Dicomflow-Sealed-Sha256"  # of the sealed body, as signed
+H_SIGNER = "Dicomflow-Signer"  # fingerprint of the encryptor's signing key
+H_SIGNATURE = "Dicomflow-Signature"  # Ed25519, hex; see ``sealsign``
 H_TRACEPARENT = "traceparent"
 H_MSG_ID = "Nats-Msg-Id"
 H_OBJECT_KEY = "Dicomflow-Object-Key"  # on dicom.stored events: where the object is
@@ -51,6 +60,8 @@ _AE = re.compile(r"[\x20-\x5b\x5d-\x7e]{0,16}")
 _BLOB_TAIL = re.compile(r"[0-9a-f]{8,64}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _DIGITS = re.compile(r"[0-9]{1,19}")
+_SIGNER = re.compile(r"[0-9a-f]{16}")
+_SIGNATURE = re.compile(r"[0-9a-f]{128}")
 MAX_SIZE = 2**62  # far above any dataset; keeps sizes within a signed 64-bit integer
 INGEST_BLOB_PREFIX = "ingest"
 SEALED_BLOB_PREFIX = "sealed"
@@ -79,6 +90,9 @@ class Instance:
     blob: str = ""
     key_id: int | None = None
     sealed_size: int | None = None
+    sealed_sha256: str = ""
+    signer: str = ""
+    signature: str = ""
     traceparent: str = ""
 
     @property
@@ -89,8 +103,15 @@ class Instance:
     def with_body(self, body: BodyKind, blob: str = "") -> Instance:
         return replace(self, body=body, blob=blob)
 
-    def sealed(self, key_id: int, sealed_size: int) -> Instance:
-        return replace(self, key_id=key_id, sealed_size=sealed_size)
+    def sealed(self, key_id: int, sealed_size: int, sealed_sha256: str) -> Instance:
+        return replace(self, key_id=key_id, sealed_size=sealed_size, sealed_sha256=sealed_sha256)
+
+    def signed(self, signer: str, signature: str) -> Instance:
+        return replace(self, signer=signer, signature=signature)
+
+    def unsigned(self) -> Instance:
+        """Without the sealed body's digest and signature (events after storage)."""
+        return replace(self, sealed_sha256="", signer="", signature="")
 
     def headers(self) -> dict[str, str]:
         out = {
@@ -114,6 +135,13 @@ class Instance:
             out[H_KEY_ID] = str(self.key_id)
         if self.sealed_size is not None:
             out[H_SEALED_SIZE] = str(self.sealed_size)
+        for name, value in (
+            (H_SEALED_SHA256, self.sealed_sha256),
+            (H_SIGNER, self.signer),
+            (H_SIGNATURE, self.signature),
+        ):
+            if value:
+                out[name] = value
         if self.traceparent:
             out[H_TRACEPARENT] = self.traceparent
         return out
@@ -124,8 +152,14 @@ def is_uid(value: str) -> bool:
     return len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
-def parse(headers: dict[str, str] | None, *, sealed: bool = False) -> Instance:
+def parse(
+    headers: dict[str, str] | None, *, sealed: bool = False, signed: bool = False
+) -> Instance:
     """Validate message headers against the contract; raise ContractViolation if off.
+
+    ``sealed``: key id and sealed size are required (SEALED messages, and the events and
+    delivery requests after them); ``signed`` as well: the sealed body's digest, signer
+    and signature (SEALED messages only; events after storage carry none).
 
     A blob body must name this instance's own blob under the stage's prefix
     (``ingest.`` before sealing, ``sealed.`` after): never another instance's object
@@ -160,7 +194,12 @@ def parse(headers: dict[str, str] | None, *, sealed: bool = False) -> Instance:
         instance = instance.sealed(
             key_id=_int(h, H_KEY_ID, minimum=0, maximum=2**32 - 1),
             sealed_size=_int(h, H_SEALED_SIZE, minimum=OVERHEAD, maximum=MAX_SIZE + OVERHEAD),
+            sealed_sha256=_match(h, H_SEALED_SHA256, _SHA256, required=signed),
         )
+        if signed:
+            instance = instance.signed(
+                _match(h, H_SIGNER, _SIGNER), _match(h, H_SIGNATURE, _SIGNATURE)
+            )
     return instance
 
 
@@ -174,7 +213,7 @@ def check_delivery(stream: str, headers: dict[str, str] | None, data: bytes) -> 
         instance = parse(headers)
         _check_payload(instance, data, instance.size, H_SIZE)
     elif stream == subjects.SEALED_STREAM:
-        instance = parse(headers, sealed=True)
+        instance = parse(headers, sealed=True, signed=True)
         if instance.sealed_size != instance.size + OVERHEAD:
             raise ContractViolation(
                 f"{H_SEALED_SIZE} must be {H_SIZE} plus the {OVERHEAD}-byte A1 overhead"

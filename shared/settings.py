@@ -35,6 +35,7 @@ from pydantic_settings import (
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import KeyRing, MasterKey, load_master_key
 from dicomflow.shared.layout import Layout, normalize_root_path
+from dicomflow.shared.sealsign import SealSigner, SealVerifier, load_signing_key, load_trusted_keys
 
 CONFIG_ENV = "DICOMFLOW_CONFIG"
 
@@ -106,6 +107,29 @@ class KeySpec(Section):
 class EncryptionSettings(Section):
     master_key: KeySpec | None = None
     previous_keys: list[KeySpec] = Field(default_factory=list)
+    signing_key: Path | None = Field(
+        default=None,
+        description="the encryptor's Ed25519 private key (PEM) signing every sealed message",
+    )
+    trusted_signing_keys: list[Path] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM) whose signatures the store-writer accepts",
+    )
+
+    def signer(self) -> SealSigner:
+        """The encryptor's signing key; refuses to run without one."""
+        if self.signing_key is None:
+            raise ConfigError(
+                "encryption.signing_key is not set: the encryptor signs every sealed message "
+                "for the store-writers to verify; give its private key as "
+                "encryption.signing_key = PATH (or DICOMFLOW_ENCRYPTION__SIGNING_KEY); create "
+                "a pair with `dicomflow keys new-signing --out DIR`"
+            )
+        return load_signing_key(self.signing_key, "encryption.signing_key")
+
+    def verifier(self) -> SealVerifier:
+        """The store-writer's trusted public signing keys; refuses to run without one."""
+        return load_trusted_keys(self.trusted_signing_keys, "encryption.trusted_signing_keys")
 
     def keyring(self) -> KeyRing:
         """Load every key file; refuses to run without a usable current key."""
@@ -327,6 +351,8 @@ class EncryptorSettings(ServiceSettings):
 
 class StoreWriterSettings(ServiceSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    # Only encryption.trusted_signing_keys: the store-writer never holds a master key.
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
 

@@ -106,9 +106,23 @@ class Transport:
         """The message body as a readable file positioned at 0; the caller closes it."""
         if instance.body is BodyKind.INLINE:
             return io.BytesIO(msg.data)  # shares the bytes: no copy
+        body, _ = await self._open_blob(instance)
+        return body
+
+    async def open_body_hashed(self, msg: Msg, instance: Instance) -> tuple[IO[bytes], str]:
+        """``open_body`` and the hex SHA-256 of exactly the bytes it returns.
+
+        A blob is hashed as it is copied into the private spool file the caller reads,
+        so the digest costs no second pass.
+        """
+        if instance.body is BodyKind.INLINE:
+            return io.BytesIO(msg.data), hashlib.sha256(msg.data).hexdigest()
+        return await self._open_blob(instance)
+
+    async def _open_blob(self, instance: Instance) -> tuple[IO[bytes], str]:
         spool = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115 (returned)
         try:
-            await self._read_blob(instance.blob, spool)
+            digest = await self._read_blob(instance.blob, spool)
             spool.seek(0)
         except (NotFoundError, ObjectNotFoundError) as exc:
             spool.close()
@@ -121,10 +135,11 @@ class Transport:
         except BaseException:
             spool.close()
             raise
-        return spool
+        return spool, digest
 
-    async def _read_blob(self, name: str, out: IO[bytes]) -> None:
-        """Copy a blob into ``out`` chunk by chunk, checking its size and digest.
+    async def _read_blob(self, name: str, out: IO[bytes]) -> str:
+        """Copy a blob into ``out`` chunk by chunk, checking its size and digest; return
+        the digest (hex SHA-256).
 
         Not ``ObjectStore.get``: that reads through an ordered push consumer whose
         flow-control replies nats-py sends from a 250 ms timer, which capped reads at
@@ -152,6 +167,7 @@ class Transport:
         actual = base64.urlsafe_b64encode(digest.digest()).decode()
         if size != info.size or expected.rstrip("=") != actual.rstrip("="):
             raise BrokerUnavailable(f"blob {name} read back incomplete or altered; retrying")
+        return digest.hexdigest()
 
     async def delete_blob(self, instance: Instance) -> None:
         """Best effort: a blob left behind is an orphan, never a loss."""

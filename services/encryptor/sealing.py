@@ -17,17 +17,26 @@ class Sealed:
     plaintext_size: int
     plaintext_sha256: str
     sealed_size: int
+    sealed_sha256: str
 
 
 def seal_and_hash(key: MasterKey, src: IO[bytes], dst: IO[bytes]) -> Sealed:
-    """Write the A1 envelope of ``src`` to ``dst``; memory stays at one chunk."""
+    """Write the A1 envelope of ``src`` to ``dst``, hashing the plaintext and the envelope
+    as they pass (the envelope's digest is what the signature covers); memory stays at
+    one chunk."""
     sealer = Sealer(key)
     digest = hashlib.sha256()
+    sealed_digest = hashlib.sha256()
+
+    def out(data: bytes) -> None:
+        sealed_digest.update(data)
+        dst.write(data)
+
     size = 0
-    dst.write(sealer.prefix)
+    out(sealer.prefix)
     while chunk := src.read(CHUNK):
         digest.update(chunk)
         size += len(chunk)
-        dst.write(sealer.update(chunk))
-    dst.write(sealer.finalize())
-    return Sealed(size, digest.hexdigest(), size + OVERHEAD)
+        out(sealer.update(chunk))
+    out(sealer.finalize())
+    return Sealed(size, digest.hexdigest(), size + OVERHEAD, sealed_digest.hexdigest())

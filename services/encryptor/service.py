@@ -20,6 +20,7 @@ from dicomflow.shared.consumer import AfterAck, Consumer
 from dicomflow.shared.envelope import OVERHEAD
 from dicomflow.shared.errors import ContractViolation
 from dicomflow.shared.keyring import KeyRing
+from dicomflow.shared.sealsign import SealSigner
 from dicomflow.shared.settings import EncryptorSettings
 from dicomflow.shared.telemetry import Telemetry
 from dicomflow.shared.tracing import Tracing
@@ -31,9 +32,12 @@ STAGE = "encryptor"
 
 
 class Encryptor:
-    def __init__(self, transport: Transport, keyring: KeyRing, tracing: Tracing) -> None:
+    def __init__(
+        self, transport: Transport, keyring: KeyRing, signer: SealSigner, tracing: Tracing
+    ) -> None:
         self._transport = transport
         self._keyring = keyring
+        self._signer = signer
         self._tracing = tracing
 
     async def handle(self, msg: Msg) -> AfterAck:
@@ -49,7 +53,11 @@ class Encryptor:
                     "body does not match its Dicomflow-Size/Dicomflow-Sha256 headers"
                 )
             sealed_file.seek(0)
-            out = self._tracing.propagate(instance.sealed(key.key_id, sealed.sealed_size))
+            out = self._tracing.propagate(
+                self._signer.sign(
+                    instance.sealed(key.key_id, sealed.sealed_size, sealed.sealed_sha256)
+                )
+            )
             await self._transport.publish(
                 subjects.sealed_subject(instance.called_ae, instance.calling_ae),
                 out,
@@ -66,6 +74,7 @@ class Encryptor:
 
 async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
     keyring = settings.encryption.keyring()  # refuses to start without a usable key
+    signer = settings.encryption.signer()  # and without its signing key
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
     try:
@@ -77,8 +86,12 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Tel
         transport = Transport(
             nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
         )
-        encryptor = Encryptor(transport, keyring, telemetry.tracing)
-        log.info("encryptor ready; current master key id %d", keyring.current.key_id)
+        encryptor = Encryptor(transport, keyring, signer, telemetry.tracing)
+        log.info(
+            "encryptor ready; current master key id %d, signing key %s",
+            keyring.current.key_id,
+            signer.signer,
+        )
         consumer = Consumer(
             js,
             stage=STAGE,

@@ -2,6 +2,13 @@
 
 For each SEALED message, keyed by SOP Instance UID:
 
+0. Trust it only if a trusted encryptor signing key signed its headers and the SHA-256
+   of its sealed body, and the body to be written has that digest (``sealsign``);
+   anything else is dead-lettered before the index or storage is touched. The store-writer
+   holds no master key: the signature is what stands for the GCM tag and the key id it
+   cannot check. A blob body is hashed as it is copied into the private spool file the
+   upload then reads, so the digest is of the bytes uploaded and nothing is written
+   (nor deleted again) when it differs.
 1. Look the instance up in the index.
    - Stored with the same plaintext digest: nothing to write (a redelivery or a resend);
      the ``dicom.stored`` event is published again (de-duplicated by its message id)
@@ -40,6 +47,7 @@ from dicomflow.shared.index import Conflict, Index, Record, State
 from dicomflow.shared.layout import Layout, object_key
 from dicomflow.shared.messages import BodyKind, Instance
 from dicomflow.shared.metrics import Metrics
+from dicomflow.shared.sealsign import SealVerifier
 from dicomflow.shared.settings import DuplicatePolicy, StorageSettings, StoreWriterSettings
 from dicomflow.shared.storage import ObjectExists, ObjectStore
 from dicomflow.shared.telemetry import Telemetry
@@ -63,8 +71,10 @@ class StoreWriter:
         policy: DuplicatePolicy,
         publish_timeout: float,
         telemetry: Telemetry,
+        verifier: SealVerifier,
     ) -> None:
         self._js = js
+        self._verifier = verifier
         self._transport = transport
         self._index = index
         self._store = store
@@ -78,8 +88,11 @@ class StoreWriter:
         self._metrics.storage()
 
     async def handle(self, msg: Msg) -> AfterAck:
-        instance = messages.parse(msg.headers, sealed=True)
-        with await self._transport.open_body(msg, instance) as body:
+        instance = messages.parse(msg.headers, sealed=True, signed=True)
+        self._verifier.verify(instance)  # before a blob is fetched
+        body, sha256 = await self._transport.open_body_hashed(msg, instance)
+        with body:
+            self._verifier.check_digest(instance, sha256)
             if instance.body is BodyKind.BLOB:  # inline bodies were checked on delivery
                 messages.check_envelope(instance, body.read(OVERHEAD))
                 body.seek(0)
@@ -198,7 +211,8 @@ class StoreWriter:
         )
 
     async def _emit(self, instance: Instance, record: Record) -> None:
-        headers = self._tracing.propagate(instance.with_body(messages.BodyKind.INLINE)).headers()
+        event = instance.with_body(messages.BodyKind.INLINE).unsigned()
+        headers = self._tracing.propagate(event).headers()
         headers[messages.H_MSG_ID] = f"stored:{record.object_key}:{instance.sha256}"
         headers[messages.H_OBJECT_KEY] = record.object_key
         try:
@@ -238,6 +252,7 @@ def _sha256_file(body: IO[bytes]) -> str:
 
 
 async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
+    verifier = settings.encryption.verifier()  # refuses to start without a trusted key
     store = storage.build_store(settings.storage)
     if settings.storage.layout is Layout.LEGACY:
         log.info("legacy layout: object names carry no extension, as the Orthanc plugins write")
@@ -261,11 +276,13 @@ async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: T
             settings.duplicate_policy,
             settings.nats.publish_timeout,
             telemetry,
+            verifier,
         )
         log.info(
-            "store-writer ready: backend %s, layout %s",
+            "store-writer ready: backend %s, layout %s, trusted signing keys %s",
             settings.storage.backend,
             settings.storage.layout,
+            ", ".join(verifier.signers),
         )
         consumer = Consumer(
             js,

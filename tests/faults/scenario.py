@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import nats
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicomflow.shared import subjects
 from dicomflow.shared.envelope import seal
 from dicomflow.shared.keyring import generate_master_key_file, load_master_key
 from dicomflow.shared.messages import Instance
+from dicomflow.shared.sealsign import SealSigner, load_signing_key
 from faults.checker import POISON_HEADER, Poison, Report, check
 from support.ledger import Ledger, Sender
 from support.pipeline import Pipeline
@@ -176,8 +178,11 @@ class PoisonMaker:
     REASONS: ClassVar[dict[str, str]] = {
         "undecodable": "ContractViolation",
         "bad-digest": "ContractViolation",
-        "bad-tag": "IntegrityError",
-        "unknown-key": "UnknownMasterKey",
+        # Sealed by the encryptor, then one ciphertext bit flipped on the way.
+        "bad-tag": "SealNotTrusted: digest check failed",
+        # Sealed under a master key nobody has and signed by a forger's own key, claiming
+        # to be the encryptor's.
+        "unknown-key": "SealNotTrusted: signature check failed",
     }
 
     def __init__(self, pipeline: Pipeline, folder: Path) -> None:
@@ -189,6 +194,8 @@ class PoisonMaker:
         generate_master_key_file(other)
         self._other_key = load_master_key(99, other)
         self._key = load_master_key(1, pipeline.key)
+        self._signer = load_signing_key(pipeline.signing_key, "encryption.signing_key")
+        self._forger = SealSigner(Ed25519PrivateKey.generate())
 
     def inject(self, *kinds: str) -> Callable[[], None]:
         """An action publishing one poison of each of ``kinds`` (all when none given)."""
@@ -208,13 +215,18 @@ class PoisonMaker:
         batch.append(("bad-digest", ingest, os.urandom(4096), _instance(plain).headers()))
 
         body = bytearray(seal(self._key, plain))
+        sealed = self._signer.sign(
+            _instance(plain).sealed(1, len(body), hashlib.sha256(body).hexdigest())
+        )
         body[len(body) // 2] ^= 0x01  # one flipped ciphertext bit: the tag cannot verify
-        sealed = _instance(plain).sealed(1, len(body))
         batch.append(("bad-tag", sealed_subject, bytes(body), sealed.headers()))
 
         other = seal(self._other_key, plain)
-        unknown = _instance(plain).sealed(99, len(other))
-        batch.append(("unknown-key", sealed_subject, other, unknown.headers()))
+        unknown = self._forger.sign(
+            _instance(plain).sealed(99, len(other), hashlib.sha256(other).hexdigest())
+        )
+        claimed = unknown.signed(self._signer.signer, unknown.signature)
+        batch.append(("unknown-key", sealed_subject, other, claimed.headers()))
 
         nc = await nats.connect(self._pipeline.nats.url)
         try:

@@ -179,31 +179,23 @@ def _dead_letters_of_sealed_poison(
         pipeline.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the store-writer holds no key and does not check key ids against the key ring: "
-    "checking them there would dead-letter every message sealed under a new key while the "
-    "store-writer still runs the old configuration during a rotation (test_rotation "
-    "caught it); such a body is caught on read (get/verify/scu-gateway)",
-)
 def test_sealed_poison_under_an_unknown_master_key_is_dead_lettered(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
+    """The store-writer holds no master key: the signature, not the key id, is checked
+    (so a genuine message under a new master key is stored during a rotation)."""
     letters = _dead_letters_of_sealed_poison(tmp_path, nats_server, "unknown-key")
     assert [letter["Dicomflow-Dlq-Stage"] for letter in letters] == ["store-writer"]
-    assert "UnknownMasterKey" in letters[0]["Dicomflow-Dlq-Reason"], letters
+    assert "SealNotTrusted: signature check failed" in letters[0]["Dicomflow-Dlq-Reason"]
     assert not [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the store-writer holds no key, so it cannot check the GCM tag: a SEALED body "
-    "with a bad tag is stored as it is (caught on read by get/verify/scu-gateway); only "
-    "the encryptor may publish on SEALED",
-)
 def test_sealed_poison_with_a_bad_tag_is_dead_lettered(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
+    """Without the master key the tag cannot be checked, but the body's digest can: it
+    differs from the one the encryptor signed."""
     letters = _dead_letters_of_sealed_poison(tmp_path, nats_server, "bad-tag")
-    assert letters
+    assert [letter["Dicomflow-Dlq-Stage"] for letter in letters] == ["store-writer"]
+    assert "SealNotTrusted: digest check failed" in letters[0]["Dicomflow-Dlq-Reason"]
     assert not [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]

@@ -3,8 +3,10 @@
 A process that can publish on ``dicomflow.ingest.>`` or ``dicomflow.sealed.>`` sends
 messages the gateway or the encryptor never would: malformed headers, a body that does
 not match them, a blob of another instance or outside the stage's prefix, a sealed
-body that is no A1 envelope. Each must end in the DLQ with a reason naming what is off,
-while a genuine instance sent at the same time is stored.
+body that is no A1 envelope, a sealed message without the encryptor's signature, signed
+by a key the store-writer does not trust, or whose body (inline or in the blob bucket)
+was altered after it was signed. Each must end in the DLQ with a reason naming what is
+off, while a genuine instance sent at the same time is stored.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from pathlib import Path
 
 import nats
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.shared import messages, subjects
 from dicomflow.shared.consumer import H_DLQ_REASON, H_DLQ_STAGE
-from dicomflow.shared.envelope import OVERHEAD
+from dicomflow.shared.envelope import OVERHEAD, seal
+from dicomflow.shared.keyring import MasterKey, load_master_key
 from dicomflow.shared.messages import BodyKind, Instance
+from dicomflow.shared.sealsign import SealSigner, load_signing_key
 from support.dicomfiles import ct_series
 from support.pipeline import Pipeline
 
@@ -41,6 +46,7 @@ class Forged:
     headers: dict[str, str] | None
     data: bytes
     reason: str  # a part of the dead-letter reason
+    blob: bool = False  # the body goes through the sealed blob bucket
 
 
 def _instance(n: int, **changes: object) -> Instance:
@@ -66,10 +72,32 @@ def _with(instance: Instance, **headers: str) -> dict[str, str]:
     return out
 
 
-def forged_messages() -> list[Forged]:
+def _sign(signer: SealSigner, instance: Instance, body: bytes) -> Instance:
+    sealed = instance.sealed(1, len(body), hashlib.sha256(body).hexdigest())
+    return signer.sign(sealed)
+
+
+def _flipped(body: bytes) -> bytes:
+    altered = bytearray(body)
+    altered[len(altered) // 2] ^= 0x01
+    return bytes(altered)
+
+
+def forged_messages(signer: SealSigner, key: MasterKey) -> list[Forged]:
+    """``signer`` is the encryptor's: its signature gets a sealed message past the
+    signature check, to the contract check each case is about."""
     i = _instance
     sealed_body = b"A1" + (1).to_bytes(4, "little") + bytes(len(BODY) + OVERHEAD - 6)
-    sealed = i(20).sealed(1, len(BODY) + OVERHEAD)
+    sealed = _sign(signer, i(20), sealed_body)
+    zeros = bytes(len(sealed_body))
+    envelope = seal(key, BODY)
+    big = bytes(range(256)) * (6 * 1024)  # 1.5 MiB: above the inline limit
+    big_instance = i(30, size=len(big), sha256=hashlib.sha256(big).hexdigest())
+    big_envelope = seal(key, big)
+    forger = SealSigner(Ed25519PrivateKey.generate())
+    forged = _sign(forger, i(27), envelope)
+    unsigned = _sign(signer, i(25), envelope).headers()
+    del unsigned[messages.H_SIGNER], unsigned[messages.H_SIGNATURE]
     return [
         Forged("no-contract-headers", False, None, BODY, "Dicomflow-Schema"),
         Forged("schema", False, _with(i(1), Dicomflow_Schema="9"), BODY, "Dicomflow-Schema"),
@@ -127,7 +155,7 @@ def forged_messages() -> list[Forged]:
         ),
         Forged("calling-ae", False, _with(i(10), Dicomflow_Calling_Ae="A\\B"), BODY, "Calling-Ae"),
         Forged("traceparent", False, _with(i(11), traceparent="00-x"), BODY, "traceparent"),
-        Forged("sealed-not-a1", True, sealed.headers(), b"\0" * len(sealed_body), "not an A1"),
+        Forged("sealed-not-a1", True, _sign(signer, i(21), zeros).headers(), zeros, "not an A1"),
         Forged(
             "sealed-key-id-differs",
             True,
@@ -158,6 +186,41 @@ def forged_messages() -> list[Forged]:
             b"",
             "own blob",
         ),
+        Forged("sealed-unsigned", True, unsigned, envelope, "Dicomflow-Signer is missing"),
+        Forged(
+            "sealed-untrusted-signer",
+            True,
+            _sign(forger, i(26), envelope).headers(),
+            envelope,
+            f"SealNotTrusted: signature check failed: the message is signed by signing key "
+            f"{forger.signer}, which is not among encryption.trusted_signing_keys",
+        ),
+        Forged(
+            "sealed-forged-signature",  # a forger's signature, claiming the encryptor's key
+            True,
+            forged.signed(signer.signer, forged.signature).headers(),
+            envelope,
+            "SealNotTrusted: signature check failed: Dicomflow-Signature does not verify",
+        ),
+        Forged(
+            "sealed-altered-inline",
+            True,
+            _sign(signer, i(28), envelope).headers(),
+            _flipped(envelope),
+            "SealNotTrusted: digest check failed",
+        ),
+        Forged(
+            "sealed-altered-blob",
+            True,
+            _sign(signer, big_instance, big_envelope)
+            .with_body(
+                BodyKind.BLOB, f"sealed.{big_instance.sop_instance_uid}.{big_instance.sha256[:16]}"
+            )
+            .headers(),
+            _flipped(big_envelope),
+            "SealNotTrusted: digest check failed",
+            blob=True,
+        ),
     ]
 
 
@@ -172,7 +235,12 @@ async def _publish(url: str, forged: list[Forged]) -> None:
             subject = (subjects.sealed_subject if f.sealed else subjects.ingest_subject)(
                 "DICOMFLOW", "STORESCU"
             )
-            await js.publish(subject, f.data, headers=headers, timeout=10)
+            data = f.data
+            if f.blob:  # the body goes into the sealed blob bucket, as the encryptor's would
+                name = headers[messages.H_BLOB]
+                await (await js.object_store(subjects.blob_bucket(name))).put(name, data)
+                data = b""
+            await js.publish(subject, data, headers=headers, timeout=10)
     finally:
         await nc.close()
 
@@ -191,7 +259,10 @@ def pipeline(tmp_path: Path, nats_server: NatsServer) -> Iterator[Pipeline]:
 def test_forged_messages_are_dead_lettered_and_a_genuine_one_is_stored(
     tmp_path: Path, pipeline: Pipeline
 ) -> None:
-    forged = forged_messages()
+    forged = forged_messages(
+        load_signing_key(pipeline.signing_key, "encryption.signing_key"),
+        load_master_key(1, pipeline.key),
+    )
     (genuine,) = ct_series(tmp_path / "in", 1)
     asyncio.run(_publish(pipeline.nats.url, forged[: len(forged) // 2]))
     assert pipeline.send([genuine]).statuses() == ["Success"]

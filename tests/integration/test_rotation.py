@@ -1,4 +1,5 @@
-"""Key rotation through the real pipeline: new key for new objects, `rekey`, retiring a key.
+"""Key rotation through the real pipeline: new key for new objects, `rekey`, retiring a key;
+and rotating the encryptor's signing key (store-writers trust the new key first).
 
 Stored on the local backend: the storage operations `rekey` uses (ranged GET, GET,
 overwriting PUT) are the ones test_backends drives on S3, Azurite and GCS.
@@ -6,6 +7,8 @@ overwriting PUT) are the ones test_backends drives on S3, Azurite and GCS.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -13,12 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats
 import pytest
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared.keyring import generate_master_key_file
+from dicomflow.shared import messages, subjects
+from dicomflow.shared.consumer import H_DLQ_REASON, H_DLQ_STAGE
+from dicomflow.shared.envelope import seal
+from dicomflow.shared.keyring import generate_master_key_file, load_master_key
+from dicomflow.shared.messages import Instance
+from dicomflow.shared.sealsign import generate_signing_key_pair, load_signing_key
 from support.dicomfiles import ct_series
 from support.pipeline import Pipeline
+from support.servers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +152,73 @@ def _rekey_killed_after(pipeline: Pipeline, *, progress_lines: int) -> None:
         proc.wait(60)
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL, f"rekey ended on its own after {seen} lines"
+
+
+def _restart(pipeline: Pipeline, stage: str, **encryption: object) -> None:
+    pipeline.extra.setdefault("encryption", {}).update(encryption)
+    pipeline.write_config()
+    pipeline.stages[stage].stop()
+    pipeline.start(stage)
+
+
+def test_signing_key_rotation_stores_everything(tmp_path: Path, nats_server: NatsServer) -> None:
+    """Store-writers trust old and new, the encryptor switches, then the old key is retired:
+    every instance is stored, and only a message signed by the retired key is refused."""
+    pipeline = Pipeline(
+        tmp_path / "p", nats_server, {"backend": "local", "local_path": tmp_path / "objects"}
+    ).start()
+    old_private, old_public = pipeline.signing_key, pipeline.signing_public
+    (tmp_path / "new").mkdir()
+    new_private, new_public = generate_signing_key_pair(tmp_path / "new")
+    new_signer = load_signing_key(new_private, "encryption.signing_key").signer
+    batches = [ct_series(tmp_path / f"in{n}", 4, rows=16, columns=16) for n in range(3)]
+    try:
+        assert pipeline.send(batches[0]).statuses() == ["Success"] * 4
+        pipeline.wait_stored(4)
+
+        _restart(pipeline, "store-writer", trusted_signing_keys=[old_public, new_public])
+        _restart(pipeline, "encryptor", signing_key=new_private)
+        assert f"signing key {new_signer}" in pipeline.logs("encryptor")
+        assert pipeline.send(batches[1]).statuses() == ["Success"] * 4
+        assert len(pipeline.wait_stored(8)) == 8
+
+        _restart(pipeline, "store-writer", trusted_signing_keys=[new_public])
+        assert pipeline.send(batches[2]).statuses() == ["Success"] * 4
+        assert len(pipeline.wait_stored(12)) == 12
+        assert pipeline.dead_letters() == []
+
+        # A message the retired key signed is no longer trusted.
+        asyncio.run(_publish_signed_by(pipeline, old_private))
+        (letter,) = wait_for("a dead letter", lambda: pipeline.dead_letters() or None, timeout=30)
+        assert letter[H_DLQ_STAGE] == "store-writer"
+        assert "which is not among encryption.trusted_signing_keys" in letter[H_DLQ_REASON]
+        pipeline.wait_drained()
+        assert len(pipeline.records()) == 12
+        verify = pipeline.cli("verify")
+        assert verify.returncode == 0 and '"verified": 12' in verify.stdout, verify.stdout
+    finally:
+        pipeline.stop()
+
+
+async def _publish_signed_by(pipeline: Pipeline, signing_key: Path) -> None:
+    plain = os.urandom(1000)
+    body = seal(load_master_key(1, pipeline.key), plain)
+    instance = Instance(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.777.1",
+        study_uid="1.2.826.0.1.3680043.8.498.777",
+        series_uid="1.2.826.0.1.3680043.8.498.777.0",
+        calling_ae="STORESCU",
+        called_ae="DICOMFLOW",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        size=len(plain),
+        sha256=hashlib.sha256(plain).hexdigest(),
+    ).sealed(1, len(body), hashlib.sha256(body).hexdigest())
+    signed = load_signing_key(signing_key, "encryption.signing_key").sign(instance)
+    nc = await nats.connect(pipeline.nats.url)
+    try:
+        subject = subjects.sealed_subject("DICOMFLOW", "STORESCU")
+        await nc.jetstream().publish(subject, body, headers=signed.headers(), timeout=10)
+    finally:
+        await nc.close()
+    assert messages.parse(signed.headers(), sealed=True, signed=True) == signed

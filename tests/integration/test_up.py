@@ -93,6 +93,12 @@ def test_up_stores_reads_back_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         banner = log.read_text()
         assert "DEVELOPMENT master key" in banner
         assert (data / "keys" / "master-1.key").stat().st_mode & 0o777 == 0o600
+        # The encryptor signs what it seals; the store-writer trusts the public half only.
+        signing = data / "keys" / "signing"
+        assert (signing / "signing.pem").stat().st_mode & 0o777 == 0o600
+        public = (signing / "signing.pub.pem").read_bytes()
+        config = (data / "dicomflow.toml").read_text()
+        assert "signing_key = " in config and "trusted_signing_keys = " in config
         assert "Received Store Response (Success)" in _send(port, first.path)
         assert "Association Rejected" in _send(port, first.path, calling="STORESCU")
         _wait_listed(data, first.sop_instance_uid)
@@ -110,6 +116,7 @@ def test_up_stores_reads_back_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     try:
         wait_for_port(port, timeout=90)
         assert "using the development master key" in log.read_text()
+        assert (data / "keys" / "signing" / "signing.pub.pem").read_bytes() == public
         assert "Received Store Response (Success)" in _send(port, second.path)
         listed = _wait_listed(data, second.sop_instance_uid)
         assert first.sop_instance_uid in listed

@@ -22,6 +22,7 @@ from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared import subjects
 from dicomflow.shared.keyring import generate_master_key_file
+from dicomflow.shared.sealsign import generate_signing_key_pair
 from support.dicomfiles import Made
 from support.servers import free_port, wait_for_port
 
@@ -71,6 +72,8 @@ class Pipeline:
         self.key = self.root / "keys" / "master-1.key"
         self.key.parent.mkdir(parents=True, exist_ok=True)
         generate_master_key_file(self.key)
+        # The encryptor signs what it seals with signing_key; store-writers trust its pair.
+        self.signing_key, self.signing_public = generate_signing_key_pair(self.key.parent)
         self.config = self.root / "dicomflow.toml"
         self.write_config()
         env = stage_env(self.config)
@@ -105,7 +108,11 @@ class Pipeline:
                 "allowed_calling_aes": self.allowed,
             },
             "storage": self.storage,
-            "encryption": {"master_key": {"id": 1, "path": self.key}},
+            "encryption": {
+                "master_key": {"id": 1, "path": self.key},
+                "signing_key": self.signing_key,
+                "trusted_signing_keys": [self.signing_public],
+            },
             "consumer": {"ack_wait": 10.0, "backoff_initial": 0.2, "backoff_max": 2.0},
             # Every stage serves /metrics, /livez, /readyz on a free loopback port it logs.
             "telemetry": {"metrics_host": "127.0.0.1", "metrics_port": 0},

@@ -35,6 +35,9 @@ HEADER_NAMES = [
     messages.H_BLOB,
     messages.H_KEY_ID,
     messages.H_SEALED_SIZE,
+    messages.H_SEALED_SHA256,
+    messages.H_SIGNER,
+    messages.H_SIGNATURE,
     messages.H_TRACEPARENT,
 ]
 TRICKY = [
@@ -83,7 +86,8 @@ def _instance(**changes: Any) -> Instance:
 
 
 def _sealed(**changes: Any) -> Instance:
-    return _instance(**changes).sealed(KEY.key_id, 10 + OVERHEAD)
+    # Well-formed signature headers: verifying them is the store-writer's (test_sealsign).
+    return _instance(**changes).sealed(KEY.key_id, 10 + OVERHEAD, SHA).signed("ab" * 8, "cd" * 64)
 
 
 header_values = st.one_of(st.sampled_from(TRICKY), st.text(max_size=80))
@@ -112,12 +116,12 @@ def mutated_headers(draw: st.DrawFn) -> dict[str, str]:
 
 def _parse_or_violation(headers: dict[str, str], sealed: bool) -> Instance | None:
     try:
-        instance = parse(headers, sealed=sealed)
+        instance = parse(headers, sealed=sealed, signed=sealed)
     except ContractViolation as exc:
         assert str(exc)
         return None
     # Whatever parses is well-formed: its own headers parse back to the same instance.
-    assert parse(instance.headers(), sealed=sealed) == instance
+    assert parse(instance.headers(), sealed=sealed, signed=sealed) == instance
     return instance
 
 
@@ -222,7 +226,8 @@ def test_an_inline_body_of_another_size_is_refused(length: int) -> None:
 
 
 def test_a_sealed_size_that_is_not_size_plus_overhead_is_refused() -> None:
-    headers = _instance().sealed(KEY.key_id, 10 + OVERHEAD + 1).headers()
+    headers = _sealed().headers()
+    headers[messages.H_SEALED_SIZE] = str(10 + OVERHEAD + 1)
     with pytest.raises(ContractViolation, match="A1 overhead"):
         check_delivery(subjects.SEALED_STREAM, headers, seal(KEY, bytes(11)))
 

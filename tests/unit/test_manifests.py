@@ -108,9 +108,19 @@ def test_every_stage_finds_its_settings(tmp_path: Path, monkeypatch: pytest.Monk
         assert str(settings.spool_dir) in mounts, name
         assert settings.telemetry.metrics_port == 9090
         encryption = getattr(settings, "encryption", None)
-        if encryption is not None:
+        if encryption is not None and name != "store-writer":
             assert encryption.master_key is not None, name
             assert str(encryption.master_key.path.parent) in mounts, name
+        if name == "encryptor":  # signs what it seals with a key of its own Secret
+            assert encryption is not None and encryption.signing_key is not None
+            assert _secret_at(deployment, encryption.signing_key.parent) == "dicomflow-signing-key"
+        if name == "store-writer":  # only the public keys, and no master key mounted
+            assert encryption is not None and encryption.trusted_signing_keys, name
+            for path in encryption.trusted_signing_keys:
+                assert str(path.parent) in mounts, name
+            assert encryption.master_key is None or (
+                str(encryption.master_key.path.parent) not in mounts
+            )
         storage = getattr(settings, "storage", None)
         if storage is not None and storage.backend == "s3":
             assert storage.s3_bucket and storage.s3_secret_access_key is not None, name

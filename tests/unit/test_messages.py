@@ -31,8 +31,18 @@ def _instance(**changes: object) -> Instance:
 def test_round_trip_inline_and_sealed_blob() -> None:
     inst = _instance()
     assert parse(inst.headers()) == inst
-    sealed = inst.sealed(7, 1320).with_body(BodyKind.BLOB, "sealed.1.2.3.4.abababab")
-    assert parse(sealed.headers(), sealed=True) == sealed
+    sealed = (
+        inst.sealed(7, 1320, "cd" * 32)
+        .signed("ef" * 8, "01" * 64)
+        .with_body(BodyKind.BLOB, "sealed.1.2.3.4.abababab")
+    )
+    assert parse(sealed.headers(), sealed=True, signed=True) == sealed
+    assert (
+        sealed.unsigned()
+        .headers()
+        .keys()
+        .isdisjoint({"Dicomflow-Sealed-Sha256", "Dicomflow-Signer", "Dicomflow-Signature"})
+    )
 
 
 def test_message_id_is_identity_plus_digest() -> None:
@@ -75,9 +85,33 @@ def test_missing_headers_and_blob_reference() -> None:
 def test_sealed_messages_need_key_id_and_sealed_size() -> None:
     with pytest.raises(ContractViolation, match="Dicomflow-Key-Id"):
         parse(_instance().headers(), sealed=True)
-    headers = _instance().sealed(1, 50).headers()  # smaller than the A1 overhead
+    headers = _instance().sealed(1, 50, SHA).headers()  # smaller than the A1 overhead
     with pytest.raises(ContractViolation, match="Sealed-Size"):
-        parse(headers, sealed=True)
+        parse(headers, sealed=True, signed=True)
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("Dicomflow-Sealed-Sha256", None),
+        ("Dicomflow-Sealed-Sha256", "AB" * 32),
+        ("Dicomflow-Signer", None),
+        ("Dicomflow-Signer", "ab" * 9),
+        ("Dicomflow-Signature", None),
+        ("Dicomflow-Signature", "zz" * 64),
+        ("Dicomflow-Signature", "ab" * 63),
+    ],
+)
+def test_sealed_messages_need_a_well_formed_digest_and_signature(
+    header: str, value: str | None
+) -> None:
+    headers = _instance().sealed(1, 1234 + 86, SHA).signed("ef" * 8, "01" * 64).headers()
+    if value is None:
+        del headers[header]
+    else:
+        headers[header] = value
+    with pytest.raises(ContractViolation, match=header):
+        parse(headers, sealed=True, signed=True)
 
 
 @pytest.mark.parametrize("ae", ["CT01", "CT 01", "A.B", "*>", "MR_3-T", "ÆØ", ""])

@@ -1,5 +1,5 @@
-"""`dicomflow keys new` creates a master key file; `keys status` (in ``rotation``) counts
-the objects each key protects."""
+"""`dicomflow keys new` creates a master key file, `keys new-signing` a signing key pair;
+`keys status` (in ``rotation``) counts the objects each key protects."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from dicomflow.cli import rotation
+from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import generate_master_key_file
+from dicomflow.shared.sealsign import generate_signing_key_pair
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,10 +30,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     new.add_argument("path", type=Path, metavar="PATH", help="file to create")
     new.set_defaults(func=_new)
+    signing = keys_sub.add_parser(
+        "new-signing",
+        help="create an Ed25519 key pair signing sealed messages",
+        description=(
+            "Write a new Ed25519 key pair to DIR: signing.pem (private, PKCS#8 PEM, mode "
+            "0600) and signing.pub.pem (public). The encryptor signs every sealed message "
+            "with the private key (encryption.signing_key); store-writers store only "
+            "messages signed by a key in encryption.trusted_signing_keys. To rotate, add "
+            "the new public key to every store-writer first, then switch the encryptor. "
+            "Refuses to overwrite."
+        ),
+    )
+    signing.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder")
+    signing.set_defaults(func=_new_signing)
     rotation.register_status(keys_sub)
 
 
 def _new(args: argparse.Namespace) -> int:
     generate_master_key_file(args.path)
     print(f"wrote a new master key to {args.path} (mode 0600); keep it secret", file=sys.stderr)
+    return 0
+
+
+def _new_signing(args: argparse.Namespace) -> int:
+    if not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is not an existing folder")
+    private, public = generate_signing_key_pair(args.out)
+    print(
+        f"wrote {private} (mode 0600; the encryptor's encryption.signing_key, keep it secret) "
+        f"and {public} (for the store-writers' encryption.trusted_signing_keys)",
+        file=sys.stderr,
+    )
     return 0

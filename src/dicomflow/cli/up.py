@@ -18,6 +18,7 @@ from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import generate_master_key_file
+from dicomflow.shared.sealsign import PRIVATE_NAME, PUBLIC_NAME, generate_signing_key_pair
 from dicomflow.shared.settings import NatsSettings, ScpSettings
 
 STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first
@@ -71,8 +72,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Start a local nats-server with JetStream (state under DIR/nats), set up the "
             "topology, run the scp-gateway, encryptor and store-writer stages, and store "
-            "encrypted objects under DIR/objects. Creates a development master key under "
-            "DIR/keys if none is configured. Ctrl-C or SIGTERM stops everything cleanly; "
+            "encrypted objects under DIR/objects. Creates a development master key and a "
+            "signing key pair (the encryptor signs what it seals, the store-writer checks) "
+            "under DIR/keys if none is configured. Ctrl-C or SIGTERM stops everything cleanly; "
             "running `up` again on the same DIR resumes where it stopped."
         ),
     )
@@ -138,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         print(WARNING.format(path=data.dev_key), file=sys.stderr)
     else:
         print(f"dicomflow: using the development master key {data.dev_key}", file=sys.stderr)
+    if not (data.signing / PRIVATE_NAME).exists():
+        data.signing.mkdir(mode=0o700, exist_ok=True)
+        generate_signing_key_pair(data.signing)  # refuses if only half a pair is there
 
     stop = StopFlag()
 
@@ -225,7 +230,11 @@ def _config(
             "allowed_calling_aes": allowed,
         },
         "storage": {"backend": "local", "local_path": data.objects, "layout": "flat"},
-        "encryption": {"master_key": {"id": 1, "path": data.dev_key}},
+        "encryption": {
+            "master_key": {"id": 1, "path": data.dev_key},
+            "signing_key": data.signing / PRIVATE_NAME,
+            "trusted_signing_keys": [data.signing / PUBLIC_NAME],
+        },
         "telemetry": {"metrics_host": "127.0.0.1"},
     }
 

@@ -35,6 +35,11 @@ class DataDir:
         return self.keys / "master-1.key"
 
     @property
+    def signing(self) -> Path:
+        """The development signing key pair (``sealsign``): encryptor signs, store-writer checks."""
+        return self.keys / "signing"
+
+    @property
     def nats_security(self) -> Path:
         """The generated nats-server config, NKey seeds (0600) and TLS certificates."""
         return self.keys / "nats"
