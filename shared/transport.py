@@ -10,12 +10,16 @@ between ack and delete leaves an orphan blob, never a message whose body is gone
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import tempfile
+from collections import deque
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -23,9 +27,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta, ObjectMetaOptions
+from nats.js.api import ObjectInfo, ObjectMetaOptions, PubAck
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
+from nats.nuid import NUID
 
 from dicomflow.shared import subjects
 from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 
 HEADER_ROOM = 16 * 1024
 BLOB_CHUNK = 4 * 1024 * 1024
+BLOB_WINDOW_BYTES = 16 * 1024 * 1024  # chunk bytes published and not yet acked, at most
 
 
 class Transport:
@@ -53,6 +59,7 @@ class Transport:
         self._spool_dir = spool_dir
         self._inline_limit = inline_limit
         self._blobs: dict[str, ObjectStore] = {}
+        self._nuid = NUID()
 
     @property
     def inline_limit(self) -> int:
@@ -84,16 +91,84 @@ class Transport:
             else:
                 data = b""
                 name = f"{blob_prefix}.{instance.sop_instance_uid}.{instance.sha256[:16]}"
-                meta = ObjectMeta(
-                    name=name, options=ObjectMetaOptions(max_chunk_size=self.blob_chunk_size)
-                )
-                store = await self.blobs(subjects.blob_bucket(name))
-                await store.put(name, body, meta=meta)  # type: ignore[arg-type]
+                await self._put_blob(name, body)
                 sent = instance.with_body(BodyKind.BLOB, name)
             await self._js.publish(subject, data, timeout=self._timeout, headers=sent.headers())
         except (NatsError, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"JetStream did not acknowledge the publish: {exc!r}") from exc
         return sent
+
+    async def _put_blob(self, name: str, body: IO[bytes]) -> None:
+        """Write ``body`` as the blob ``name``, in the JetStream object-store format.
+
+        Not ``ObjectStore.put``: it waits for the ack of each chunk before it sends the
+        next, so a 2 GiB body took some 2000 sequential round trips. Here up to
+        ``BLOB_WINDOW_BYTES`` of chunks are in flight; the metadata message, which is
+        what makes the blob exist, is published only once every chunk was acked, as
+        ``ObjectStore.put`` does. Chunks are read (and hashed, for the metadata's
+        digest) in a worker thread. On any failure the chunks written so far are purged;
+        a crash leaves chunks without metadata, which the blob sweeper removes.
+        """
+        bucket = _bucket_of(name)
+        stream = subjects.blob_stream(bucket)
+        store = await self.blobs(bucket)
+        try:
+            replaced: ObjectInfo | None = await store.get_info(name)
+        except (NotFoundError, ObjectNotFoundError):
+            replaced = None
+        nuid = self._nuid.next().decode()
+        chunk_subject = f"$O.{bucket}.C.{nuid}"
+        chunk_size = self.blob_chunk_size
+        window = max(BLOB_WINDOW_BYTES // chunk_size, 2)
+        digest = hashlib.sha256()
+        in_flight: deque[asyncio.Future[PubAck]] = deque()
+        size = chunks = 0
+
+        def read() -> bytes:
+            data = body.read(chunk_size)
+            digest.update(data)
+            return data
+
+        try:
+            while data := await asyncio.to_thread(read):
+                while len(in_flight) >= window:
+                    await asyncio.wait_for(in_flight.popleft(), self._timeout)
+                in_flight.append(await self._js.publish_async(chunk_subject, data))
+                size += len(data)
+                chunks += 1
+            while in_flight:
+                await asyncio.wait_for(in_flight.popleft(), self._timeout)
+            info = ObjectInfo(
+                name=name,
+                bucket=bucket,
+                nuid=nuid,
+                size=size,
+                chunks=chunks,
+                mtime=datetime.now(UTC).isoformat(),
+                digest=f"SHA-256={base64.urlsafe_b64encode(digest.digest()).decode()}",
+                options=ObjectMetaOptions(max_chunk_size=chunk_size),
+            )
+            meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+            await self._js.publish(
+                meta_subject,
+                json.dumps(info.as_dict()).encode(),
+                timeout=self._timeout,
+                headers={"Nats-Rollup": "sub"},
+            )
+        except BaseException:
+            # Chunks still in flight are let land first: a purge that overtook them would
+            # leave them behind.
+            with contextlib.suppress(NatsError, TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*in_flight, return_exceptions=True), self._timeout
+                )
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._js.purge_stream(stream, subject=chunk_subject)
+            raise
+        if replaced is not None and not replaced.deleted and replaced.nuid:
+            # The same blob written again (a retried publish): its old chunks go.
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._js.purge_stream(stream, subject=f"$O.{bucket}.C.{replaced.nuid}")
 
     def spool(self, size: int) -> IO[bytes]:
         """A scratch file for a body of ``size`` bytes: memory if it is inline-sized
