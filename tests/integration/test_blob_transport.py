@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import os
+from dataclasses import replace
 from typing import IO
 
 import nats
@@ -15,6 +16,7 @@ from nats.js.client import JetStreamContext
 
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.shared import subjects, topology
+from dicomflow.shared import transport as transport_module
 from dicomflow.shared.errors import BrokerUnavailable
 from dicomflow.shared.messages import BodyKind, Instance
 from dicomflow.shared.settings import NatsSettings
@@ -62,6 +64,7 @@ def test_windowed_put_reads_back_through_nats_py_and_direct_gets(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(Transport, "blob_chunk_size", property(lambda self: CHUNK))
+    monkeypatch.setattr(transport_module, "BLOB_WINDOW_BYTES", 3 * CHUNK)
     body = os.urandom(40 * CHUNK + 123)  # many windows of chunks, a short last chunk
 
     async def test(js: JetStreamContext, transport: Transport) -> None:
@@ -131,5 +134,42 @@ def test_failed_put_leaves_no_chunks_and_no_blob(
         store = await js.object_store(subjects.INGEST_BLOB_BUCKET)
         with pytest.raises(nats.js.errors.NotFoundError):
             await store.get_info(f"ingest.1.2.3.4.{_instance(body).sha256[:16]}")
+
+    asyncio.run(_with_transport(nats_server.url, test))
+
+
+def test_blobs_written_at_once_read_back_apart(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two puts in parallel interleave their chunks in the stream; each blob's batched
+    reads take only its own, across several batches."""
+    monkeypatch.setattr(Transport, "blob_chunk_size", property(lambda self: CHUNK))
+    monkeypatch.setattr(transport_module, "BLOB_WINDOW_BYTES", 2 * CHUNK)
+    first, second = os.urandom(9 * CHUNK + 1), os.urandom(7 * CHUNK)
+
+    async def test(js: JetStreamContext, transport: Transport) -> None:
+        def instance(body: bytes, sop: str) -> Instance:
+            return replace(_instance(body), sop_instance_uid=sop)
+
+        sent = await asyncio.gather(
+            transport.publish(
+                SUBJECT,
+                instance(first, "1.2.3.4"),
+                io.BytesIO(first),
+                len(first),
+                blob_prefix="ingest",
+            ),
+            transport.publish(
+                SUBJECT,
+                instance(second, "1.2.3.5"),
+                io.BytesIO(second),
+                len(second),
+                blob_prefix="ingest",
+            ),
+        )
+        for body, one in zip((first, second), sent, strict=True):
+            out = io.BytesIO()
+            await transport._read_blob(one.blob, out)
+            assert out.getvalue() == body
 
     asyncio.run(_with_transport(nats_server.url, test))
