@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 HEADER_ROOM = 16 * 1024
 BLOB_CHUNK = 4 * 1024 * 1024
 BLOB_WINDOW_BYTES = 16 * 1024 * 1024  # chunk bytes published and not yet acked, at most
+BLOB_READ_BYTES = 8 * 1024 * 1024  # chunk bytes asked for in one batched read
 
 
 class Transport:
@@ -206,7 +207,7 @@ class Transport:
         flow-control replies nats-py sends from a 250 ms timer, which capped reads at
         about 60 MB/s and made nats-server cache whole blobs. Batched direct gets of the
         chunk subject instead (``_chunks``): one request brings up to
-        ``BLOB_WINDOW_BYTES`` of chunks, so memory stays bounded and a 2 GiB blob is not
+        ``BLOB_READ_BYTES`` of chunks, so memory stays bounded and a 2 GiB blob is not
         some 2000 sequential round trips.
         """
         bucket = _bucket_of(name)
@@ -234,7 +235,7 @@ class Transport:
         request starts after the last sequence received.
         """
         stream = subjects.blob_stream(bucket)
-        batch = max(BLOB_WINDOW_BYTES // self.blob_chunk_size, 1)
+        batch = max(BLOB_READ_BYTES // self.blob_chunk_size, 1)
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         try:
@@ -244,7 +245,7 @@ class Transport:
                     "seq": seq,
                     "next_by_subj": subject,
                     "batch": min(batch, left),
-                    "max_bytes": BLOB_WINDOW_BYTES,
+                    "max_bytes": BLOB_READ_BYTES,
                 }
                 await self._nc.publish(
                     f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox

@@ -65,6 +65,7 @@ def test_windowed_put_reads_back_through_nats_py_and_direct_gets(
 ) -> None:
     monkeypatch.setattr(Transport, "blob_chunk_size", property(lambda self: CHUNK))
     monkeypatch.setattr(transport_module, "BLOB_WINDOW_BYTES", 3 * CHUNK)
+    monkeypatch.setattr(transport_module, "BLOB_READ_BYTES", 4 * CHUNK)
     body = os.urandom(40 * CHUNK + 123)  # many windows of chunks, a short last chunk
 
     async def test(js: JetStreamContext, transport: Transport) -> None:
@@ -145,6 +146,7 @@ def test_blobs_written_at_once_read_back_apart(
     reads take only its own, across several batches."""
     monkeypatch.setattr(Transport, "blob_chunk_size", property(lambda self: CHUNK))
     monkeypatch.setattr(transport_module, "BLOB_WINDOW_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(transport_module, "BLOB_READ_BYTES", 2 * CHUNK)
     first, second = os.urandom(9 * CHUNK + 1), os.urandom(7 * CHUNK)
 
     async def test(js: JetStreamContext, transport: Transport) -> None:
