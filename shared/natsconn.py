@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
+from dicomflow.shared import natsio
 from dicomflow.shared.errors import BrokerUnavailable, ConfigError
 from dicomflow.shared.settings import NatsSettings
 from dicomflow.shared.tlsfiles import load_ca, load_chain
@@ -88,6 +89,7 @@ async def connect_once(settings: NatsSettings, name: str) -> Client:
 async def _connect(**options: Any) -> Client:
     """``nats.connect``, closing the half-open client when it fails (nats-py leaves the
     socket of a refused TLS handshake or authentication open otherwise)."""
+    natsio.install()
     nc = Client()
     try:
         await nc.connect(**options)

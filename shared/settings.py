@@ -286,6 +286,14 @@ class ScpSettings(Section):
     max_dataset_bytes: int = Field(
         default=4 * 1024**3, ge=1, description="larger datasets are refused with 0xC211"
     )
+    reactor_delay: float = Field(
+        default=0.001,
+        ge=0.00005,
+        le=0.01,
+        description="seconds each association's network reactor sleeps when it finds "
+        "nothing to do (pynetdicom's DUL loop): shorter answers faster, costs CPU per idle "
+        "association",
+    )
     tls: DicomTlsSettings = Field(default_factory=DicomTlsSettings)
 
 

@@ -10,12 +10,17 @@ between ack and delete leaves an orphan blob, never a message whose body is gone
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import tempfile
+from collections import deque
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -23,9 +28,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta, ObjectMetaOptions
+from nats.js.api import ObjectInfo, ObjectMetaOptions, PubAck
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
+from nats.nuid import NUID
 
 from dicomflow.shared import subjects
 from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 HEADER_ROOM = 16 * 1024
 BLOB_CHUNK = 4 * 1024 * 1024
+BLOB_WINDOW_BYTES = 16 * 1024 * 1024  # chunk bytes published and not yet acked, at most
+BLOB_READ_BYTES = 8 * 1024 * 1024  # chunk bytes asked for in one batched read
 
 
 class Transport:
@@ -53,6 +61,7 @@ class Transport:
         self._spool_dir = spool_dir
         self._inline_limit = inline_limit
         self._blobs: dict[str, ObjectStore] = {}
+        self._nuid = NUID()
 
     @property
     def inline_limit(self) -> int:
@@ -84,16 +93,84 @@ class Transport:
             else:
                 data = b""
                 name = f"{blob_prefix}.{instance.sop_instance_uid}.{instance.sha256[:16]}"
-                meta = ObjectMeta(
-                    name=name, options=ObjectMetaOptions(max_chunk_size=self.blob_chunk_size)
-                )
-                store = await self.blobs(subjects.blob_bucket(name))
-                await store.put(name, body, meta=meta)  # type: ignore[arg-type]
+                await self._put_blob(name, body)
                 sent = instance.with_body(BodyKind.BLOB, name)
             await self._js.publish(subject, data, timeout=self._timeout, headers=sent.headers())
         except (NatsError, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"JetStream did not acknowledge the publish: {exc!r}") from exc
         return sent
+
+    async def _put_blob(self, name: str, body: IO[bytes]) -> None:
+        """Write ``body`` as the blob ``name``, in the JetStream object-store format.
+
+        Not ``ObjectStore.put``: it waits for the ack of each chunk before it sends the
+        next, so a 2 GiB body took some 2000 sequential round trips. Here up to
+        ``BLOB_WINDOW_BYTES`` of chunks are in flight; the metadata message, which is
+        what makes the blob exist, is published only once every chunk was acked, as
+        ``ObjectStore.put`` does. Chunks are read (and hashed, for the metadata's
+        digest) in a worker thread. On any failure the chunks written so far are purged;
+        a crash leaves chunks without metadata, which the blob sweeper removes.
+        """
+        bucket = _bucket_of(name)
+        stream = subjects.blob_stream(bucket)
+        store = await self.blobs(bucket)
+        try:
+            replaced: ObjectInfo | None = await store.get_info(name)
+        except (NotFoundError, ObjectNotFoundError):
+            replaced = None
+        nuid = self._nuid.next().decode()
+        chunk_subject = f"$O.{bucket}.C.{nuid}"
+        chunk_size = self.blob_chunk_size
+        window = max(BLOB_WINDOW_BYTES // chunk_size, 2)
+        digest = hashlib.sha256()
+        in_flight: deque[asyncio.Future[PubAck]] = deque()
+        size = chunks = 0
+
+        def read() -> bytes:
+            data = body.read(chunk_size)
+            digest.update(data)
+            return data
+
+        try:
+            while data := await asyncio.to_thread(read):
+                while len(in_flight) >= window:
+                    await asyncio.wait_for(in_flight.popleft(), self._timeout)
+                in_flight.append(await self._js.publish_async(chunk_subject, data))
+                size += len(data)
+                chunks += 1
+            while in_flight:
+                await asyncio.wait_for(in_flight.popleft(), self._timeout)
+            info = ObjectInfo(
+                name=name,
+                bucket=bucket,
+                nuid=nuid,
+                size=size,
+                chunks=chunks,
+                mtime=datetime.now(UTC).isoformat(),
+                digest=f"SHA-256={base64.urlsafe_b64encode(digest.digest()).decode()}",
+                options=ObjectMetaOptions(max_chunk_size=chunk_size),
+            )
+            meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+            await self._js.publish(
+                meta_subject,
+                json.dumps(info.as_dict()).encode(),
+                timeout=self._timeout,
+                headers={"Nats-Rollup": "sub"},
+            )
+        except BaseException:
+            # Chunks still in flight are let land first: a purge that overtook them would
+            # leave them behind.
+            with contextlib.suppress(NatsError, TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*in_flight, return_exceptions=True), self._timeout
+                )
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._js.purge_stream(stream, subject=chunk_subject)
+            raise
+        if replaced is not None and not replaced.deleted and replaced.nuid:
+            # The same blob written again (a retried publish): its old chunks go.
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._js.purge_stream(stream, subject=f"$O.{bucket}.C.{replaced.nuid}")
 
     def spool(self, size: int) -> IO[bytes]:
         """A scratch file for a body of ``size`` bytes: memory if it is inline-sized
@@ -143,31 +220,78 @@ class Transport:
 
         Not ``ObjectStore.get``: that reads through an ordered push consumer whose
         flow-control replies nats-py sends from a 250 ms timer, which capped reads at
-        about 60 MB/s and made nats-server cache whole blobs. Direct gets of the chunk
-        subject, one chunk per round trip, keep one chunk in memory at a time.
+        about 60 MB/s and made nats-server cache whole blobs. Batched direct gets of the
+        chunk subject instead (``_chunks``): one request brings up to
+        ``BLOB_READ_BYTES`` of chunks, so memory stays bounded and a 2 GiB blob is not
+        some 2000 sequential round trips.
         """
         bucket = _bucket_of(name)
         info = await (await self.blobs(bucket)).get_info(name)
         if info.nuid is None or info.size is None or info.chunks is None:
             raise ContractViolation(f"blob {name} has incomplete metadata")
-        subject = f"$O.{bucket}.C.{info.nuid}"
         digest = hashlib.sha256()
         size = 0
-        seq = 1
-        for _ in range(info.chunks):
-            chunk = await self._js.get_msg(
-                subjects.blob_stream(bucket), seq, subject=subject, next=True, direct=True
-            )
-            data = chunk.data or b""
-            digest.update(data)
-            size += len(data)
-            out.write(data)
-            seq = (chunk.seq or seq) + 1
+        chunks = self._chunks(bucket, f"$O.{bucket}.C.{info.nuid}", info.chunks)
+        async with contextlib.aclosing(chunks):
+            async for data in chunks:
+                digest.update(data)
+                size += len(data)
+                out.write(data)
         expected = (info.digest or "").split("=", 1)[-1]
         actual = base64.urlsafe_b64encode(digest.digest()).decode()
         if size != info.size or expected.rstrip("=") != actual.rstrip("="):
             raise BrokerUnavailable(f"blob {name} read back incomplete or altered; retrying")
         return digest.hexdigest()
+
+    async def _chunks(self, bucket: str, subject: str, count: int) -> AsyncGenerator[bytes, None]:
+        """The ``count`` chunks on ``subject``, in order, fetched in batches.
+
+        A batched direct get (``batch`` and ``max_bytes`` in the request, nats-server
+        2.11+) answers with the messages, then an end-of-batch status (204); the next
+        request starts after the last sequence received.
+        """
+        stream = subjects.blob_stream(bucket)
+        batch = max(BLOB_READ_BYTES // self.blob_chunk_size, 1)
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        try:
+            seq, left = 1, count
+            while left:
+                request = {
+                    "seq": seq,
+                    "next_by_subj": subject,
+                    "batch": min(batch, left),
+                    "max_bytes": BLOB_READ_BYTES,
+                }
+                await self._nc.publish(
+                    f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+                )
+                got = 0
+                while True:
+                    msg = await sub.next_msg(timeout=self._timeout)
+                    headers = msg.headers or {}
+                    status = headers.get("Status")
+                    if status == "204":  # end of this batch
+                        break
+                    if status is not None:
+                        raise (
+                            NotFoundError
+                            if status == "404"
+                            else BrokerUnavailable(
+                                f"direct get of blob chunks answered status {status}"
+                            )
+                        )
+                    seq = int(headers.get("Nats-Sequence", "0")) + 1
+                    got += 1
+                    left -= 1
+                    yield msg.data
+                    if not left:
+                        break
+                if not got:
+                    raise NotFoundError
+        finally:
+            with contextlib.suppress(NatsError):
+                await sub.unsubscribe()
 
     async def delete_blob(self, instance: Instance) -> None:
         """Best effort: a blob left behind is an orphan, never a loss."""

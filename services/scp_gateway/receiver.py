@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import time
 from concurrent.futures import Future
@@ -113,12 +114,25 @@ def check_contract(instance: Instance) -> None:
 def digest(fp: BinaryIO) -> tuple[int, str]:
     """Size and SHA-256 of ``fp`` from its start, read in chunks."""
     fp.seek(0)
+    if isinstance(fp, io.BytesIO):  # in memory already: one call, no chunk copies
+        fp.seek(0, io.SEEK_END)
+        with fp.getbuffer() as view:
+            return len(view), hashlib.sha256(view).hexdigest()
     sha = hashlib.sha256()
     size = 0
     while chunk := fp.read(_CHUNK):
         sha.update(chunk)
         size += len(chunk)
     return size, sha.hexdigest()
+
+
+def _open_body(path: Path, size: int, inline_limit: int) -> BinaryIO:
+    """The received Part-10 file, read: into memory at once when it travels inline (it
+    is at most ``max_payload`` and is published from memory anyway), so identity,
+    digest and publish share one read; otherwise the open file, streamed by each."""
+    if size <= inline_limit:
+        return io.BytesIO(path.read_bytes())
+    return path.open("rb")
 
 
 class Receiver:
@@ -191,8 +205,9 @@ class Receiver:
             # receive): it is never held whole in memory, here or later.
             path = Path(event.dataset_path)
             # Before anything reads it: the Part-10 file as it would be published.
-            check_size(path.stat().st_size, self._max_dataset_bytes)
-            with path.open("rb") as fp:
+            file_size = path.stat().st_size
+            check_size(file_size, self._max_dataset_bytes)
+            with _open_body(path, file_size, self._transport.inline_limit) as fp:
                 identity = identify(fp, str(request.AffectedSOPInstanceUID))
                 size, sha256 = digest(fp)
                 instance = Instance(

@@ -153,7 +153,9 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
         handlers: list[Any] = [
             (
                 evt.EVT_CONN_OPEN,
-                ConnectionLimits(scp.network_timeout, scp.maximum_pdu_size).on_open,
+                ConnectionLimits(
+                    scp.network_timeout, scp.maximum_pdu_size, scp.reactor_delay
+                ).on_open,
             ),
             (evt.EVT_C_ECHO, receiver.on_echo),
             (evt.EVT_C_STORE, receiver.on_store),
@@ -207,11 +209,16 @@ class ConnectionLimits:
     way pynetdicom closes the connection.
     """
 
-    def __init__(self, seconds: float, maximum_pdu_size: int) -> None:
+    def __init__(
+        self, seconds: float, maximum_pdu_size: int, reactor_delay: float | None = None
+    ) -> None:
         self._seconds = seconds
+        self._reactor_delay = reactor_delay
         self._max_read = maximum_pdu_size + PDU_MARGIN if maximum_pdu_size else UNLIMITED_PDU_CAP
 
     def on_open(self, event: Any) -> None:
+        if self._reactor_delay is not None:
+            event.assoc.dul._run_loop_delay = self._reactor_delay
         assoc_socket = event.assoc.dul.socket
         sock = getattr(assoc_socket, "socket", None)
         if sock is None:

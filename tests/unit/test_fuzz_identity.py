@@ -260,6 +260,8 @@ def test_an_unknown_vr_in_the_file_meta_is_unreadable() -> None:
 class _NoPublish:
     """A transport that fails the test if the receiver publishes anything."""
 
+    inline_limit = 1024 * 1024 - 16 * 1024  # a default server's max_payload less header room
+
     async def publish(self, *args: object, **kwargs: object) -> None:
         raise AssertionError("a refused dataset was published")
 

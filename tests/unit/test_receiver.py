@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydicom.uid import CTImageStorage
 
 from dicomflow.scp_gateway.identity import INFLATE_LIMIT
-from dicomflow.scp_gateway.receiver import CANNOT_UNDERSTAND, DOES_NOT_MATCH, Rejected, identify
+from dicomflow.scp_gateway.receiver import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH,
+    Rejected,
+    digest,
+    identify,
+)
+from dicomflow.scp_gateway.service import ConnectionLimits
 from support.dicomfiles import dataset, transfer_syntax_set, write
 
 # pydicom warns (it does not raise) about malformed input; the suite turns warnings into
@@ -91,3 +100,24 @@ def test_deflated_dataset_is_inflated_only_up_to_the_limit(tmp_path: Path) -> No
         tracemalloc.stop()
     assert identity.study_uid == ds.StudyInstanceUID
     assert peak < INFLATE_LIMIT * 2 < len(ds.PixelData)
+
+
+def test_digest_in_memory_equals_the_chunked_file_digest(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 5000  # over one read chunk of the file path
+    path = tmp_path / "body"
+    path.write_bytes(data)
+    with path.open("rb") as fp:
+        from_file = digest(fp)
+    buffer = io.BytesIO(data)
+    buffer.seek(17)  # digest always starts from the beginning
+    assert digest(buffer) == from_file == (len(data), hashlib.sha256(data).hexdigest())
+    assert buffer.read() == b""  # left at the end, as the chunked path leaves a file
+
+
+def test_reactor_delay_is_set_on_each_association() -> None:
+    dul = SimpleNamespace(_run_loop_delay=0.001, socket=SimpleNamespace(socket=None))
+    event = SimpleNamespace(assoc=SimpleNamespace(dul=dul))
+    ConnectionLimits(60.0, 0, 0.0002).on_open(event)
+    assert dul._run_loop_delay == 0.0002
+    ConnectionLimits(60.0, 0).on_open(event)  # no delay given: pynetdicom's own stays
+    assert dul._run_loop_delay == 0.0002
