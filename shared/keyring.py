@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicomflow.shared.errors import ConfigError, KeyFileError, UnknownMasterKey
+from dicomflow.shared.keyfiles import read_key_file, write_new_key_file
 
 KEY_LEN = 32
 MAX_KEY_ID = 2**32 - 1
@@ -65,19 +64,7 @@ def load_master_key(key_id: int, path: Path) -> MasterKey:
     Unlike the Orthanc plugins we refuse short or long keys instead of padding or
     truncating them: a wrong key file must stop the service, not weaken it silently.
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyFileError(f"master key file {path} does not exist; {_MAKE_ONE}") from exc
-    except IsADirectoryError as exc:
-        raise KeyFileError(
-            f"master key file {path} is a directory; point to the key file itself"
-        ) from exc
-    except OSError as exc:
-        raise KeyFileError(
-            f"cannot read master key file {path}: {exc.strerror or exc}; "
-            "check that it exists and that this user may read it"
-        ) from exc
+    raw = read_key_file(path, "master key file", _MAKE_ONE)
     text = raw.strip()
     if not text:
         raise KeyFileError(f"master key file {path} is empty; {_MAKE_ONE}")
@@ -140,25 +127,14 @@ def generate_master_key_file(path: Path) -> None:
     O_EXCL rather than an exists() check: overwriting a key file destroys every object
     sealed under it, so not even a race may do it.
     """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError as exc:
-        raise ConfigError(
-            f"refusing to overwrite existing file {path}: replacing a master key makes "
-            "every object sealed under it unreadable; choose another path"
-        ) from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot create master key file {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)  # the umask can only narrow the mode; be explicit
-            f.write(base64.b64encode(secrets.token_bytes(KEY_LEN)) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
+    write_new_key_file(
+        path,
+        base64.b64encode(secrets.token_bytes(KEY_LEN)) + b"\n",
+        0o600,
+        "master key file",
+        ": replacing a master key makes every object sealed under it unreadable; "
+        "choose another path",
+    )
 
 
 def parse_key_spec(spec: str) -> tuple[int, Path]:

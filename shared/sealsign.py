@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from dicomflow.shared import messages
 from dicomflow.shared.errors import ConfigError, KeyFileError, SealNotTrusted
+from dicomflow.shared.keyfiles import read_key_file, write_new_key_file
 from dicomflow.shared.messages import Instance
 
 DOMAIN = b"dicomflow sealed message"
@@ -137,7 +137,7 @@ class SealVerifier:
 
 def load_signing_key(path: Path, setting: str) -> SealSigner:
     """The Ed25519 private key in PEM file ``path`` (configured as ``setting``)."""
-    data = _read(path, setting)
+    data = read_key_file(path, f"{setting}: key file", _MAKE_ONE)
     if b"PUBLIC KEY-----" in data:
         raise KeyFileError(
             f"{setting}: {path} holds a public key; the encryptor needs the private key "
@@ -173,7 +173,7 @@ def load_trusted_keys(paths: Sequence[Path], setting: str) -> SealVerifier:
         )
     keys: list[Ed25519PublicKey] = []
     for path in paths:
-        data = _read(path, setting)
+        data = read_key_file(path, f"{setting}: key file", _MAKE_ONE)
         if b"PRIVATE KEY-----" in data:
             raise KeyFileError(
                 f"{setting}: {path} holds a private key; store-writers get only the public "
@@ -210,49 +210,14 @@ def generate_signing_key_pair(folder: Path) -> tuple[Path, Path]:
     for path in (private_path, public_path):
         if path.exists():
             raise ConfigError(f"refusing to overwrite existing file {path}; choose another folder")
-    _write_new(private_path, private_pem, 0o600)
+    write_new_key_file(private_path, private_pem, 0o600, "signing key file")
     try:
-        _write_new(public_path, public_pem, 0o644)
+        write_new_key_file(public_path, public_pem, 0o644, "public key file")
     except BaseException:
         with contextlib.suppress(OSError):
             private_path.unlink()
         raise
     return private_path, public_path
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError as exc:
-        raise ConfigError(f"refusing to overwrite existing file {path}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot create {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
-
-
-def _read(path: Path, setting: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyFileError(f"{setting}: key file {path} does not exist; {_MAKE_ONE}") from exc
-    except IsADirectoryError as exc:
-        raise KeyFileError(
-            f"{setting}: {path} is a directory; point to the PEM key file itself"
-        ) from exc
-    except OSError as exc:
-        raise KeyFileError(
-            f"{setting}: cannot read key file {path}: {exc.strerror or exc}; check that it "
-            "exists and that this user may read it"
-        ) from exc
 
 
 def _kind(key: object) -> str:
