@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 STAGE = "scu-gateway"
 ROUTER_STAGE = "scu-router"
 REAP_INTERVAL = 1.0
+SWITCH_INTERVAL = 0.001
 
 
 class Routing:
@@ -88,9 +90,9 @@ PREFETCH = 2
 
 
 def delivery_consumer(base: ConsumerSettings, dest: DestinationSettings) -> ConsumerSettings:
-    """Two workers per association (one sends while the other fetches and decrypts the
-    next instance; Deliverer lets only max_associations send); the destination may
-    stretch the retry budget."""
+    """Two workers per association (one's instance is on the wire while the other fetches
+    and decrypts the next; Deliverer's max_associations sender threads send them); the
+    destination may stretch the retry budget."""
     update: dict[str, object] = {"concurrency": PREFETCH * dest.max_associations}
     if dest.max_deliver is not None:
         update["max_deliver"] = dest.max_deliver
@@ -112,6 +114,10 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     # Send each file's encoded dataset as stored, in PDU-sized chunks: no decoding,
     # byte-identical on the wire, memory independent of the object's size.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    # pynetdicom's reactor threads wake up every millisecond; with the default 5 ms
+    # switch interval each one could wait that long for the GIL while the event loop
+    # decrypts, and every C-STORE waits on them.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     pools = {
         name: AssociationPool(name, dest, scu.ae_title, telemetry.metrics)
         for name, dest in scu.destinations.items()
@@ -120,6 +126,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
     tasks: list[asyncio.Task[None]] = []
+    deliverers: list[Deliverer] = []
     try:
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
@@ -155,6 +162,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
                 consumer_settings,
             )
             deliverer = Deliverer(name, dest, pools[name], store, keyring, settings.spool_dir)
+            deliverers.append(deliverer)
             consumers.append(
                 Consumer(
                     js,
@@ -179,6 +187,8 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     finally:
         for task in tasks:
             task.cancel()
+        for deliverer in deliverers:
+            await asyncio.to_thread(deliverer.close)
         for pool in pools.values():
             await asyncio.to_thread(pool.close)
         await nc.drain()
