@@ -13,12 +13,6 @@ encoded dataset), never transcoded: a pair the peer does not accept is a permane
 refusal. Nagle is off on every association's socket. A reused association the peer
 closed while idle is replaced once, at once, before the failure counts as a transient one.
 
-pynetdicom's DUL thread looks for work (a PDU to send, one received) then sleeps a
-millisecond when it found none: every C-STORE waits on it twice. An association in use
-polls every ``ACTIVE_POLL`` instead (pynetdicom's ``_run_loop_delay``, private but
-stable since 1.x; left alone if absent); one idle for ``QUIET_AFTER`` goes back to the
-default, so idle associations cost no CPU.
-
 Association attempts are counted per destination (opened, rejected, failed) and the
 open ones exported as a gauge, when the pool is given the service's metrics.
 
@@ -51,9 +45,6 @@ log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]  # (SOP class UID, transfer syntax UID)
 
-ACTIVE_POLL = 0.0002  # seconds between the DUL thread's looks while in use
-IDLE_POLL = 0.001  # pynetdicom's default
-QUIET_AFTER = 1.0  # seconds unused before an association polls at IDLE_POLL again
 MAX_CONTEXTS = 64  # of the 128 DICOM allows: room for a peer that splits contexts
 REJECTED_PERMANENT = 0x01
 
@@ -140,9 +131,6 @@ class AssociationPool:
         with self._lock:
             old = [link for link in self._idle if now - link.last_used >= limit]
             self._idle = [link for link in self._idle if link not in old]
-            for link in self._idle:
-                if now - link.last_used >= QUIET_AFTER:
-                    _pace(link.assoc, IDLE_POLL)
         for link in old:
             self._close(link)
 
@@ -158,7 +146,6 @@ class AssociationPool:
                 self._wanted.pop(next(iter(self._wanted)))
             for i, link in enumerate(self._idle):
                 if pair in link.accepted:
-                    _pace(link.assoc, ACTIVE_POLL)
                     return self._idle.pop(i)
             if any(pair in link.proposed for link in self._idle):
                 raise self._no_context(pair)
@@ -211,7 +198,6 @@ class AssociationPool:
             sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _pace(assoc, ACTIVE_POLL)
             return assoc
         rsp = assoc.acceptor.primitive
         if assoc.is_rejected and rsp is not None:
@@ -266,10 +252,3 @@ class AssociationPool:
             f"{self.where} accepts no presentation context for SOP class {pair[0]} in "
             f"transfer syntax {pair[1]} (dicomflow sends instances as stored, never transcoded)"
         )
-
-
-def _pace(assoc: Any, delay: float) -> None:
-    """How long ``assoc``'s DUL thread sleeps when it found nothing to do."""
-    dul = getattr(assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = delay

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -44,7 +43,6 @@ log = logging.getLogger(__name__)
 STAGE = "scu-gateway"
 ROUTER_STAGE = "scu-router"
 REAP_INTERVAL = 1.0
-SWITCH_INTERVAL = 0.001
 
 
 class Routing:
@@ -86,14 +84,17 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
     return handle
 
 
-PREFETCH = 2
+WORKERS_PER_ASSOCIATION = 4
+MAX_WORKERS = 256  # ConsumerSettings.concurrency's bound
 
 
 def delivery_consumer(base: ConsumerSettings, dest: DestinationSettings) -> ConsumerSettings:
-    """Two workers per association (one's instance is on the wire while the other fetches
-    and decrypts the next; Deliverer's max_associations sender threads send them); the
-    destination may stretch the retry budget."""
-    update: dict[str, object] = {"concurrency": PREFETCH * dest.max_associations}
+    """Four workers per association: while one's instance is on the wire, the others
+    fetch, decrypt and ack, so a sender thread finds the next instance ready when the
+    peer answers even when a NATS round trip is slow; Deliverer's max_associations
+    sender threads send them. The destination may stretch the retry budget."""
+    workers = min(WORKERS_PER_ASSOCIATION * dest.max_associations, MAX_WORKERS)
+    update: dict[str, object] = {"concurrency": workers}
     if dest.max_deliver is not None:
         update["max_deliver"] = dest.max_deliver
     if dest.backoff_max is not None:
@@ -114,10 +115,6 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     # Send each file's encoded dataset as stored, in PDU-sized chunks: no decoding,
     # byte-identical on the wire, memory independent of the object's size.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-    # pynetdicom's reactor threads wake up every millisecond; with the default 5 ms
-    # switch interval each one could wait that long for the GIL while the event loop
-    # decrypts, and every C-STORE waits on them.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     pools = {
         name: AssociationPool(name, dest, scu.ae_title, telemetry.metrics)
         for name, dest in scu.destinations.items()
