@@ -29,7 +29,12 @@ from dicomflow.scu_gateway.sender import Senders
 from dicomflow.scu_gateway.status import DeliveryRefused, error_for
 from dicomflow.shared import retrieval, storage
 from dicomflow.shared.consumer import AfterAck
-from dicomflow.shared.errors import ContractViolation, DigestMismatch, ObjectMissing
+from dicomflow.shared.errors import (
+    ConfigError,
+    ContractViolation,
+    DigestMismatch,
+    ObjectMissing,
+)
 from dicomflow.shared.keyring import KeyRing
 from dicomflow.shared.messages import Instance
 from dicomflow.shared.settings import DestinationSettings
@@ -56,12 +61,20 @@ class Deliverer:
         self._syntaxes = set(destination.transfer_syntaxes)
         # Workers outnumber associations (see service.delivery_consumer) so that the next
         # instances are fetched and decrypted while one is on the wire; max_associations
-        # sender threads send them.
-        self._senders = Senders(pool, destination.max_associations)
+        # sender threads send them (started last: nothing to stop if the spool fails).
         self._store = store
         self._keyring = keyring
-        self._spool = Path(tempfile.mkdtemp(dir=spool_dir, prefix=f"dicomflow-scu-{name}-"))
+        try:
+            if spool_dir is not None:
+                spool_dir.mkdir(parents=True, exist_ok=True)
+            self._spool = Path(tempfile.mkdtemp(dir=spool_dir, prefix=f"dicomflow-scu-{name}-"))
+        except OSError as exc:
+            raise ConfigError(
+                f"spool_dir {spool_dir or tempfile.gettempdir()} cannot hold the scu-gateway's "
+                f"private files: {exc.strerror or exc}; point spool_dir at a writable folder"
+            ) from exc
         self._names = itertools.count()
+        self._senders = Senders(pool, destination.max_associations)
 
     def close(self) -> None:
         """Stop the sender threads and remove the spool folder (blocking)."""

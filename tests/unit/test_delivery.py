@@ -21,7 +21,7 @@ from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.sender import Senders
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
 from dicomflow.shared import envelope
-from dicomflow.shared.errors import DigestMismatch, IntegrityError, ObjectMissing
+from dicomflow.shared.errors import ConfigError, DigestMismatch, IntegrityError, ObjectMissing
 from dicomflow.shared.keyring import KeyRing, MasterKey
 from dicomflow.shared.messages import Instance
 from dicomflow.shared.settings import DestinationSettings
@@ -264,3 +264,27 @@ async def test_concurrent_handlers_use_every_sender(tmp_path: Path) -> None:
     assert sum(isinstance(r, DeliveryRefused) for r in results) == 1
     assert sum(r is None for r in results) == 3
     assert len(pool.sent) == 4
+
+
+def test_unusable_spool_dir_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(ConfigError, match="spool_dir"):
+        Deliverer(
+            "PEER",
+            DEST,
+            FakePool(),  # type: ignore[arg-type]
+            obstore.store.MemoryStore(),
+            KeyRing(KEY),
+            blocker / "spool",
+        )
+
+
+def test_missing_spool_dir_is_created(tmp_path: Path) -> None:
+    d, _ = deliverer(FakePool(), tmp_path / "a" / "b")
+    try:
+        assert d._spool.parent == tmp_path / "a" / "b"
+        assert d._spool.stat().st_mode & 0o777 == 0o700
+    finally:
+        d.close()
+    assert leftovers(tmp_path / "a" / "b") == []
