@@ -31,7 +31,6 @@ __all__ = [
     "build_store",
     "exists",
     "put",
-    "read_all",
     "read_chunks",
     "read_range",
     "sha256_of",
@@ -110,21 +109,6 @@ async def read_chunks(store: ObjectStore, key: str) -> AsyncIterator[bytes]:
         result = await obstore.get_async(store, key)
         async for chunk in result.stream(min_chunk_size=CHUNK):
             yield bytes(chunk)
-    except FileNotFoundError:
-        raise
-    except (BaseError, OSError) as exc:
-        raise StorageUnavailable(f"reading object failed: {type(exc).__name__}: {exc}") from exc
-
-
-async def read_all(store: ObjectStore, key: str) -> bytes:
-    """A whole object in memory, in one GET: only for objects known to be small.
-
-    Far cheaper than ``read_chunks`` for one small object (no stream to set up and
-    iterate). A missing object raises FileNotFoundError.
-    """
-    try:
-        result = await obstore.get_async(store, key)
-        return bytes(await result.bytes_async())
     except FileNotFoundError:
         raise
     except (BaseError, OSError) as exc:

@@ -202,6 +202,20 @@ async def test_tampered_object_never_reaches_the_peer(
     assert pool.sent == []
 
 
+async def test_longer_object_than_recorded_is_refused_unread(tmp_path: Path) -> None:
+    pool = FakePool()
+    d, store = deliverer(pool, tmp_path)
+    try:
+        msg = sealed_request(store, b"x" * 3000, "k/1")
+        sealed = bytes(obstore.get(store, "k/1").bytes())
+        obstore.put(store, "k/1", sealed + bytes(10_000_000))
+        with pytest.raises(IntegrityError, match="not the 3086 bytes"):
+            await d.handle(msg)
+    finally:
+        d.close()
+    assert pool.sent == []
+
+
 async def test_plaintext_of_another_digest_is_not_sent(tmp_path: Path) -> None:
     pool = FakePool()
     d, store = deliverer(pool, tmp_path)
