@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -58,6 +59,14 @@ def open_checked(
     if sink.digest.hexdigest() != sha256:
         raise DigestMismatch("object decrypts, but not to the SHA-256 on record")
     return written
+
+
+def open_verified(keyring: KeyRing, sealed: bytes, sha256: str) -> bytes:
+    """The plaintext of a sealed object held in memory, released only once the tag
+    verified and its SHA-256 matched; for objects small enough to hold twice in memory."""
+    plain = io.BytesIO()
+    open_checked(keyring, io.BytesIO(sealed), len(sealed), plain, sha256)
+    return plain.getvalue()
 
 
 async def fetch_verified(

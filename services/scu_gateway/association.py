@@ -8,10 +8,11 @@ idle one first.
 
 An association is negotiated for the (SOP class, transfer syntax) pairs recently seen,
 one presentation context per pair, so a series in one syntax travels over one
-association. Instances are sent exactly as stored (pynetdicom streams the file's
-encoded dataset), never transcoded: a pair the peer does not accept is a permanent
-refusal. Nagle is off on every association's socket. A reused association the peer
-closed while idle is replaced once, at once, before the failure counts as a transient one.
+association. Instances are sent exactly as stored (the file's encoded dataset, written
+to the socket by ``pdata`` on plain TCP, by pynetdicom over TLS), never transcoded: a
+pair the peer does not accept is a permanent refusal. Nagle is off on every
+association's socket. A reused association the peer closed while idle is replaced once,
+at once, before the failure counts as a transient one.
 
 Association attempts are counted per destination (opened, rejected, failed) and the
 open ones exported as a gauge, when the pool is given the service's metrics.
@@ -36,6 +37,7 @@ from typing import Any
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicomflow.scu_gateway import pdata
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
 from dicomflow.shared import dicomtls
 from dicomflow.shared.metrics import Metrics
@@ -222,7 +224,10 @@ class AssociationPool:
 
     def _send(self, link: Link, path: Path) -> int:
         try:
-            rsp = link.assoc.send_c_store(path)
+            if self._tls_args is None and pdata.usable(link.assoc):
+                rsp = pdata.store(link.assoc, path, self._dest.network_timeout)
+            else:
+                rsp = link.assoc.send_c_store(path)
         except (RuntimeError, OSError) as exc:  # not established any more, socket gone
             self._close(link)
             raise DeliveryDeferred(f"association with {self.where} lost: {exc}") from exc

@@ -1,14 +1,24 @@
 """Delivering one request: read the object from storage, decrypt it, C-STORE it.
 
-The plaintext is written into a private temporary folder (mode 0700) only once the GCM
-tag verified and the SHA-256 and size matched the request (``shared.retrieval``), before
-a single byte goes to the peer. It is gone when the handler returns, whatever the outcome.
+The plaintext goes into the deliverer's private spool folder (mode 0700, one file per
+instance, mode 0600) and is handed to the sender threads (``sender``) only once the GCM
+tag verified and the SHA-256 and size matched the request, before a single byte goes to
+the peer. It is removed once its C-STORE ended (or failed before), whatever the outcome;
+``close`` removes the folder.
+
+An object of up to ``IN_MEMORY_MAX`` sealed bytes is read in one ranged GET (far
+cheaper than obstore's stream for one small object) and decrypted in memory, and the
+plaintext written to its file only after it verified; a larger one streams from
+storage to disk (``shared.retrieval.fetch_verified``), in constant memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,15 +26,25 @@ from nats.aio.msg import Msg
 
 from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.sender import Senders
 from dicomflow.scu_gateway.status import DeliveryRefused, error_for
-from dicomflow.shared import retrieval
+from dicomflow.shared import retrieval, storage
 from dicomflow.shared.consumer import AfterAck
-from dicomflow.shared.errors import ContractViolation, DigestMismatch
+from dicomflow.shared.errors import (
+    ConfigError,
+    ContractViolation,
+    DigestMismatch,
+    IntegrityError,
+    ObjectMissing,
+)
 from dicomflow.shared.keyring import KeyRing
+from dicomflow.shared.messages import Instance
 from dicomflow.shared.settings import DestinationSettings
 from dicomflow.shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+
+IN_MEMORY_MAX = 8 * 1024**2  # sealed bytes
 
 
 class Deliverer:
@@ -42,13 +62,26 @@ class Deliverer:
         self._name = name
         self._syntaxes = set(destination.transfer_syntaxes)
         # Workers outnumber associations (see service.delivery_consumer) so that the next
-        # instance is fetched and decrypted while this one is on the wire; only
-        # max_associations of them send at once.
-        self._sending = asyncio.Semaphore(destination.max_associations)
-        self._pool = pool
+        # instances are fetched and decrypted while one is on the wire; max_associations
+        # sender threads send them (started last: nothing to stop if the spool fails).
         self._store = store
         self._keyring = keyring
-        self._spool_dir = spool_dir
+        try:
+            if spool_dir is not None:
+                spool_dir.mkdir(parents=True, exist_ok=True)
+            self._spool = Path(tempfile.mkdtemp(dir=spool_dir, prefix=f"dicomflow-scu-{name}-"))
+        except OSError as exc:
+            raise ConfigError(
+                f"spool_dir {spool_dir or tempfile.gettempdir()} cannot hold the scu-gateway's "
+                f"private files: {exc.strerror or exc}; point spool_dir at a writable folder"
+            ) from exc
+        self._names = itertools.count()
+        self._senders = Senders(pool, destination.max_associations)
+
+    def close(self) -> None:
+        """Stop the sender threads and remove the spool folder (blocking)."""
+        self._senders.close()
+        shutil.rmtree(self._spool, ignore_errors=True)
 
     async def handle(self, msg: Msg) -> AfterAck | None:
         req = request.parse(msg.headers)
@@ -62,22 +95,18 @@ class Deliverer:
                 f"{self._name} is configured for other transfer syntaxes than the stored "
                 f"{instance.transfer_syntax} (dicomflow does not transcode)"
             )
-        with tempfile.TemporaryDirectory(dir=self._spool_dir, prefix="dicomflow-scu-") as tmp:
-            plain = Path(tmp) / "instance.dcm"
-            size = await retrieval.fetch_verified(
-                self._store,
-                self._keyring,
-                object_key=req.object_key,
-                sha256=instance.sha256,
-                out=plain,
-                scratch=self._spool_dir,
+        plain = self._spool / f"{next(self._names)}.dcm"
+        handed = False
+        try:
+            await self._fetch(req.object_key, instance, plain)
+            sending = self._senders.submit(
+                plain, (instance.sop_class_uid, instance.transfer_syntax)
             )
-            if size != instance.size:
-                raise DigestMismatch("decrypted object is not the size the request names")
-            async with self._sending:
-                status = await asyncio.to_thread(
-                    self._pool.store, plain, (instance.sop_class_uid, instance.transfer_syntax)
-                )
+            handed = True  # the senders remove the file from here on
+            status = await sending.status()
+        finally:
+            if not handed:
+                plain.unlink(missing_ok=True)
         error = error_for(status, self._name)
         if error is not None:
             raise error
@@ -88,3 +117,41 @@ class Deliverer:
             msg.metadata.num_delivered,
         )
         return None
+
+    async def _fetch(self, object_key: str, instance: Instance, out: Path) -> None:
+        """Create ``out`` holding the verified plaintext of the instance, or raise."""
+        sealed_size = instance.sealed_size
+        if sealed_size is not None and sealed_size <= IN_MEMORY_MAX:
+            try:
+                # One ranged GET, never more than the record names (plus one byte, to
+                # notice a longer object): memory stays bounded whatever is stored.
+                sealed = await storage.read_range(self._store, object_key, 0, sealed_size + 1)
+            except FileNotFoundError as exc:
+                raise ObjectMissing(f"object {object_key} is missing from storage") from exc
+            if len(sealed) != sealed_size:
+                raise IntegrityError(
+                    f"object {object_key} is not the {sealed_size} bytes its record names"
+                )
+            size = await asyncio.to_thread(self._open_into, sealed, instance.sha256, out)
+        else:
+            size = await retrieval.fetch_verified(
+                self._store,
+                self._keyring,
+                object_key=object_key,
+                sha256=instance.sha256,
+                out=out,
+                scratch=self._spool,
+            )
+        if size != instance.size:
+            raise DigestMismatch("decrypted object is not the size the request names")
+
+    def _open_into(self, sealed: bytes, sha256: str, out: Path) -> int:
+        plain = retrieval.open_verified(self._keyring, sealed, sha256)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(plain)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        return len(plain)

@@ -5,6 +5,17 @@ A rule matches when every one of its patterns matches the instance (shell-style
 to the union of the destinations of every matching rule, each once, in the order the
 rules name them. Rules are checked when the settings load (unknown destinations, bad
 UID patterns) and compiled here once.
+
+Rules are evaluated on stored instances (``dicom.stored`` events) only. Relay mode,
+routing received instances before storage, is left out on purpose: INGEST is a
+work-queue stream, so JetStream refuses a second consumer whose filter overlaps the
+encryptor's, and a message is removed as soon as the encryptor acks it; a large body's
+ingest blob is deleted right after that ack too. A relay consumer would need INGEST
+with interest retention (plaintext then stays on the broker until the slowest consumer,
+possibly an unreachable PACS, acks, and the encryptor may delete a blob only once both
+did), or the scp-gateway publishing a second copy to a stream of its own (plaintext
+kept twice). Both weaken INGEST's "plaintext only until sealed" property, so relay
+waits for a design decision rather than a flag.
 """
 
 from __future__ import annotations

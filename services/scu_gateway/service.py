@@ -84,14 +84,17 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
     return handle
 
 
-PREFETCH = 2
+WORKERS_PER_ASSOCIATION = 4
+MAX_WORKERS = 256  # ConsumerSettings.concurrency's bound
 
 
 def delivery_consumer(base: ConsumerSettings, dest: DestinationSettings) -> ConsumerSettings:
-    """Two workers per association (one sends while the other fetches and decrypts the
-    next instance; Deliverer lets only max_associations send); the destination may
-    stretch the retry budget."""
-    update: dict[str, object] = {"concurrency": PREFETCH * dest.max_associations}
+    """Four workers per association: while one's instance is on the wire, the others
+    fetch, decrypt and ack, so a sender thread finds the next instance ready when the
+    peer answers even when a NATS round trip is slow; Deliverer's max_associations
+    sender threads send them. The destination may stretch the retry budget."""
+    workers = min(WORKERS_PER_ASSOCIATION * dest.max_associations, MAX_WORKERS)
+    update: dict[str, object] = {"concurrency": workers}
     if dest.max_deliver is not None:
         update["max_deliver"] = dest.max_deliver
     if dest.backoff_max is not None:
@@ -120,6 +123,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
     tasks: list[asyncio.Task[None]] = []
+    deliverers: list[Deliverer] = []
     try:
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
@@ -155,6 +159,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
                 consumer_settings,
             )
             deliverer = Deliverer(name, dest, pools[name], store, keyring, settings.spool_dir)
+            deliverers.append(deliverer)
             consumers.append(
                 Consumer(
                     js,
@@ -179,6 +184,8 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     finally:
         for task in tasks:
             task.cancel()
+        for deliverer in deliverers:
+            await asyncio.to_thread(deliverer.close)
         for pool in pools.values():
             await asyncio.to_thread(pool.close)
         await nc.drain()

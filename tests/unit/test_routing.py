@@ -187,7 +187,9 @@ def test_request_from_an_index_record() -> None:
 def test_delivery_consumer_settings() -> None:
     base = ConsumerSettings(max_deliver=10, backoff_max=60)
     plain = delivery_consumer(base, DestinationSettings(**DEST, max_associations=3))
-    assert (plain.concurrency, plain.max_deliver, plain.backoff_max) == (6, 10, 60)  # 2 per assoc
+    assert (plain.concurrency, plain.max_deliver, plain.backoff_max) == (12, 10, 60)  # 4 per assoc
+    widest = delivery_consumer(base, DestinationSettings(**DEST, max_associations=64))
+    assert widest.concurrency == 256  # ConsumerSettings' bound
     tuned = delivery_consumer(base, DestinationSettings(**DEST, max_deliver=50, backoff_max=300))
     assert (tuned.max_deliver, tuned.backoff_max) == (50, 300)
 

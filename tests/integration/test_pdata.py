@@ -1,0 +1,131 @@
+"""The scu-gateway's own P-DATA writer (``scu_gateway.pdata``) against real acceptors.
+
+A pynetdicom storage SCP with a small maximum PDU (many fragments), with no maximum at
+all, and answering a failure status; DCMTK's storescp for a second implementation.
+What arrives must be the file's dataset byte for byte, and the status the SCP's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
+
+from dicomflow.scu_gateway import pdata
+from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.shared.settings import DestinationSettings
+from support.dicomfiles import dataset_bytes, with_pixel_bytes
+from support.servers import free_port, wait_for_port
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+PAIR = (str(SecondaryCaptureImageStorage), EXPLICIT_LE)
+
+
+class Scp:
+    def __init__(self, max_pdu: int, status: int = 0x0000) -> None:
+        self.received: list[bytes] = []
+        self.status = status
+        self.port = free_port()
+        self.ae = AE(ae_title="PEER")
+        self.ae.maximum_pdu_size = max_pdu
+        self.ae.add_supported_context(SecondaryCaptureImageStorage, EXPLICIT_LE)
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+
+    def _on_store(self, event: Any) -> int:
+        self.received.append(bytes(event.request.DataSet.getvalue()))
+        return self.status
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files pdata.store sent: the tests must go through it, not send_c_store."""
+    sent: list[Path] = []
+    store = pdata.store
+
+    def counting(assoc: Any, path: Path, write_timeout: float) -> Any:
+        sent.append(path)
+        return store(assoc, path, write_timeout)
+
+    monkeypatch.setattr(pdata, "store", counting)
+    return sent
+
+
+@pytest.fixture
+def scp(request: pytest.FixtureRequest) -> Iterator[Scp]:
+    server = Scp(*request.param)
+    yield server
+    server.close()
+
+
+def pool(port: int, ae_title: str = "PEER") -> AssociationPool:
+    dest = DestinationSettings(ae_title=ae_title, host="127.0.0.1", port=port)
+    return AssociationPool("PEER", dest, "DICOMFLOW")
+
+
+@pytest.mark.parametrize("scp", [(16384,), (0,)], indirect=True, ids=["16k-pdu", "no-limit"])
+def test_dataset_arrives_byte_for_byte(scp: Scp, tmp_path: Path, writes: list[Path]) -> None:
+    files = [
+        with_pixel_bytes(tmp_path / "big.dcm", 300_001, seed=1),  # many PDUs, odd size padded
+        with_pixel_bytes(tmp_path / "small.dcm", 10, seed=2),
+    ]
+    p = pool(scp.port)
+    try:
+        statuses = [p.store(f.path, PAIR) for f in files]  # one reused association
+    finally:
+        p.close()
+    assert statuses == [0x0000, 0x0000]
+    assert writes == [f.path for f in files]
+    assert scp.received == [dataset_bytes(f.path) for f in files]
+
+
+@pytest.mark.parametrize("scp", [(16384, 0xA700)], indirect=True)
+def test_failure_status_is_returned(scp: Scp, tmp_path: Path) -> None:
+    made = with_pixel_bytes(tmp_path / "a.dcm", 50_000)
+    p = pool(scp.port)
+    try:
+        assert p.store(made.path, PAIR) == 0xA700
+    finally:
+        p.close()
+
+
+def test_dcmtk_storescp_receives_the_same_bytes(tmp_path: Path, writes: list[Path]) -> None:
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(
+        ["/usr/bin/storescp", "-aet", "PEER", "-od", str(out), "+xa", "-pm", str(port)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        made = with_pixel_bytes(tmp_path / "a.dcm", 1_000_000, seed=3)
+        p = pool(port)
+        try:
+            assert p.store(made.path, PAIR) == 0x0000
+        finally:
+            p.close()
+        assert writes == [made.path]
+        deadline = time.monotonic() + 10
+        while not list(out.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (received,) = out.iterdir()
+        assert dataset_bytes(received) == dataset_bytes(made.path)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
