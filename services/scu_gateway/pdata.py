@@ -80,7 +80,10 @@ def store(assoc: Any, path: Path, write_timeout: float) -> Dataset:
     context_id = int(context.context_id)
     assoc._reactor_checkpoint.clear()
     try:
-        while not assoc._is_paused:
+        deadline = time.monotonic() + write_timeout
+        while not assoc._is_paused:  # the reactor pauses within one of its 1 ms loops
+            if not assoc.is_established or time.monotonic() > deadline:
+                raise RuntimeError("the association's reactor did not pause for the request")
             time.sleep(0.0001)
         _write(sock, context_id, command, path, offset, step)
         _, rsp = assoc.dimse.get_msg(block=True)

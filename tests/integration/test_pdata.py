@@ -8,6 +8,7 @@ What arrives must be the file's dataset byte for byte, and the status the SCP's.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[at
 
 from dicomflow.scu_gateway import pdata
 from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.status import DeliveryDeferred
 from dicomflow.shared.settings import DestinationSettings
 from support.dicomfiles import dataset_bytes, with_pixel_bytes
 from support.servers import free_port, wait_for_port
@@ -129,3 +131,45 @@ def test_dcmtk_storescp_receives_the_same_bytes(tmp_path: Path, writes: list[Pat
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+class DroppingScp(Scp):
+    """Drops the connection after a few P-DATA PDUs of the first request, as a peer that
+    crashes mid-transfer; later associations are served normally."""
+
+    def __init__(self) -> None:
+        super().__init__(16384)
+        self.dropped = False
+        self.server.bind(evt.EVT_PDU_RECV, self._on_pdu)
+        self._pdus = 0
+
+    def _on_pdu(self, event: Any) -> None:
+        if self.dropped or type(event.pdu).__name__ != "P_DATA_TF":
+            return
+        self._pdus += 1
+        if self._pdus == 4:
+            self.dropped = True
+            event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+
+def test_peer_lost_mid_request_defers_the_delivery_and_the_next_one_succeeds(
+    tmp_path: Path, writes: list[Path]
+) -> None:
+    scp = DroppingScp()
+    big = with_pixel_bytes(tmp_path / "big.dcm", 4_000_000, seed=4)  # ~245 PDUs of 16 KiB
+    dest = DestinationSettings(
+        ae_title="PEER", host="127.0.0.1", port=scp.port, dimse_timeout=5, network_timeout=5
+    )
+    p = AssociationPool("PEER", dest, "DICOMFLOW")
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeliveryDeferred):
+            p.store(big.path, PAIR)
+        assert time.monotonic() - started < 30  # neither a hang nor a wait past the timeouts
+        assert scp.dropped and not scp.received
+        assert p.store(big.path, PAIR) == 0x0000  # a new association, the whole dataset
+    finally:
+        p.close()
+        scp.close()
+    assert writes == [big.path, big.path]
+    assert scp.received == [dataset_bytes(big.path)]
