@@ -4,7 +4,8 @@ The plaintext goes into the deliverer's private spool folder (mode 0700, one fil
 instance, mode 0600) and is handed to the sender threads (``sender``) only once the GCM
 tag verified and the SHA-256 and size matched the request, before a single byte goes to
 the peer. It is removed once its C-STORE ended (or failed before), whatever the outcome;
-``close`` removes the folder.
+``close`` removes the folder, and the next start removes the folder of a process that
+died without closing (``spool``).
 
 An object of up to ``IN_MEMORY_MAX`` sealed bytes is read in one ranged GET (far
 cheaper than obstore's stream for one small object) and decrypted in memory, and the
@@ -18,8 +19,6 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -27,11 +26,11 @@ from nats.aio.msg import Msg
 from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.sender import Senders
+from dicomflow.scu_gateway.spool import SpoolFolder
 from dicomflow.scu_gateway.status import DeliveryRefused, error_for
 from dicomflow.shared import retrieval, storage
 from dicomflow.shared.consumer import AfterAck
 from dicomflow.shared.errors import (
-    ConfigError,
     ContractViolation,
     DigestMismatch,
     IntegrityError,
@@ -66,22 +65,15 @@ class Deliverer:
         # sender threads send them (started last: nothing to stop if the spool fails).
         self._store = store
         self._keyring = keyring
-        try:
-            if spool_dir is not None:
-                spool_dir.mkdir(parents=True, exist_ok=True)
-            self._spool = Path(tempfile.mkdtemp(dir=spool_dir, prefix=f"dicomflow-scu-{name}-"))
-        except OSError as exc:
-            raise ConfigError(
-                f"spool_dir {spool_dir or tempfile.gettempdir()} cannot hold the scu-gateway's "
-                f"private files: {exc.strerror or exc}; point spool_dir at a writable folder"
-            ) from exc
+        self._spool_folder = SpoolFolder(spool_dir, name)  # sweeps dead processes' folders
+        self._spool = self._spool_folder.path
         self._names = itertools.count()
         self._senders = Senders(pool, destination.max_associations)
 
     def close(self) -> None:
         """Stop the sender threads and remove the spool folder (blocking)."""
         self._senders.close()
-        shutil.rmtree(self._spool, ignore_errors=True)
+        self._spool_folder.close()
 
     async def handle(self, msg: Msg) -> AfterAck | None:
         req = request.parse(msg.headers)

@@ -19,6 +19,7 @@ from dicomflow.scu_gateway import delivery, request
 from dicomflow.scu_gateway.association import Pair
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.sender import Senders
+from dicomflow.scu_gateway.spool import LOCK_NAME
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
 from dicomflow.shared import envelope
 from dicomflow.shared.errors import ConfigError, DigestMismatch, IntegrityError, ObjectMissing
@@ -56,7 +57,8 @@ class FakePool:
 
 
 def leftovers(folder: Path) -> list[Path]:
-    return sorted(folder.iterdir())
+    """What a folder holds, but the spool folder's lock file (no plaintext in it)."""
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME)
 
 
 def spool_file(folder: Path, name: str, data: bytes) -> Path:
