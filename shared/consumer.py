@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 AfterAck = Callable[[], Awaitable[None]]
 Handler = Callable[[Msg], Awaitable[AfterAck | None]]
+Gate = Callable[[asyncio.Event], Awaitable[None]]  # returns when fetching may go on
 
 H_DLQ_REASON = "Dicomflow-Dlq-Reason"
 H_DLQ_STAGE = "Dicomflow-Dlq-Stage"
@@ -64,8 +65,12 @@ class Consumer:
         handler: Handler,
         settings: ConsumerSettings,
         telemetry: Telemetry,
+        gate: Gate | None = None,
     ) -> None:
+        """``gate``, if given, is awaited (with the stop event) before every fetch: while
+        it holds, messages stay in the stream, spending none of their deliveries."""
         self._js = js
+        self._gate = gate
         self._stage = stage
         self._stream = stream
         self._durable = durable
@@ -103,6 +108,10 @@ class Consumer:
 
     async def _work(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self._gate is not None:
+                await self._gate(stop)
+                if stop.is_set():
+                    return
             try:
                 msgs = await sub.fetch(1, timeout=1.0)
             except (NatsTimeoutError, TimeoutError):

@@ -150,6 +150,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.scu_destination_up = Gauge(
+            "scu_destination_up",
+            "1 while a destination is reachable; 0 while its deliveries are held.",
+            ["destination"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         # -- storage and readiness -------------------------------------------------------
         self.storage_seconds = Histogram(
             "storage_request_seconds",
@@ -207,6 +214,7 @@ class Metrics:
         for result in SCU_ASSOCIATION_RESULTS:
             self.scu_associations.labels(name, result)
         self.scu_associations_open.labels(name).set_function(open_count)
+        self.scu_destination_up.labels(name).set(1)
 
     def storage(self) -> None:
         for operation in STORAGE_OPERATIONS:

@@ -447,6 +447,12 @@ class DestinationSettings(Section):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     idle_timeout: float = Field(default=15.0, gt=0, description="close an unused association")
+    echo_interval: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds between C-ECHO probes while the destination cannot be reached",
+    )
     maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
     max_deliver: int | None = Field(default=None, ge=2, description="default: consumer's")
     backoff_max: float | None = Field(default=None, gt=0, description="default: consumer's")

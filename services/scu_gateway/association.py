@@ -38,7 +38,10 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomflow.scu_gateway import pdata
-from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
+from dicomflow.scu_gateway.status import (
+    DeliveryRefused,
+    DestinationUnreachable,
+)
 from dicomflow.shared import dicomtls
 from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import DestinationSettings
@@ -111,7 +114,7 @@ class AssociationPool:
         if link is not None:
             try:
                 return self._send(link, path)
-            except DeliveryDeferred as exc:
+            except DestinationUnreachable as exc:
                 log.info("%s: reused association failed (%s); opening a new one", self.name, exc)
         return self._send(self._connect(pair), path)
 
@@ -121,7 +124,7 @@ class AssociationPool:
         try:
             status = assoc.send_c_echo()
             if "Status" not in status:
-                raise DeliveryDeferred(f"{self.where} did not answer the C-ECHO")
+                raise DestinationUnreachable(f"{self.where} did not answer the C-ECHO")
             return int(status.Status)
         finally:
             assoc.release()
@@ -209,12 +212,12 @@ class AssociationPool:
             )
             if rsp.result == REJECTED_PERMANENT:
                 raise DeliveryRefused(reason)
-            raise DeliveryDeferred(reason)
+            raise DestinationUnreachable(reason)
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             raise DeliveryRefused(
                 f"{self.where} accepted none of the proposed presentation contexts"
             )
-        raise DeliveryDeferred(
+        raise DestinationUnreachable(
             f"cannot associate with {self.where}: connection refused, timed out or aborted"
         )
 
@@ -230,10 +233,10 @@ class AssociationPool:
                 rsp = link.assoc.send_c_store(path)
         except (RuntimeError, OSError) as exc:  # not established any more, socket gone
             self._close(link)
-            raise DeliveryDeferred(f"association with {self.where} lost: {exc}") from exc
+            raise DestinationUnreachable(f"association with {self.where} lost: {exc}") from exc
         if "Status" not in rsp:
             self._close(link)
-            raise DeliveryDeferred(
+            raise DestinationUnreachable(
                 f"no C-STORE response from {self.where} (association aborted or DIMSE timeout)"
             )
         link.sent += 1

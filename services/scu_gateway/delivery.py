@@ -25,9 +25,10 @@ from nats.aio.msg import Msg
 
 from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.sender import Senders
 from dicomflow.scu_gateway.spool import SpoolFolder
-from dicomflow.scu_gateway.status import DeliveryRefused, error_for
+from dicomflow.scu_gateway.status import DeliveryRefused, DestinationUnreachable, error_for
 from dicomflow.shared import retrieval, storage
 from dicomflow.shared.consumer import AfterAck
 from dicomflow.shared.errors import (
@@ -57,8 +58,12 @@ class Deliverer:
         store: ObjectStore,
         keyring: KeyRing,
         spool_dir: Path | None = None,
+        health: DestinationHealth | None = None,
     ) -> None:
+        """``health``, if given, is told when the peer cannot be reached (it then holds
+        the destination's consumer until a C-ECHO gets through)."""
         self._name = name
+        self._health = health
         self._syntaxes = set(destination.transfer_syntaxes)
         # Workers outnumber associations (see service.delivery_consumer) so that the next
         # instances are fetched and decrypted while one is on the wire; max_associations
@@ -96,6 +101,10 @@ class Deliverer:
             )
             handed = True  # the senders remove the file from here on
             status = await sending.status()
+        except DestinationUnreachable as exc:
+            if self._health is not None:
+                self._health.down(str(exc))
+            raise
         finally:
             if not handed:
                 plain.unlink(missing_ok=True)

@@ -10,7 +10,9 @@ Two kinds of durable consumers run in one process:
 - ``deliver-<destination>`` on DELIVERY, one per destination, with ``max_associations``
   workers: each request is read from storage, decrypted, verified and sent with
   C-STORE over a reused association; transient failures are retried with backoff,
-  refusals dead-lettered with the DICOM status (``shared.disposition``).
+  refusals dead-lettered with the DICOM status (``shared.disposition``). While the
+  destination cannot be reached its consumer fetches nothing (``health``): an outage
+  of any length spends no retries, and C-ECHO probes tell when to resume.
 
 Queued requests survive rule changes and restarts: they wait on DELIVERY until their
 destination's consumer takes them.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -29,10 +32,11 @@ from pynetdicom import _config as pynetdicom_config
 from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
+from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.routing import Router
 from dicomflow.shared import messages, natsconn, storage, subjects, topology
 from dicomflow.shared.consumer import AfterAck, Consumer, Handler
-from dicomflow.shared.errors import ConfigError, DicomflowError, EnvelopeError, PermanentError
+from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
 from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import ConsumerSettings, DestinationSettings, ScuGatewaySettings
 from dicomflow.shared.telemetry import Telemetry
@@ -84,6 +88,12 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
     return handle
 
 
+def up_gauge(metrics: Metrics, destination: str) -> Callable[[bool], None]:
+    """Sets ``dicomflow_scu_destination_up`` for ``destination``."""
+    gauge = metrics.scu_destination_up.labels(destination)
+    return lambda up: gauge.set(1 if up else 0)
+
+
 WORKERS_PER_ASSOCIATION = 4
 MAX_WORKERS = 256  # ConsumerSettings.concurrency's bound
 
@@ -118,6 +128,15 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     pools = {
         name: AssociationPool(name, dest, scu.ae_title, telemetry.metrics)
         for name, dest in scu.destinations.items()
+    }
+    health = {
+        name: DestinationHealth(
+            pool.where,
+            pool.echo,
+            scu.destinations[name].echo_interval,
+            on_change=up_gauge(telemetry.metrics, name),
+        )
+        for name, pool in pools.items()
     }
     telemetry.readiness.add_storage(store, settings.storage.root_path)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
@@ -158,7 +177,9 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
                 subjects.deliver_subject(name),
                 consumer_settings,
             )
-            deliverer = Deliverer(name, dest, pools[name], store, keyring, settings.spool_dir)
+            deliverer = Deliverer(
+                name, dest, pools[name], store, keyring, settings.spool_dir, health[name]
+            )
             deliverers.append(deliverer)
             consumers.append(
                 Consumer(
@@ -169,9 +190,11 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
                     handler=counted(deliverer.handle, name, telemetry.metrics),
                     settings=consumer_settings,
                     telemetry=telemetry,
+                    gate=health[name].wait_up,
                 )
             )
-        tasks.append(asyncio.create_task(_echo_all(pools)))
+        # The start-up C-ECHO: a destination that cannot be reached starts held.
+        await asyncio.gather(*(h.check() for h in health.values()))
         tasks.append(asyncio.create_task(_reap(pools, stop)))
         telemetry.readiness.started()
         log.info(
@@ -184,22 +207,13 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     finally:
         for task in tasks:
             task.cancel()
+        for h in health.values():
+            await h.close()
         for deliverer in deliverers:
             await asyncio.to_thread(deliverer.close)
         for pool in pools.values():
             await asyncio.to_thread(pool.close)
         await nc.drain()
-
-
-async def _echo_all(pools: dict[str, AssociationPool]) -> None:
-    """The C-ECHO health check at start-up: logged, never fatal (a peer may come later)."""
-    for pool in pools.values():
-        try:
-            status = await asyncio.to_thread(pool.echo)
-        except DicomflowError as exc:
-            log.warning("C-ECHO to %s failed: %s", pool.where, exc)
-        else:
-            log.info("C-ECHO to %s: status 0x%04X", pool.where, status)
 
 
 async def _reap(pools: dict[str, AssociationPool], stop: asyncio.Event) -> None:

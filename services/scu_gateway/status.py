@@ -4,7 +4,8 @@
   (elements discarded), 0xB007 (data set does not match SOP class), any 0xBxxx: the
   peer stored the instance.
 - Transient, retried with backoff: no answer at all (connection refused or dropped,
-  timeouts, an aborted association), an association "rejected-transient", and the
+  timeouts, an aborted association) and an association "rejected-transient", which
+  also hold the destination until a C-ECHO gets through (``health``); and the
   statuses 0xA7xx (out of resources), 0x0213 (resource limitation), 0x0210 (duplicate
   invocation) and 0xFE00 (cancelled): the same request may succeed later.
 - Permanent, dead-lettered with the status: an association "rejected-permanent" (an AE
@@ -49,6 +50,11 @@ class DeliveryDeferred(TransientError):
 
     def dead_letter_headers(self) -> dict[str, str]:
         return _status_header(self.status)
+
+
+class DestinationUnreachable(DeliveryDeferred):
+    """The peer did not answer at the DICOM level (no connection, no association, no
+    response): retried like any deferral, and its destination is held (``health``)."""
 
 
 class DeliveryRefused(PermanentError):

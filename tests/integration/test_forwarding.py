@@ -7,7 +7,10 @@ byte for byte with what was sent.
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,12 +103,30 @@ def _modality(f: Made) -> str:
     return str(dcmread(f.path, stop_before_pixels=True).Modality)
 
 
-def test_destination_outage_then_everything_arrives_once(
+def destination_up(pipeline: Pipeline, name: str) -> float:
+    """``dicomflow_scu_destination_up`` as the scu-gateway serves it now."""
+    port = pipeline.metrics_port("scu-gateway")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf'^dicomflow_scu_destination_up{{destination="{name}"}} (\S+)$', text, re.M)
+    assert match, text
+    return float(match.group(1))
+
+
+OUTAGE_SECONDS = 8.0
+
+
+def test_destination_outage_longer_than_the_retry_budget_then_everything_arrives_once(
     tmp_path: Path, nats_server: NatsServer, orthanc_a: Orthanc
 ) -> None:
+    """Three attempts with backoff of at most 0.5 s are spent in about a second; the
+    PACS stays away for eight. The destination is held while it cannot be reached, so
+    nothing is dead-lettered and everything arrives once when it is back."""
     files = ct_series(tmp_path / "ct", 80, rows=128, columns=128)
     scu = {
-        "destinations": {"A": destination(orthanc_a, max_deliver=40, backoff_max=1.0)},
+        "destinations": {
+            "A": destination(orthanc_a, max_deliver=3, backoff_max=0.5, echo_interval=1.0)
+        },
         "rules": [{"destinations": ["A"]}],
     }
     pipeline = Pipeline(tmp_path / "p", nats_server, local_storage(tmp_path), scu=scu).start()
@@ -115,10 +136,15 @@ def test_destination_outage_then_everything_arrives_once(
         sender.start()
         wait_for("the first instances in Orthanc", lambda: len(orthanc_a.instances()) >= 5)
         orthanc_a.kill()  # the PACS goes away in the middle of the batch
-        wait_for(
-            "a second attempt in the scu-gateway log",
-            lambda: "deliver-A: transient failure (delivery 2)" in pipeline.logs("scu-gateway"),
-        )
+        wait_for("A held", lambda: "unreachable" in pipeline.logs("scu-gateway"))
+        assert destination_up(pipeline, "A") == 0
+        time.sleep(OUTAGE_SECONDS)  # the outage itself, many retry budgets long
+        assert pipeline.dead_letters() == []
+        assert destination_up(pipeline, "A") == 0
+        # Only requests in flight when it went down spent an attempt: one per worker
+        # (four per association) at most, not one per queued instance and probe.
+        failures = pipeline.logs("scu-gateway").count("deliver-A: transient failure")
+        assert 1 <= failures <= 8, failures
         orthanc_a.start()  # same ports, same storage: the PACS is back
         sender.join(timeout=120)
         assert results and results[0].statuses() == ["Success"] * len(files), results
@@ -127,7 +153,8 @@ def test_destination_outage_then_everything_arrives_once(
         assert_identical(orthanc_a, files)
         logs = pipeline.logs("scu-gateway")
         assert delivered_lines(pipeline, "A") == len(files)  # one successful C-STORE each
-        assert "cannot associate with A" in logs and "retrying in" in logs
+        assert "cannot associate with A" in logs and "reachable again after" in logs
+        assert destination_up(pipeline, "A") == 1
         # Associations are reused: a handful were opened for 80 instances.
         assert logs.count("association open") <= 8, logs.count("association open")
         assert pipeline.dead_letters() == []
