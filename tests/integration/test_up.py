@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from support.dicomfiles import ct_series, dataset_bytes
+from support.orthanc import Orthanc
 from support.pipeline import STORESCU
-from support.servers import free_port, wait_for_port
+from support.servers import free_port, wait_for, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +155,40 @@ def test_up_runs_each_stage_as_its_own_nats_user_with_mutual_tls(tmp_path: Path)
         assert _cli("ls", "--data-dir", str(data)).returncode == 0
     finally:
         assert _stop(proc) == 0, log.read_text()[-3000:]
+
+
+def test_up_forwards_every_stored_instance_to_a_real_pacs(tmp_path: Path) -> None:
+    """`up --forward`: the scu-gateway runs too, as its own NATS user, and every stored
+    instance reaches Orthanc byte-identical; a malformed --forward is refused at once."""
+    files = ct_series(tmp_path / "in", 3)
+    data, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+    bad = subprocess.run(
+        [sys.executable, "-m", "dicomflow", "up", "--data-dir", str(data), "--forward", "PACS"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "--forward 'PACS': expected [NAME=]AET@HOST:PORT" in bad.stderr
+    assert not (data / "nats").exists()  # refused before anything started
+
+    with Orthanc(tmp_path / "orthanc", peers=("DICOMFLOW",)) as pacs:
+        forward = f"PACS={pacs.ae_title}@127.0.0.1:{pacs.dicom_port}"
+        proc = _up(data, port, log, "--forward", forward)
+        try:
+            wait_for_port(port, timeout=90)
+            wait_for("the banner", lambda: "dicomflow is up" in log.read_text())
+            assert f"Forwarded to:      {forward}" in log.read_text()
+            for f in files:
+                assert "Received Store Response (Success)" in _send(port, f.path)
+            wait_for("all in Orthanc", lambda: len(pacs.instances()) == len(files), 90)
+            arrived = pacs.instances()
+            for f in files:
+                assert pacs.dataset_bytes(arrived[f.sop_instance_uid]) == dataset_bytes(f.path)
+            dlq = _cli("dlq", "ls", "--data-dir", str(data))
+            assert dlq.returncode == 0 and "0 dead-lettered message(s)" in dlq.stderr, dlq
+        finally:
+            assert _stop(proc) == 0, log.read_text()[-3000:]
+    scu_log = (data / "logs" / "scu-gateway.log").read_text()
+    assert scu_log.count("delivered to PACS:") == len(files)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from pydantic import ValidationError
+
 from dicomflow.cli import topology
 from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.embedded.layout import DataDir, to_toml
@@ -19,9 +21,11 @@ from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import generate_master_key_file
 from dicomflow.shared.sealsign import PRIVATE_NAME, PUBLIC_NAME, generate_signing_key_pair
-from dicomflow.shared.settings import NatsSettings, ScpSettings
+from dicomflow.shared.settings import NatsSettings, ScpSettings, ScuSettings
 
 STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first
+SCU_STAGE = "scu-gateway"  # runs with --forward, started before the others
+METRICS_OFFSETS = {name: i for i, name in enumerate((*STAGE_ORDER, SCU_STAGE))}
 METRICS_PORT_ENV = "DICOMFLOW_TELEMETRY__METRICS_PORT"
 SEED_ENV = "DICOMFLOW_NATS__NKEY_SEED_FILE"
 MANAGE_TOPOLOGY_ENV = "DICOMFLOW_NATS__MANAGE_TOPOLOGY"
@@ -72,7 +76,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Start a local nats-server with JetStream (state under DIR/nats), set up the "
             "topology, run the scp-gateway, encryptor and store-writer stages, and store "
-            "encrypted objects under DIR/objects. Creates a development master key and a "
+            "encrypted objects under DIR/objects; with --forward, the scu-gateway too, sending "
+            "every stored instance on to DICOM peers. Creates a development master key and a "
             "signing key pair (the encryptor signs what it seals, the store-writer checks) "
             "under DIR/keys if none is configured. Ctrl-C or SIGTERM stops everything cleanly; "
             "running `up` again on the same DIR resumes where it stopped."
@@ -111,8 +116,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=9090,
         metavar="PORT",
         help="first of the loopback ports serving each stage's /metrics, /livez and /readyz "
-        "(one per stage, in the order store-writer, encryptor, scp-gateway; 0: free ports, "
+        "(one per stage, in the order store-writer, encryptor, scp-gateway, scu-gateway; 0: free "
+        "ports, "
         "logged by each stage; default: 9090)",
+    )
+    parser.add_argument(
+        "--forward",
+        action="append",
+        metavar="[NAME=]AET@HOST:PORT",
+        default=[],
+        help="also run the scu-gateway and send every stored instance, decrypted and "
+        "verified, to this DICOM peer (it must accept the called AE title as calling AE); "
+        "repeat for more. NAME (default: AET) names it for `dicomflow send --to` and "
+        "`dicomflow dlq`",
     )
     parser.add_argument(
         "--nats-tls",
@@ -127,10 +143,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
-    if not 0 <= args.metrics_port < 65536 - len(STAGE_ORDER):
-        raise ConfigError(f"--metrics-port {args.metrics_port} is not a TCP port (0-65532)")
+    if not 0 <= args.metrics_port < 65536 - len(METRICS_OFFSETS):
+        raise ConfigError(f"--metrics-port {args.metrics_port} is not a TCP port (0-65531)")
     allowed = args.allow_ae or [DEFAULT_CALLING_AE]
     ScpSettings(ae_title=args.ae_title, allowed_calling_aes=allowed)  # validates AE titles
+    scu = forwarding(args.forward, args.ae_title)
     data = DataDir(args.data_dir.resolve())
     for folder in (data.root, data.objects, data.keys, data.logs):
         folder.mkdir(parents=True, exist_ok=True)
@@ -165,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
     stages: list[StageProcess] = []
     try:
         config = _config(data, nats.url, args, allowed, bundle)
+        if scu is not None:
+            config["scu"] = scu
         data.config.write_text(to_toml(config))
         asyncio.run(topology.setup(NatsSettings.model_validate(config["nats"])))
         env = stage_env(data.config)
@@ -176,10 +195,10 @@ def run(args: argparse.Namespace) -> int:
                 {
                     **env,
                     **stage_credentials(bundle, name, tls=args.nats_tls),
-                    METRICS_PORT_ENV: str(_metrics_port(args, i)),
+                    METRICS_PORT_ENV: str(_metrics_port(args, name)),
                 },
             )
-            for i, name in enumerate(STAGE_ORDER)
+            for name in ((SCU_STAGE,) if scu is not None else ()) + STAGE_ORDER
         ]
         for stage in stages:
             stage.start()
@@ -239,8 +258,42 @@ def _config(
     }
 
 
-def _metrics_port(args: argparse.Namespace, index: int) -> int:
-    return 0 if args.metrics_port == 0 else int(args.metrics_port) + index
+def forwarding(specs: list[str], calling_ae: str) -> dict[str, object] | None:
+    """The [scu] table for ``--forward`` arguments: one destination each, and one rule
+    sending every stored instance to all of them; None without any."""
+    if not specs:
+        return None
+    destinations: dict[str, dict[str, object]] = {}
+    for spec in specs:
+        name, _, peer = spec.rpartition("=")
+        aet, at, address = peer.rpartition("@")
+        host, colon, port = address.rpartition(":")
+        if not (at and colon and aet and host and port.isdigit()):
+            raise ConfigError(
+                f"--forward {spec!r}: expected [NAME=]AET@HOST:PORT, e.g. PACS=PACS@10.0.0.7:104"
+            )
+        name = name or aet
+        if name in destinations:
+            raise ConfigError(f"--forward {spec!r}: {name} is named twice")
+        destinations[name] = {"ae_title": aet, "host": host, "port": int(port)}
+    table: dict[str, object] = {
+        "ae_title": calling_ae,
+        "destinations": destinations,
+        "rules": [{"destinations": list(destinations)}],
+    }
+    try:
+        ScuSettings.model_validate(table)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors(include_url=False, include_input=False)
+        )
+        raise ConfigError(f"--forward: {problems}") from exc
+    return table
+
+
+def _metrics_port(args: argparse.Namespace, stage: str) -> int:
+    return 0 if args.metrics_port == 0 else int(args.metrics_port) + METRICS_OFFSETS[stage]
 
 
 def _wait_for_port(host: str, port: int, stop: StopFlag, stages: list[StageProcess]) -> bool:
@@ -260,10 +313,16 @@ def _wait_for_port(host: str, port: int, stop: StopFlag, stages: list[StageProce
 def _metrics_urls(args: argparse.Namespace) -> str:
     if args.metrics_port == 0:
         return "free loopback ports, logged in each stage's log"
+    stages = (*STAGE_ORDER, SCU_STAGE) if args.forward else STAGE_ORDER
     return ", ".join(
-        f"{name} http://127.0.0.1:{_metrics_port(args, i)}/metrics"
-        for i, name in enumerate(STAGE_ORDER)
+        f"{name} http://127.0.0.1:{_metrics_port(args, name)}/metrics" for name in stages
     )
+
+
+def _forwards(args: argparse.Namespace) -> str:
+    if not args.forward:
+        return ""
+    return "\n  Forwarded to:      " + ", ".join(args.forward) + " (every stored instance)"
 
 
 def _banner(args: argparse.Namespace, allowed: list[str], data: DataDir, nats_url: str) -> None:
@@ -273,7 +332,7 @@ dicomflow is up.
   Send DICOM to:     AE title {args.ae_title}, port {args.port} (listening on {args.host})
   Calling AEs:       {", ".join(allowed)}  (others are rejected; add with --allow-ae)
   For example:       storescu -aet {allowed[0]} -aec {args.ae_title} localhost {args.port} FILE.dcm
-  Encrypted objects: {data.objects}
+  Encrypted objects: {data.objects}{_forwards(args)}
   NATS (JetStream):  {nats_url}, state in {data.nats_store}
   NATS users:        one NKey user per stage, admin for the commands below; seeds and
                      the generated nats-server.conf in {data.nats_security}
