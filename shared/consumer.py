@@ -6,8 +6,12 @@ decides. A handler returns an optional ``after_ack`` coroutine function, run onl
 the ack went through: that is where consumed blobs are deleted.
 
 Dead-lettering publishes the original headers and body to ``dicomflow.dlq.<stage>``
-with the reason, and only then terminates the original: if the dead-letter publish
-fails the message is nak'ed and comes back, so it is never lost in between.
+with the reason, and only then terminates the original: a dead-letter publish that
+fails is tried again until it goes through, so nothing is lost in between.
+
+A failure for want of NATS or storage (``BrokerUnavailable``, ``StorageUnavailable``)
+is first tried again in place for ``consumer.outage_grace`` seconds (``_ride_out``):
+an outage of seconds does not spend the message's deliveries.
 
 Every stage's metrics are counted here, once: messages and bytes by outcome, handling
 time, redeliveries, dead letters, and the lag of the stage's durable consumer (pending
@@ -22,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -32,14 +37,22 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from dicomflow.shared import messages, subjects
 from dicomflow.shared.budget import ByteBudget
-from dicomflow.shared.disposition import Action, Disposition, decide
-from dicomflow.shared.errors import DicomflowError, EnvelopeError, PermanentError, ProcessingError
+from dicomflow.shared.disposition import Action, Disposition, backoff, decide
+from dicomflow.shared.errors import (
+    BrokerUnavailable,
+    DicomflowError,
+    EnvelopeError,
+    PermanentError,
+    ProcessingError,
+    StorageUnavailable,
+)
 from dicomflow.shared.messages import H_SEALED_SIZE, H_SIZE, H_TRACEPARENT
 from dicomflow.shared.settings import ConsumerSettings
 from dicomflow.shared.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 AfterAck = Callable[[], Awaitable[None]]
 Handler = Callable[[Msg], Awaitable[AfterAck | None]]
 Gate = Callable[[asyncio.Event], Awaitable[None]]  # returns when fetching may go on
@@ -50,6 +63,7 @@ H_DLQ_SUBJECT = "Dicomflow-Dlq-Subject"
 H_DLQ_DELIVERIES = "Dicomflow-Dlq-Deliveries"
 H_DLQ_STREAM_SEQ = "Dicomflow-Dlq-Stream-Seq"
 
+OUTAGES = (BrokerUnavailable, StorageUnavailable)  # retried in place (``_ride_out``)
 LAG_INTERVAL = 5.0
 LEFTOVER_INTERVAL = 60.0
 
@@ -121,9 +135,9 @@ class Consumer:
                 await _sleep_unless(stop, 1.0)
                 continue
             for msg in msgs:
-                await self._process(msg)
+                await self._process(msg, stop)
 
-    async def _process(self, msg: Msg) -> None:
+    async def _process(self, msg: Msg, stop: asyncio.Event) -> None:
         delivered = msg.metadata.num_delivered
         size = _declared_size(msg)
         start = time.perf_counter()
@@ -134,7 +148,7 @@ class Consumer:
             kind=SpanKind.CONSUMER,
             attributes={"dicomflow.stage": self._stage, "dicomflow.delivery": delivered},
         ) as span:
-            outcome = await self._handle_and_settle(msg, delivered, size)
+            outcome = await self._handle_and_settle(msg, delivered, size, stop)
             span.set_attribute("dicomflow.outcome", outcome.value)
             if outcome is not Action.ACK:
                 span.set_status(StatusCode.ERROR)
@@ -145,7 +159,9 @@ class Consumer:
         if delivered > 1:
             m.redeliveries.labels(stage).inc()
 
-    async def _handle_and_settle(self, msg: Msg, delivered: int, size: int) -> Action:
+    async def _handle_and_settle(
+        self, msg: Msg, delivered: int, size: int, stop: asyncio.Event
+    ) -> Action:
         heartbeat = asyncio.create_task(self._keep_alive(msg))  # also while queued
         after_ack: AfterAck | None = None
         error: BaseException | None = None
@@ -153,7 +169,9 @@ class Consumer:
             # The contract first: a forged or malformed message never reaches the handler.
             messages.check_delivery(self._stream, msg.headers, msg.data)
             async with self._budget.hold(size):
-                after_ack = await self._handler(msg)
+                after_ack = await self._ride_out(
+                    stop, "handling", lambda: self._handler(msg), self._settings.outage_grace
+                )
         except Exception as exc:  # noqa: BLE001 (every failure is mapped by disposition.decide)
             error = exc
         finally:
@@ -168,29 +186,81 @@ class Consumer:
                 outcome.reason,
                 exc_info=None if isinstance(error, DicomflowError) else error,
             )
-        await self._settle(msg, outcome, delivered, error)
+        await self._settle(msg, outcome, delivered, error, stop)
         if outcome.action is Action.ACK and after_ack is not None:
             await after_ack()
         return outcome.action
 
     async def _settle(
-        self, msg: Msg, outcome: Disposition, delivered: int, error: BaseException | None
+        self,
+        msg: Msg,
+        outcome: Disposition,
+        delivered: int,
+        error: BaseException | None,
+        stop: asyncio.Event,
     ) -> None:
         try:
             if outcome.action is Action.ACK:
-                await msg.ack_sync(timeout=10.0)
+                # The work is done: an ack lost to a short outage would cost a delivery.
+                await self._ride_out(
+                    stop, "acknowledging", lambda: _ack(msg), self._settings.outage_grace
+                )
             elif outcome.action is Action.NAK:
                 await msg.nak(delay=outcome.delay)
             else:
                 extra = error.dead_letter_headers() if isinstance(error, ProcessingError) else {}
-                await self._dead_letter(msg, outcome.reason, delivered, extra)
+                # Not settled, a message on its last delivery would get none to come and
+                # stay in the stream unacknowledged: ride out an outage for as long as it
+                # lasts (until the stage stops).
+                await self._ride_out(
+                    stop,
+                    "dead-lettering",
+                    lambda: self._dead_letter(msg, outcome.reason, delivered, extra),
+                    grace=None,
+                )
                 await msg.term()
                 permanent = isinstance(error, PermanentError | EnvelopeError)
                 kind = "permanent" if permanent else "exhausted"
                 self._metrics.dead_letters.labels(self._stage, kind).inc()
-        except (NatsError, TimeoutError) as exc:
+        except (NatsError, TimeoutError, BrokerUnavailable) as exc:
             # Not settled: JetStream redelivers after AckWait. Nothing is lost.
             log.warning("%s: could not settle message (%s): %r", self._stage, outcome.action, exc)
+
+    async def _ride_out(
+        self,
+        stop: asyncio.Event,
+        what: str,
+        attempt: Callable[[], Awaitable[T]],
+        grace: float | None,
+    ) -> T:
+        """``attempt()``, tried again in place while it fails for want of NATS or storage,
+        for up to ``grace`` seconds (None: no limit) with backoff, the heartbeat keeping
+        the message ours meanwhile, and no longer once ``stop`` is set.
+
+        A leader election in a NATS cluster or an object store restarting takes seconds;
+        naking at each failure would spend the message's deliveries on it, and a few such
+        seconds in a row would dead-letter an instance that was never poison (the fault
+        suite's cluster scenario did). Deliveries are for the message's own failures.
+        """
+        deadline = None if grace is None else time.monotonic() + grace
+        tries = 0
+        while True:
+            try:
+                return await attempt()
+            except OUTAGES as exc:
+                tries += 1
+                delay = backoff(tries, self._settings)
+                if stop.is_set() or (deadline is not None and time.monotonic() + delay > deadline):
+                    raise
+                log.warning(
+                    "%s: %s failed (%s), trying again in %.1fs; the message is kept",
+                    self._stage,
+                    what,
+                    exc,
+                    delay,
+                )
+                self._metrics.outage_retries.labels(self._stage).inc()
+                await _sleep_unless(stop, delay)
 
     async def _dead_letter(
         self, msg: Msg, reason: str, delivered: int, extra: dict[str, str]
@@ -210,9 +280,12 @@ class Consumer:
                 **extra,
             }
         )
-        await self._js.publish(
-            subjects.dlq_subject(self._stage), msg.data, headers=headers, timeout=10.0
-        )
+        try:
+            await self._js.publish(
+                subjects.dlq_subject(self._stage), msg.data, headers=headers, timeout=10.0
+            )
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"dead-letter publish failed: {exc!r}") from exc
 
     async def _watch_lag(self, stop: asyncio.Event) -> None:
         """Export the durable consumer's pending and unacknowledged counts (its lag)."""
@@ -272,6 +345,13 @@ class Consumer:
             await asyncio.sleep(interval)
             with contextlib.suppress(NatsError, TimeoutError):
                 await msg.in_progress()
+
+
+async def _ack(msg: Msg) -> None:
+    try:
+        await msg.ack_sync(timeout=10.0)
+    except (NatsError, TimeoutError) as exc:
+        raise BrokerUnavailable(f"ack failed: {exc!r}") from exc
 
 
 def _declared_size(msg: Msg) -> int:

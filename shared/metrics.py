@@ -58,6 +58,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.outage_retries = Counter(
+            "outage_retries",
+            "Handler runs tried again in place after a NATS or storage failure.",
+            ["stage"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.redeliveries = Counter(
             "redeliveries",
             "Messages received again (JetStream delivery count above 1).",
@@ -191,6 +198,7 @@ class Metrics:
         for kind in DEAD_LETTER_KINDS:
             self.dead_letters.labels(stage, kind)
         self.redeliveries.labels(stage)
+        self.outage_retries.labels(stage)
         self.consumer_pending.labels(stage)
         self.consumer_ack_pending.labels(stage)
 

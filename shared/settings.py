@@ -217,6 +217,12 @@ class ConsumerSettings(Section):
     ack_wait: float = Field(default=30.0, gt=1)
     backoff_initial: float = Field(default=1.0, gt=0)
     backoff_max: float = Field(default=60.0, gt=0)
+    outage_grace: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds a NATS or storage failure is retried in place, the message "
+        "kept, before it counts as a failed delivery",
+    )
 
 
 def _check_ae(value: str) -> str:
