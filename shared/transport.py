@@ -19,7 +19,7 @@ import json
 import logging
 import tempfile
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -86,31 +86,47 @@ class Transport:
 
         Raises BrokerUnavailable unless JetStream acknowledged the message.
         """
+        if size > self.inline_limit:
+            name = blob_name(blob_prefix, instance)
+            await self.put_blob(name, _file_chunks(body, self.blob_chunk_size))
+            return await self.publish_blob(subject, instance, name)
+        sent = instance.with_body(BodyKind.INLINE)
+        await self._publish(subject, body.read(), sent)
+        return sent
+
+    async def publish_blob(self, subject: str, instance: Instance, name: str) -> Instance:
+        """Publish ``instance`` whose body is the blob ``name``, already put; return it as
+        sent. Raises BrokerUnavailable unless JetStream acknowledged the message."""
+        sent = instance.with_body(BodyKind.BLOB, name)
+        await self._publish(subject, b"", sent)
+        return sent
+
+    async def _publish(self, subject: str, data: bytes, sent: Instance) -> None:
         try:
-            if size <= self.inline_limit:
-                data = body.read()
-                sent = instance.with_body(BodyKind.INLINE)
-            else:
-                data = b""
-                name = f"{blob_prefix}.{instance.sop_instance_uid}.{instance.sha256[:16]}"
-                await self._put_blob(name, body)
-                sent = instance.with_body(BodyKind.BLOB, name)
             await self._js.publish(subject, data, timeout=self._timeout, headers=sent.headers())
         except (NatsError, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"JetStream did not acknowledge the publish: {exc!r}") from exc
-        return sent
 
-    async def _put_blob(self, name: str, body: IO[bytes]) -> None:
-        """Write ``body`` as the blob ``name``, in the JetStream object-store format.
+    async def put_blob(self, name: str, body: AsyncIterator[bytes]) -> tuple[int, str]:
+        """Write what ``body`` yields as the blob ``name``, in the JetStream object-store
+        format; return its size and hex SHA-256. Raises BrokerUnavailable on failure.
 
         Not ``ObjectStore.put``: it waits for the ack of each chunk before it sends the
         next, so a 2 GiB body took some 2000 sequential round trips. Here up to
         ``BLOB_WINDOW_BYTES`` of chunks are in flight; the metadata message, which is
         what makes the blob exist, is published only once every chunk was acked, as
-        ``ObjectStore.put`` does. Chunks are read (and hashed, for the metadata's
-        digest) in a worker thread. On any failure the chunks written so far are purged;
-        a crash leaves chunks without metadata, which the blob sweeper removes.
+        ``ObjectStore.put`` does. ``body`` may yield pieces of any size: they are cut
+        into chunks of ``blob_chunk_size``, each hashed (for the metadata's digest) in a
+        worker thread. On any failure, ``body``'s own included, the chunks written so
+        far are purged; a crash leaves chunks without metadata, which the blob sweeper
+        removes.
         """
+        try:
+            return await self._put_blob(name, body)
+        except (NatsError, TimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"JetStream did not acknowledge the blob: {exc!r}") from exc
+
+    async def _put_blob(self, name: str, body: AsyncIterator[bytes]) -> tuple[int, str]:
         bucket = _bucket_of(name)
         stream = subjects.blob_stream(bucket)
         store = await self.blobs(bucket)
@@ -126,13 +142,9 @@ class Transport:
         in_flight: deque[asyncio.Future[PubAck]] = deque()
         size = chunks = 0
 
-        def read() -> bytes:
-            data = body.read(chunk_size)
-            digest.update(data)
-            return data
-
         try:
-            while data := await asyncio.to_thread(read):
+            async for data in _rechunked(body, chunk_size):
+                await asyncio.to_thread(digest.update, data)
                 while len(in_flight) >= window:
                     await asyncio.wait_for(in_flight.popleft(), self._timeout)
                 in_flight.append(await self._js.publish_async(chunk_subject, data))
@@ -147,7 +159,7 @@ class Transport:
                 size=size,
                 chunks=chunks,
                 mtime=datetime.now(UTC).isoformat(),
-                digest=f"SHA-256={base64.urlsafe_b64encode(digest.digest()).decode()}",
+                digest=f"SHA-256={_b64(digest.digest())}",
                 options=ObjectMetaOptions(max_chunk_size=chunk_size),
             )
             meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
@@ -171,6 +183,7 @@ class Transport:
             # The same blob written again (a retried publish): its old chunks go.
             with contextlib.suppress(NatsError, TimeoutError):
                 await self._js.purge_stream(stream, subject=f"$O.{bucket}.C.{replaced.nuid}")
+        return size, digest.hexdigest()
 
     def spool(self, size: int) -> IO[bytes]:
         """A scratch file for a body of ``size`` bytes: memory if it is inline-sized
@@ -225,23 +238,59 @@ class Transport:
         ``BLOB_READ_BYTES`` of chunks, so memory stays bounded and a 2 GiB blob is not
         some 2000 sequential round trips.
         """
+        digest = hashlib.sha256()
+        chunks = self._blob_chunks(name, digest)
+        async with contextlib.aclosing(chunks):
+            async for data in chunks:
+                out.write(data)
+        return digest.hexdigest()
+
+    async def blob_chunks(self, instance: Instance) -> AsyncGenerator[bytes, None]:
+        """The message's blob body, chunk by chunk, in constant memory, for a caller that
+        checks the content's SHA-256 itself (against the message's headers).
+
+        Its size is checked against the blob's metadata before the last chunk is
+        yielded; a missing blob is a ContractViolation, a failed read BrokerUnavailable.
+        """
+        chunks = self._blob_chunks(instance.blob, None)
+        try:
+            async with contextlib.aclosing(chunks):
+                async for data in chunks:
+                    yield data
+        except (NotFoundError, ObjectNotFoundError) as exc:
+            raise ContractViolation(
+                f"blob {instance.blob} named by the message does not exist"
+            ) from exc
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"could not read blob {instance.blob}: {exc!r}") from exc
+
+    async def _blob_chunks(
+        self, name: str, digest: hashlib._Hash | None
+    ) -> AsyncGenerator[bytes, None]:
+        """The chunks of blob ``name``; the size, and with ``digest`` the metadata's
+        digest, are checked before the last chunk is yielded (BrokerUnavailable: a read
+        that came back short or altered is retried)."""
         bucket = _bucket_of(name)
         info = await (await self.blobs(bucket)).get_info(name)
         if info.nuid is None or info.size is None or info.chunks is None:
             raise ContractViolation(f"blob {name} has incomplete metadata")
-        digest = hashlib.sha256()
         size = 0
+        held: bytes | None = None  # one chunk behind, so the checks come before the last
         chunks = self._chunks(bucket, f"$O.{bucket}.C.{info.nuid}", info.chunks)
         async with contextlib.aclosing(chunks):
             async for data in chunks:
-                digest.update(data)
+                if digest is not None:
+                    digest.update(data)
                 size += len(data)
-                out.write(data)
-        expected = (info.digest or "").split("=", 1)[-1]
-        actual = base64.urlsafe_b64encode(digest.digest()).decode()
-        if size != info.size or expected.rstrip("=") != actual.rstrip("="):
+                if held is not None:
+                    yield held
+                held = data
+        expected = (info.digest or "").split("=", 1)[-1].rstrip("=")
+        altered = digest is not None and expected != _b64(digest.digest()).rstrip("=")
+        if size != info.size or altered:
             raise BrokerUnavailable(f"blob {name} read back incomplete or altered; retrying")
-        return digest.hexdigest()
+        if held is not None:
+            yield held
 
     async def _chunks(self, bucket: str, subject: str, count: int) -> AsyncGenerator[bytes, None]:
         """The ``count`` chunks on ``subject``, in order, fetched in batches.
@@ -295,13 +344,47 @@ class Transport:
 
     async def delete_blob(self, instance: Instance) -> None:
         """Best effort: a blob left behind is an orphan, never a loss."""
-        if instance.body is not BodyKind.BLOB:
-            return
+        if instance.body is BodyKind.BLOB:
+            await self.delete_blob_named(instance.blob)
+
+    async def delete_blob_named(self, name: str) -> None:
+        """Best effort, as ``delete_blob``."""
         with contextlib.suppress(NotFoundError, ObjectNotFoundError):
             try:
-                await (await self.blobs(_bucket_of(instance.blob))).delete(instance.blob)
+                await (await self.blobs(_bucket_of(name))).delete(name)
             except (NatsError, TimeoutError) as exc:
-                log.warning("could not delete consumed blob: %r", exc)
+                log.warning("could not delete blob: %r", exc)
+
+
+def blob_name(prefix: str, instance: Instance) -> str:
+    """The blob of ``instance``'s body under ``prefix`` (``ingest`` or ``sealed``): the
+    same name for the same content, so a retried put replaces it."""
+    return f"{prefix}.{instance.sop_instance_uid}.{instance.sha256[:16]}"
+
+
+async def _file_chunks(body: IO[bytes], size: int) -> AsyncGenerator[bytes, None]:
+    """``body`` read ``size`` bytes at a time in a worker thread."""
+    while data := await asyncio.to_thread(body.read, size):
+        yield data
+
+
+async def _rechunked(pieces: AsyncIterator[bytes], size: int) -> AsyncGenerator[bytes, None]:
+    """What ``pieces`` yields, cut into chunks of ``size`` bytes (the last may be short)."""
+    pending = bytearray()
+    async for piece in pieces:
+        if not pending and len(piece) == size:
+            yield piece  # already a chunk: no copy
+            continue
+        pending += piece
+        while len(pending) >= size:
+            yield bytes(memoryview(pending)[:size])
+            del pending[:size]
+    if pending:
+        yield bytes(pending)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
 
 
 def _bucket_of(name: str) -> str:
