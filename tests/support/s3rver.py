@@ -8,6 +8,7 @@ but ignores ``If-None-Match: *``: a conditional create overwrites instead of fai
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -53,6 +54,10 @@ class S3rver:
         args = [str(BINARY), "-d", str(self.folder), "-a", "127.0.0.1", "-p", str(self.port)]
         self._proc = subprocess.Popen(
             [*args, "--configure-bucket", self.bucket],
+            # A listing of more than 1000 keys needs a continuation token, which s3rver
+            # enciphers with DES: OpenSSL 3 (Node 17+) serves it only from its legacy
+            # provider. Without it the checker's listing failed with 500 after a long run.
+            env={**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
