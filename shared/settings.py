@@ -296,9 +296,9 @@ class ScpSettings(Section):
         default=0.001,
         ge=0.00005,
         le=0.01,
-        description="seconds each association's network reactor sleeps when it finds "
-        "nothing to do (pynetdicom's DUL loop): shorter answers faster, costs CPU per idle "
-        "association",
+        description="seconds each of an association's polling loops sleeps per turn "
+        "(pynetdicom's network loop and acceptor reactor): shorter answers faster, costs "
+        "CPU per idle association",
     )
     tls: DicomTlsSettings = Field(default_factory=DicomTlsSettings)
 
