@@ -162,31 +162,35 @@ class Consumer:
     async def _handle_and_settle(
         self, msg: Msg, delivered: int, size: int, stop: asyncio.Event
     ) -> Action:
-        heartbeat = asyncio.create_task(self._keep_alive(msg))  # also while queued
+        # In-progress acks while queued for the budget, while handling, and while an ack
+        # or a dead-letter publish rides out an outage; stopped before a nak.
+        heartbeat = asyncio.create_task(self._keep_alive(msg))
         after_ack: AfterAck | None = None
         error: BaseException | None = None
         try:
-            # The contract first: a forged or malformed message never reaches the handler.
-            messages.check_delivery(self._stream, msg.headers, msg.data)
-            async with self._budget.hold(size):
-                after_ack = await self._ride_out(
-                    stop, "handling", lambda: self._handler(msg), self._settings.outage_grace
+            try:
+                # The contract first: a forged or malformed message never reaches the handler.
+                messages.check_delivery(self._stream, msg.headers, msg.data)
+                async with self._budget.hold(size):
+                    after_ack = await self._ride_out(
+                        stop, "handling", lambda: self._handler(msg), self._settings.outage_grace
+                    )
+            except Exception as exc:  # noqa: BLE001 (every failure is mapped by disposition.decide)
+                error = exc
+            outcome = decide(error, delivered, self._settings)
+            if outcome.action is Action.NAK:
+                heartbeat.cancel()
+                log.warning(
+                    "%s: transient failure (delivery %d), retrying in %.1fs: %s",
+                    self._stage,
+                    delivered,
+                    outcome.delay,
+                    outcome.reason,
+                    exc_info=None if isinstance(error, DicomflowError) else error,
                 )
-        except Exception as exc:  # noqa: BLE001 (every failure is mapped by disposition.decide)
-            error = exc
+            await self._settle(msg, outcome, delivered, error, stop)
         finally:
             heartbeat.cancel()
-        outcome = decide(error, delivered, self._settings)
-        if error is not None and outcome.action is Action.NAK:
-            log.warning(
-                "%s: transient failure (delivery %d), retrying in %.1fs: %s",
-                self._stage,
-                delivered,
-                outcome.delay,
-                outcome.reason,
-                exc_info=None if isinstance(error, DicomflowError) else error,
-            )
-        await self._settle(msg, outcome, delivered, error, stop)
         if outcome.action is Action.ACK and after_ack is not None:
             await after_ack()
         return outcome.action
