@@ -71,6 +71,9 @@ class DestinationHealth:
         except TransientError as exc:
             log.warning("C-ECHO to %s failed: %s", self._where, exc)
             self.down(str(exc))
+        except Exception as exc:  # noqa: BLE001 (unforeseen: probe until it answers)
+            log.warning("C-ECHO to %s failed unexpectedly: %r", self._where, exc)
+            self.down(type(exc).__name__)
         else:
             log.info("C-ECHO to %s: status 0x%04X", self._where, status)
 
@@ -120,6 +123,9 @@ class DestinationHealth:
                 pass  # it answered: reachable, though it refuses (its C-STOREs will say why)
             except TransientError as exc:
                 log.debug("C-ECHO %d to %s failed: %s", attempts, self._where, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 (the probe must outlive any failure)
+                log.warning("C-ECHO %d to %s failed unexpectedly: %r", attempts, self._where, exc)
                 continue
             self._up.set()
             if self._on_change is not None:

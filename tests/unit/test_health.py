@@ -61,6 +61,15 @@ async def test_held_while_unreachable_then_resumes_when_a_c_echo_answers() -> No
     await health.close()
 
 
+async def test_an_unforeseen_probe_failure_does_not_end_the_probing() -> None:
+    echo = Echoes(RuntimeError("pynetdicom: association not established"), unreachable())
+    health = DestinationHealth("PEER", echo, INTERVAL)
+    health.down("connection refused")
+    await asyncio.wait_for(health.wait_up(asyncio.Event()), 5)
+    assert echo.calls == 3
+    await health.close()
+
+
 async def test_a_refusing_peer_is_reachable() -> None:
     """An association rejected for good still came from the peer: its C-STOREs will be
     refused and dead-lettered with the reason, never held forever."""
