@@ -222,7 +222,6 @@ class Metrics:
         for result in SCU_ASSOCIATION_RESULTS:
             self.scu_associations.labels(name, result)
         self.scu_associations_open.labels(name).set_function(open_count)
-        self.scu_destination_up.labels(name).set(1)
 
     def storage(self) -> None:
         for operation in STORAGE_OPERATIONS:

@@ -403,11 +403,15 @@ def _env_config_file() -> Path | None:
 
 def _describe(exc: ValidationError, path: Path | None) -> str:
     where = f" (config file {path} or DICOMFLOW_* environment)" if path else ""
-    problems = "; ".join(
+    return f"invalid settings{where}: {problems(exc)}"
+
+
+def problems(exc: ValidationError) -> str:
+    """Each failed field as ``dotted.path: message``, without the rejected values."""
+    return "; ".join(
         f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
         for err in exc.errors(include_url=False, include_input=False)
     )
-    return f"invalid settings{where}: {problems}"
 
 
 # -- scu_gateway ---------------------------------------------------------------------

@@ -63,19 +63,11 @@ class DestinationHealth:
         return self._up.is_set()
 
     async def check(self) -> None:
-        """One C-ECHO now (at start-up): logged; a peer that cannot be reached is down."""
-        try:
-            status = await asyncio.to_thread(self._echo)
-        except DeliveryRefused as exc:
-            log.warning("C-ECHO to %s refused: %s", self._where, exc)
-        except TransientError as exc:
-            log.warning("C-ECHO to %s failed: %s", self._where, exc)
-            self.down(str(exc))
-        except Exception as exc:  # noqa: BLE001 (unforeseen: probe until it answers)
-            log.warning("C-ECHO to %s failed unexpectedly: %r", self._where, exc)
-            self.down(type(exc).__name__)
-        else:
-            log.info("C-ECHO to %s: status 0x%04X", self._where, status)
+        """One C-ECHO now (at start-up), logged; a peer that cannot be reached is down."""
+        failure = await self._echo_failure()
+        if failure is not None:
+            log.warning("C-ECHO to %s failed: %s", self._where, failure)
+            self.down(failure)
 
     def down(self, reason: str) -> None:
         """The peer could not be reached: hold deliveries and start probing it."""
@@ -112,20 +104,31 @@ class DestinationHealth:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
 
+    async def _echo_failure(self) -> str | None:
+        """None when the peer answered a C-ECHO at the DICOM level, refusals included
+        (reachable: its C-STOREs will say why); otherwise why it could not be reached.
+        Never raises: the probe must outlive any failure."""
+        try:
+            status = await asyncio.to_thread(self._echo)
+        except DeliveryRefused as exc:
+            log.warning("C-ECHO to %s refused (the peer is reachable): %s", self._where, exc)
+        except TransientError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 (unforeseen: treated as unreachable)
+            log.warning("C-ECHO to %s failed unexpectedly: %r", self._where, exc)
+            return type(exc).__name__
+        else:
+            log.info("C-ECHO to %s: status 0x%04X", self._where, status)
+        return None
+
     async def _probe_until_up(self) -> None:
         attempts = 0
         while not self._up.is_set():
             await asyncio.sleep(self._interval)
             attempts += 1
-            try:
-                await asyncio.to_thread(self._echo)
-            except DeliveryRefused:
-                pass  # it answered: reachable, though it refuses (its C-STOREs will say why)
-            except TransientError as exc:
-                log.debug("C-ECHO %d to %s failed: %s", attempts, self._where, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 (the probe must outlive any failure)
-                log.warning("C-ECHO %d to %s failed unexpectedly: %r", attempts, self._where, exc)
+            failure = await self._echo_failure()
+            if failure is not None:
+                log.debug("C-ECHO %d to %s failed: %s", attempts, self._where, failure)
                 continue
             self._up.set()
             if self._on_change is not None:

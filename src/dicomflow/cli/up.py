@@ -21,7 +21,7 @@ from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import generate_master_key_file
 from dicomflow.shared.sealsign import PRIVATE_NAME, PUBLIC_NAME, generate_signing_key_pair
-from dicomflow.shared.settings import NatsSettings, ScpSettings, ScuSettings
+from dicomflow.shared.settings import NatsSettings, ScpSettings, ScuSettings, problems
 
 STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first
 SCU_STAGE = "scu-gateway"  # runs with --forward, started before the others
@@ -284,11 +284,7 @@ def forwarding(specs: list[str], calling_ae: str) -> dict[str, object] | None:
     try:
         ScuSettings.model_validate(table)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors(include_url=False, include_input=False)
-        )
-        raise ConfigError(f"--forward: {problems}") from exc
+        raise ConfigError(f"--forward: {problems(exc)}") from exc
     return table
 
 
