@@ -296,9 +296,9 @@ class ScpSettings(Section):
         default=0.001,
         ge=0.00005,
         le=0.01,
-        description="seconds each of an association's polling loops sleeps per turn "
-        "(pynetdicom's network loop and acceptor reactor): shorter answers faster, costs "
-        "CPU per idle association",
+        description="longest idle turn of each of an association's polling loops "
+        "(pynetdicom's network loop and acceptor reactor; a PDU or message wakes them at "
+        "once): shorter only costs CPU per idle association",
     )
     tls: DicomTlsSettings = Field(default_factory=DicomTlsSettings)
 

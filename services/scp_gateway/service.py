@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
-from pynetdicom import association as association_module
 
 from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from dicomflow.scp_gateway.receiver import Receiver
 from dicomflow.scp_gateway.tlslistener import CertificateAeMap, TlsAssociationServer
-from dicomflow.shared import dicomtls, natsconn, topology
+from dicomflow.shared import dicomtls, natsconn, reactors, topology
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import ScpGatewaySettings, ScpSettings
@@ -134,7 +133,7 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
     ae = build_ae(settings.scp)
     tls_context = build_tls(settings.scp)
     receive_to_files(settings.spool_dir)
-    tune_reactors(settings.scp.reactor_delay)
+    reactors.install(settings.scp.reactor_delay)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
     try:
@@ -192,31 +191,6 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
             log.info("scp-gateway closed; draining NATS")
     finally:
         await nc.drain()
-
-
-class ReactorClock:
-    """The ``time`` module as pynetdicom's association module sees it, but for the one
-    sleep its acceptor reactor takes on every turn of its loop: a fixed 1 ms, busy or
-    not, which every received DIMSE message waits out before its handler runs. That sleep
-    becomes ``scp.reactor_delay``, like the DUL loop's (``ConnectionLimits``); every other
-    call goes to ``time`` unchanged."""
-
-    REACTOR_SLEEP = 0.001  # pynetdicom 3.0's Association._run_reactor
-
-    def __init__(self, delay: float) -> None:
-        self._delay = delay
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(self._delay if seconds == self.REACTOR_SLEEP else seconds)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def tune_reactors(delay: float) -> None:
-    """Both of each association's reactor loops sleep ``delay`` (process-wide)."""
-    if delay != ReactorClock.REACTOR_SLEEP:
-        setattr(association_module, "time", ReactorClock(delay))  # noqa: B010 (not typed)
 
 
 PDU_MARGIN = 64 * 1024  # room for a PDU's own header fields around the advertised length

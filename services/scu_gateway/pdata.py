@@ -35,6 +35,8 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
 
+from dicomflow.shared import reactors
+
 MESSAGE_ID = 1  # one request at a time per association, as send_c_store's default
 PRIORITY_LOW = 2  # send_c_store's default
 PDV_OVERHEAD = 6  # item length (4), context ID (1), control header (1)
@@ -79,9 +81,10 @@ def store(assoc: Any, path: Path, write_timeout: float) -> Dataset:
     sock.settimeout(write_timeout)
     context_id = int(context.context_id)
     assoc._reactor_checkpoint.clear()
+    reactors.wake_reactor(assoc)  # its sleep ends now, not after a whole turn
     try:
         deadline = time.monotonic() + write_timeout
-        while not assoc._is_paused:  # the reactor pauses within one of its 1 ms loops
+        while not assoc._is_paused:  # the reactor pauses at the end of its current turn
             if not assoc.is_established or time.monotonic() > deadline:
                 raise RuntimeError("the association's reactor did not pause for the request")
             time.sleep(0.0001)

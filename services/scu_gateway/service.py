@@ -34,7 +34,7 @@ from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.routing import Router
-from dicomflow.shared import messages, natsconn, storage, subjects, topology
+from dicomflow.shared import messages, natsconn, reactors, storage, subjects, topology
 from dicomflow.shared.consumer import AfterAck, Consumer, Handler
 from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
 from dicomflow.shared.metrics import Metrics
@@ -122,6 +122,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     keyring = settings.encryption.keyring()
     store = storage.build_store(settings.storage)
     router = Router.from_settings(scu)
+    reactors.install()  # responses and pauses without waiting out pynetdicom's 1 ms polls
     # Send each file's encoded dataset as stored, in PDU-sized chunks: no decoding,
     # byte-identical on the wire, memory independent of the object's size.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True

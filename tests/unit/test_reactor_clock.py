@@ -1,29 +1,151 @@
-"""scp.reactor_delay reaches the acceptor reactor's fixed 1 ms sleep, and nothing else."""
+"""pynetdicom's polling loops are woken by their work (shared/reactors.py), and nothing
+else that either module asks of ``time`` changes."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from pynetdicom import association
+from pynetdicom import AE, evt
+from pynetdicom import association as association_module
+from pynetdicom import dul as dul_module
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomflow.scp_gateway.service import ReactorClock, tune_reactors
+from dicomflow.shared import reactors
+from support.servers import free_port
 
 
-def test_only_the_reactor_sleep_is_shortened(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Whatever install() does to pynetdicom's modules is undone after the test."""
+    monkeypatch.setattr(association_module, "time", time)
+    monkeypatch.setattr(dul_module, "time", time)
+    yield
+
+
+def test_other_sleeps_and_names_go_to_time(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    clock = ReactorClock(0.0002)
-    clock.sleep(0.001)  # the reactor's turn
+    clock = reactors.AssociationClock(0.0002)
     clock.sleep(0.1)  # anything else pynetdicom waits for
     clock.sleep(0.0001)
-    assert slept == [0.0002, 0.1, 0.0001]
-    assert clock.monotonic is time.monotonic  # the rest of the module is time's
+    clock.sleep(0.001)  # the reactor's turn, but not on an association's thread
+    assert slept == [0.1, 0.0001, 0.001]
+    assert clock.monotonic is time.monotonic
+    assert reactors.DulClock().perf_counter is time.perf_counter
 
 
-def test_the_default_leaves_pynetdicom_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(association, "time", time)
-    tune_reactors(0.001)
-    assert association.time is time
-    tune_reactors(0.0002)
-    assert isinstance(association.time, ReactorClock)
+class _Reactor(threading.Thread):
+    """A thread shaped like an association: a DIMSE message queue, a reactor sleep."""
+
+    def __init__(self, clock: reactors.AssociationClock) -> None:
+        super().__init__(daemon=True)
+        self.dimse = SimpleNamespace(msg_queue=queue.Queue())
+        self.clock = clock
+        self.slept = 0.0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        self.clock.sleep(reactors.REACTOR_SLEEP)
+        self.slept = time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["message", "wake"])
+def test_the_reactor_sleep_ends_on_a_message_or_a_wake(how: str) -> None:
+    reactor = _Reactor(reactors.AssociationClock(30.0))  # a turn of 30 s unless woken
+    reactor.start()
+    time.sleep(0.2)
+    assert reactor.is_alive()  # it waits while there is nothing to do
+    if how == "message":
+        reactor.dimse.msg_queue.put((1, "a decoded DIMSE message"))
+    else:
+        reactors.wake_reactor(reactor)
+    reactor.join(10)
+    assert not reactor.is_alive()
+    assert reactor.slept < 10
+
+
+def test_the_reactor_does_not_wait_with_a_message_queued() -> None:
+    reactor = _Reactor(reactors.AssociationClock(30.0))
+    reactor.dimse.msg_queue.put((1, "already there"))
+    reactor.start()
+    reactor.join(10)
+    assert not reactor.is_alive()
+
+
+def test_echoes_do_not_wait_out_long_polling_turns(restored: None) -> None:
+    """With both loops of both ends set to sleep 0.5 s per idle turn, each C-ECHO would
+    wait out several of them (the sender's pause, then on each side the DUL's read, the
+    reactor's turn, the DUL's write); woken by their work they answer at once."""
+    turn = 0.5
+    reactors.install(turn)
+
+    def slow(event: evt.Event) -> None:
+        event.assoc.dul._run_loop_delay = turn
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, slow)]
+    )
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
+        assert assoc.is_established
+        assoc.dul._run_loop_delay = turn
+        started = time.monotonic()
+        statuses = [_echo(assoc) for _ in range(10)]
+        took = time.monotonic() - started
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0] * 10
+    assert took < 2 * turn  # unwoken: several idle turns per echo, over 10 s in all
+
+
+def _echo(assoc: Any) -> int:
+    """A C-ECHO the way the scu-gateway's pdata sends: the reactor woken to pause."""
+    assoc._reactor_checkpoint.clear()
+    reactors.wake_reactor(assoc)
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    return int(assoc.send_c_echo().Status)  # sets the checkpoint again when done
+
+
+def test_idle_loops_still_sleep(restored: None) -> None:
+    """Woken loops must not spin: an idle association's DUL thread sleeps its turns."""
+    reactors.install(0.05)
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
+        assert assoc.is_established
+        assoc.dul._run_loop_delay = 0.05
+        turns = 0
+        clock = dul_module.time
+        real = clock.sleep
+
+        def counted(seconds: float) -> None:
+            nonlocal turns
+            if threading.current_thread() is assoc.dul:
+                turns += 1
+            real(seconds)
+
+        clock.sleep = counted
+        time.sleep(1.0)
+        del clock.sleep
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert 5 <= turns <= 40  # about 20 turns of 50 ms in a second, not thousands
