@@ -6,15 +6,17 @@ association reactor (takes each decoded DIMSE message off a queue and serves it)
 sleep a fixed time on every idle turn, 1 ms by default, so every message waited out the
 rest of a sleep at each hop: a request's last PDU before the DUL read it, the decoded
 request before the reactor served it, the response before the DUL wrote it, and on the
-sending side the reactor's pause before a request could be written.
+sending side the reactor's pause before each request could be written.
 
 ``install(delay)`` gives both modules a ``time`` whose loop sleep ends as soon as there is
 work: the DUL thread waits in ``select`` on its socket and on a wake-up socket that every
-primitive queued for sending pokes; the association reactor waits on an event that each
-message put on its DIMSE queue sets (and ``wake_reactor``, for a sender that wants the
-reactor paused). ``delay`` is only the longest an idle
-turn lasts, so idle associations cost what they did while busy ones answer at once.
-Everything else either module asks of ``time`` goes to ``time`` unchanged.
+primitive queued for sending pokes; the association reactor waits on a condition that
+each message put on its DIMSE queue notifies. ``delay`` is only the longest an idle turn
+lasts, so idle associations cost what they did while busy ones answer at once. A sender
+that needs the reactor out of the way while it takes its own response (``paused``) holds
+it in that sleep, usually without waiting at all, instead of handing a pause over to the
+reactor thread. Everything else either module asks of ``time`` goes to ``time``
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pynetdicom import association as association_module
@@ -41,60 +43,124 @@ def _messages(assoc: Any) -> queue.Queue[Any] | None:
     return q if isinstance(q, queue.Queue) else None
 
 
-_wake_events: weakref.WeakKeyDictionary[Any, threading.Event] = weakref.WeakKeyDictionary()
-_wake_events_lock = threading.Lock()
+class _Gate:
+    """Where an association's reactor sleeps between turns, and can be held.
+
+    ``woken`` ends the current (or next) sleep: every message put on the DIMSE queue sets
+    it. (Not the queue's own ``not_empty`` condition: ``Queue.put`` notifies one waiter,
+    and the reactor would take that notification from a sender blocked in ``get_msg``
+    for its response.) While ``held``, the reactor stays in its sleep whatever arrives,
+    so a sender can write a request and take the response itself.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.woken = False
+        self.held = 0
+        self.sleeping = False
+
+    def wake(self) -> None:
+        with self.cond:
+            self.woken = True
+            self.cond.notify_all()
 
 
-def _wake_event(assoc: Any) -> threading.Event | None:
-    """The event that ends ``assoc``'s reactor sleep: set by every put on its DIMSE
-    message queue and by ``wake_reactor``. (Not the queue's own ``not_empty`` condition:
-    ``Queue.put`` notifies one waiter, and the reactor would take that notification from
-    a sender blocked in ``get_msg`` for its response.)"""
+_gates: weakref.WeakKeyDictionary[Any, _Gate] = weakref.WeakKeyDictionary()
+_gates_lock = threading.Lock()
+
+
+def _gate(assoc: Any) -> _Gate | None:
     messages = _messages(assoc)
     if messages is None:
         return None
-    with _wake_events_lock:
-        event = _wake_events.get(assoc)
-        if event is None:
-            event = _wake_events[assoc] = threading.Event()
+    with _gates_lock:
+        gate = _gates.get(assoc)
+        if gate is None:
+            gate = _gates[assoc] = _Gate()
             put: Callable[..., None] = messages.put
-            wake = event
+            wake = gate.wake
 
             def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
                 put(item, block, timeout)
-                wake.set()
+                wake()
 
             setattr(messages, "put", put_and_wake)  # noqa: B010 (this queue, not the class)
-    return event
+    return gate
 
 
 class AssociationClock:
     """``time`` for pynetdicom's association module: the reactor's 1 ms sleep becomes a
-    wait of at most ``delay`` for the next decoded DIMSE message or ``wake_reactor``."""
+    wait of at most ``delay`` for the next decoded DIMSE message, and no end while a
+    sender holds the reactor (``paused``)."""
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
 
     def sleep(self, seconds: float) -> None:
         assoc = threading.current_thread()
-        event = _wake_event(assoc) if seconds == REACTOR_SLEEP else None
-        if event is None:
+        gate = _gate(assoc) if seconds == REACTOR_SLEEP else None
+        if gate is None:
             time.sleep(seconds)
             return
         messages = _messages(assoc)
-        if messages is not None and not messages.queue:
-            event.wait(self.delay)
-        event.clear()  # a wake during the turn that follows ends the next sleep at once
+        deadline = time.monotonic() + self.delay
+        with gate.cond:
+            gate.sleeping = True
+            gate.cond.notify_all()  # a sender may be waiting for the reactor to be here
+            try:
+                while gate.held or not (gate.woken or (messages is not None and messages.queue)):
+                    left = None if gate.held else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    gate.cond.wait(left)
+                gate.woken = False  # a message arriving during the next turn ends the next sleep
+            finally:
+                gate.sleeping = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
-def wake_reactor(assoc: Any) -> None:
-    """End the association reactor's current sleep (it then reaches its pause point)."""
-    event = _wake_event(assoc)
-    if event is not None:
-        event.set()
+@contextlib.contextmanager
+def paused(assoc: Any, timeout: float) -> Iterator[None]:
+    """The association reactor does not run inside this block, so the caller can send a
+    request and take its response off the DIMSE queue itself.
+
+    With ``install``: the reactor is held in its sleep, at once when it is there (a
+    sender sending one instance after another finds it there), otherwise as soon as it
+    ends its turn. Without: pynetdicom's own checkpoint, as its ``send_*`` methods do.
+    Raises RuntimeError if the reactor does not get there within ``timeout`` (the
+    association ended, or its reactor is stuck).
+    """
+    gate = _gate(assoc) if isinstance(association_module.time, AssociationClock) else None
+    deadline = time.monotonic() + timeout
+    if gate is None:
+        assoc._reactor_checkpoint.clear()
+        try:
+            while not assoc._is_paused:
+                _check(assoc, deadline)
+                time.sleep(0.0001)
+            yield
+        finally:
+            assoc._reactor_checkpoint.set()
+        return
+    with gate.cond:
+        gate.held += 1
+    try:
+        with gate.cond:
+            while not gate.sleeping:  # mid-turn, or paused by pynetdicom's own send_*
+                _check(assoc, deadline)
+                gate.cond.wait(0.001)
+        yield
+    finally:
+        with gate.cond:
+            gate.held -= 1
+            gate.cond.notify_all()
+
+
+def _check(assoc: Any, deadline: float) -> None:
+    if not assoc.is_established or time.monotonic() > deadline:
+        raise RuntimeError("the association's reactor did not pause for the request")
 
 
 class _Waker:

@@ -7,8 +7,9 @@ queued in memory at once. Here the sender thread writes the PDUs itself, reading
 file one PDU at a time (memory bounded whatever the instance's size).
 
 Everything else stays pynetdicom's: the association and its negotiation, the
-presentation context, the command set's encoding, the reactor pause around the request
-(as ``send_c_store`` does it), the response (read by the DUL thread and decoded by its
+presentation context, the command set's encoding, the reactor kept out of the way around
+the request (``reactors.paused``: held in its sleep, or paused at pynetdicom's own
+checkpoint as ``send_c_store`` does it), the response (read by the DUL thread and decoded by its
 DIMSE provider) and its checks, the abort after a DIMSE timeout. That relies on
 pynetdicom internals (``_reactor_checkpoint``, ``_is_paused``, ``_get_valid_context``,
 ``_check_received_status``, ``_handle_no_response``), present throughout 3.0.x, the
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +80,13 @@ def store(assoc: Any, path: Path, write_timeout: float) -> Dataset:
     sock = assoc.dul.socket.socket
     sock.settimeout(write_timeout)
     context_id = int(context.context_id)
-    assoc._reactor_checkpoint.clear()
-    reactors.wake_reactor(assoc)  # its sleep ends now, not after a whole turn
     try:
-        deadline = time.monotonic() + write_timeout
-        while not assoc._is_paused:  # the reactor pauses at the end of its current turn
-            if not assoc.is_established or time.monotonic() > deadline:
-                raise RuntimeError("the association's reactor did not pause for the request")
-            time.sleep(0.0001)
-        _write(sock, context_id, command, path, offset, step)
-        _, rsp = assoc.dimse.get_msg(block=True)
+        with reactors.paused(assoc, write_timeout):
+            _write(sock, context_id, command, path, offset, step)
+            _, rsp = assoc.dimse.get_msg(block=True)
     except OSError:
-        assoc._reactor_checkpoint.set()
         assoc.abort()
         raise
-    finally:
-        assoc._reactor_checkpoint.set()
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()

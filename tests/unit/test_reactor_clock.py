@@ -41,30 +41,29 @@ def test_other_sleeps_and_names_go_to_time(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 class _Reactor(threading.Thread):
-    """A thread shaped like an association: a DIMSE message queue, a reactor sleep."""
+    """A thread shaped like an association: a DIMSE message queue, reactor sleeps."""
 
-    def __init__(self, clock: reactors.AssociationClock) -> None:
+    def __init__(self, clock: reactors.AssociationClock, turns: int = 1) -> None:
         super().__init__(daemon=True)
         self.dimse = SimpleNamespace(msg_queue=queue.Queue())
+        self.is_established = True
         self.clock = clock
+        self.turns = turns
         self.slept = 0.0
 
     def run(self) -> None:
         started = time.monotonic()
-        self.clock.sleep(reactors.REACTOR_SLEEP)
+        for _ in range(self.turns):
+            self.clock.sleep(reactors.REACTOR_SLEEP)
         self.slept = time.monotonic() - started
 
 
-@pytest.mark.parametrize("how", ["message", "wake"])
-def test_the_reactor_sleep_ends_on_a_message_or_a_wake(how: str) -> None:
+def test_the_reactor_sleep_ends_on_a_message() -> None:
     reactor = _Reactor(reactors.AssociationClock(30.0))  # a turn of 30 s unless woken
     reactor.start()
     time.sleep(0.2)
     assert reactor.is_alive()  # it waits while there is nothing to do
-    if how == "message":
-        reactor.dimse.msg_queue.put((1, "a decoded DIMSE message"))
-    else:
-        reactors.wake_reactor(reactor)
+    reactor.dimse.msg_queue.put((1, "a decoded DIMSE message"))
     reactor.join(10)
     assert not reactor.is_alive()
     assert reactor.slept < 10
@@ -76,6 +75,28 @@ def test_the_reactor_does_not_wait_with_a_message_queued() -> None:
     reactor.start()
     reactor.join(10)
     assert not reactor.is_alive()
+
+
+def test_a_paused_reactor_stays_in_its_sleep_until_released(restored: None) -> None:
+    reactors.install(0.01)  # idle turns of 10 ms: it would go round 100 times a second
+    reactor = _Reactor(association_module.time, turns=3)
+    reactor.start()
+    with reactors.paused(reactor, timeout=5):
+        reactor.dimse.msg_queue.put((1, "the response the sender will take"))
+        time.sleep(0.5)
+        assert reactor.is_alive()  # neither the message nor its turns woke it
+        reactor.dimse.msg_queue.get_nowait()
+    reactor.join(10)
+    assert not reactor.is_alive()  # released: its remaining turns ran
+
+
+def test_pausing_a_reactor_that_never_sleeps_fails_in_bounded_time(restored: None) -> None:
+    reactors.install()
+    reactor = _Reactor(association_module.time, turns=0)  # never reaches its sleep
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not pause"), reactors.paused(reactor, 0.3):
+        pass
+    assert time.monotonic() - started < 5
 
 
 def test_echoes_do_not_wait_out_long_polling_turns(restored: None) -> None:
@@ -111,12 +132,14 @@ def test_echoes_do_not_wait_out_long_polling_turns(restored: None) -> None:
 
 
 def _echo(assoc: Any) -> int:
-    """A C-ECHO the way the scu-gateway's pdata sends: the reactor woken to pause."""
-    assoc._reactor_checkpoint.clear()
-    reactors.wake_reactor(assoc)
-    while not assoc._is_paused:
-        time.sleep(0.0001)
-    return int(assoc.send_c_echo().Status)  # sets the checkpoint again when done
+    """A C-ECHO with the reactor held the way the scu-gateway's pdata holds it."""
+    with reactors.paused(assoc, timeout=5):
+        assoc._reactor_checkpoint.clear()  # send_c_echo then finds it already "paused"
+        assoc._is_paused = True
+        try:
+            return int(assoc.send_c_echo().Status)
+        finally:
+            assoc._reactor_checkpoint.set()
 
 
 def test_idle_loops_still_sleep(restored: None) -> None:
