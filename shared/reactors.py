@@ -132,7 +132,8 @@ def paused(assoc: Any, timeout: float) -> Iterator[None]:
     Raises RuntimeError if the reactor does not get there within ``timeout`` (the
     association ended, or its reactor is stuck).
     """
-    gate = _gate(assoc) if isinstance(association_module.time, AssociationClock) else None
+    clock = getattr(association_module, "time", None)
+    gate = _gate(assoc) if isinstance(clock, AssociationClock) else None
     deadline = time.monotonic() + timeout
     if gate is None:
         assoc._reactor_checkpoint.clear()
