@@ -36,6 +36,7 @@ from pynetdicom import association as association_module
 from pynetdicom import dul as dul_module
 
 REACTOR_SLEEP = 0.001  # pynetdicom 3.0's Association._run_reactor, fixed
+IDLE_TURN = 0.01  # dicomflow's idle turn for both loops (scp.reactor_delay's default)
 
 
 def _messages(assoc: Any) -> queue.Queue[Any] | None:
@@ -237,7 +238,14 @@ class DulClock:
         return getattr(time, name)
 
 
-def install(delay: float = REACTOR_SLEEP) -> None:
+def relax(assoc: Any, delay: float = IDLE_TURN) -> None:
+    """Let ``assoc``'s network loop idle ``delay`` per turn instead of pynetdicom's 1 ms,
+    if its wake-ups are installed (without them it would answer that much later)."""
+    if isinstance(getattr(dul_module, "time", None), DulClock):
+        assoc.dul._run_loop_delay = delay
+
+
+def install(delay: float = IDLE_TURN) -> None:
     """Wake both loops of every association in this process; ``delay`` bounds the
     association reactor's idle turn (the DUL's is its own ``_run_loop_delay``)."""
     setattr(association_module, "time", AssociationClock(delay))  # noqa: B010 (untyped)

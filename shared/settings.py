@@ -293,12 +293,13 @@ class ScpSettings(Section):
         default=4 * 1024**3, ge=1, description="larger datasets are refused with 0xC211"
     )
     reactor_delay: float = Field(
-        default=0.001,
+        default=0.01,
         ge=0.00005,
-        le=0.01,
+        le=0.1,
         description="longest idle turn of each of an association's polling loops "
         "(pynetdicom's network loop and acceptor reactor; a PDU or message wakes them at "
-        "once): shorter only costs CPU per idle association",
+        "once): bounds how soon a release, an abort or a timer is noticed; shorter costs "
+        "CPU per idle association",
     )
     tls: DicomTlsSettings = Field(default_factory=DicomTlsSettings)
 

@@ -42,7 +42,7 @@ from dicomflow.scu_gateway.status import (
     DeliveryRefused,
     DestinationUnreachable,
 )
-from dicomflow.shared import dicomtls
+from dicomflow.shared import dicomtls, reactors
 from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import DestinationSettings
 
@@ -203,6 +203,7 @@ class AssociationPool:
             sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reactors.relax(assoc)  # woken by its work, it need not poll every 1 ms
             return assoc
         rsp = assoc.acceptor.primitive
         if assoc.is_rejected and rsp is not None:

@@ -122,7 +122,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     keyring = settings.encryption.keyring()
     store = storage.build_store(settings.storage)
     router = Router.from_settings(scu)
-    reactors.install()  # responses and pauses without waiting out pynetdicom's 1 ms polls
+    reactors.install()  # responses and pauses without waiting out pynetdicom's polls
     # Send each file's encoded dataset as stored, in PDU-sized chunks: no decoding,
     # byte-identical on the wire, memory independent of the object's size.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True

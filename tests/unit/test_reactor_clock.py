@@ -172,3 +172,12 @@ def test_idle_loops_still_sleep(restored: None) -> None:
     finally:
         server.shutdown()
     assert 5 <= turns <= 40  # about 20 turns of 50 ms in a second, not thousands
+
+
+def test_relax_only_with_the_wake_ups_installed(restored: None) -> None:
+    assoc = SimpleNamespace(dul=SimpleNamespace(_run_loop_delay=0.001))
+    reactors.relax(assoc)
+    assert assoc.dul._run_loop_delay == 0.001  # plain sleeps: 10 ms would delay answers
+    reactors.install()
+    reactors.relax(assoc)
+    assert assoc.dul._run_loop_delay == reactors.IDLE_TURN
