@@ -44,6 +44,17 @@ def _messages(assoc: Any) -> queue.Queue[Any] | None:
     return q if isinstance(q, queue.Queue) else None
 
 
+def _after_put(q: queue.Queue[Any], hook: Callable[[], None]) -> None:
+    """Make every ``put`` on this one queue (not the class) call ``hook`` afterwards."""
+    put: Callable[..., None] = q.put
+
+    def put_then_hook(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        hook()
+
+    setattr(q, "put", put_then_hook)  # noqa: B010
+
+
 class _Gate:
     """Where an association's reactor sleeps between turns, and can be held.
 
@@ -54,11 +65,13 @@ class _Gate:
     so a sender can write a request and take the response itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, messages: queue.Queue[Any]) -> None:
+        self.messages = messages
         self.cond = threading.Condition()
         self.woken = False
         self.held = 0
         self.sleeping = False
+        _after_put(messages, self.wake)
 
     def wake(self) -> None:
         with self.cond:
@@ -71,21 +84,16 @@ _gates_lock = threading.Lock()
 
 
 def _gate(assoc: Any) -> _Gate | None:
+    gate = _gates.get(assoc)  # every reactor turn: no lock once the gate exists
+    if gate is not None:
+        return gate
     messages = _messages(assoc)
     if messages is None:
         return None
-    with _gates_lock:
+    with _gates_lock:  # the reactor and a sender may both be first
         gate = _gates.get(assoc)
         if gate is None:
-            gate = _gates[assoc] = _Gate()
-            put: Callable[..., None] = messages.put
-            wake = gate.wake
-
-            def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
-                put(item, block, timeout)
-                wake()
-
-            setattr(messages, "put", put_and_wake)  # noqa: B010 (this queue, not the class)
+            gate = _gates[assoc] = _Gate(messages)
     return gate
 
 
@@ -103,13 +111,12 @@ class AssociationClock:
         if gate is None:
             time.sleep(seconds)
             return
-        messages = _messages(assoc)
         deadline = time.monotonic() + self.delay
         with gate.cond:
             gate.sleeping = True
             gate.cond.notify_all()  # a sender may be waiting for the reactor to be here
             try:
-                while gate.held or not (gate.woken or (messages is not None and messages.queue)):
+                while gate.held or not (gate.woken or gate.messages.queue):
                     left = None if gate.held else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         break
@@ -177,27 +184,20 @@ class _Waker:
         self.read.setblocking(False)
         self._write.setblocking(False)
         weakref.finalize(self, _close, self.read, self._write)
-        put: Callable[..., None] = outgoing.put
-        me = weakref.ref(self)
+        me = weakref.ref(self)  # the queue must not keep the pair open past its thread
 
-        def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
-            put(item, block, timeout)
+        def poke() -> None:
             waker = me()
             if waker is not None:
-                waker.poke()
+                with contextlib.suppress(OSError):  # already full of pokes, or closed
+                    waker._write.send(b"\0")
 
-        setattr(outgoing, "put", put_and_wake)  # noqa: B010 (this queue, not the class)
-
-    def poke(self) -> None:
-        with contextlib.suppress(OSError):  # already full of pokes, or closed
-            self._write.send(b"\0")
+        _after_put(outgoing, poke)
 
     def drain(self) -> None:
-        try:
-            while self.read.recv(4096):
-                pass
-        except OSError:  # nothing left (BlockingIOError)
-            pass
+        # More pokes than this are left for the next select, which then returns at once.
+        with contextlib.suppress(OSError):  # none there (BlockingIOError)
+            self.read.recv(4096)
 
 
 def _close(*sockets: socket.socket) -> None:
