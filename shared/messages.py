@@ -51,6 +51,9 @@ H_SIGNATURE = "Dicomflow-Signature"  # Ed25519, hex; see ``sealsign``
 H_TRACEPARENT = "traceparent"
 H_MSG_ID = "Nats-Msg-Id"
 H_OBJECT_KEY = "Dicomflow-Object-Key"  # on dicom.stored events: where the object is
+# On dicom.stored events: how the sealed body travelled on SEALED ("inline" or "blob");
+# the scu-gateway relays inline bodies before storage and routes blobs once stored.
+H_SEALED_BODY = "Dicomflow-Sealed-Body"
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -12,7 +12,8 @@ each service holds its own seed). Permissions are allow-lists of exact subjects:
   writes the index and publishes ``dicom.stored`` events. It has no right on INGEST,
   the plaintext blob bucket or the DLQ (which holds dead-lettered plaintext).
 - ``scu-gateway`` drains EVENTS (its router durable) and DELIVERY (one durable per
-  destination), publishes delivery requests.
+  destination), reads SEALED through its relay durable (sealed bytes only) and may
+  delete that durable, publishes delivery requests.
 - ``admin`` (the operator's commands and topology setup) may do everything.
 
 Nobody but ``admin`` may create, update or delete a stream. Each user receives replies
@@ -75,7 +76,7 @@ def permissions(user: str, public_key: str) -> Permissions:
     if user == "store-writer":
         index = f"KV_{subjects.INDEX_BUCKET}"
         publish = (
-            *_drain_work_queue(subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE),
+            *_consume(subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE),
             f"{subjects.STORED_PREFIX}.>",
             subjects.dlq_subject("store-writer"),
             *_blob_reader(subjects.SEALED_BLOB_BUCKET),
@@ -89,6 +90,10 @@ def permissions(user: str, public_key: str) -> Permissions:
     # scu-gateway: its delivery durables are named after configured destinations.
     publish = (
         *_consume(subjects.EVENTS_STREAM, subjects.ROUTER_DURABLE),
+        # relay rules: read SEALED before storage; remove the relay consumer once no
+        # rule relays (its interest would otherwise hold SEALED's messages)
+        *_consume(subjects.SEALED_STREAM, subjects.RELAY_DURABLE),
+        f"{API}.CONSUMER.DELETE.{subjects.SEALED_STREAM}.{subjects.RELAY_DURABLE}",
         *_drain_work_queue(subjects.DELIVERY_STREAM, "*"),
         f"{subjects.DELIVER_PREFIX}.>",
         f"{subjects.DLQ_PREFIX}.*",  # scu-router and deliver-<destination>

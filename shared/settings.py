@@ -483,9 +483,14 @@ class RuleSettings(Section):
 
     Patterns are shell-style (``fnmatch``: ``*``, ``?``, ``[...]``); AE titles and
     Modality are compared case-insensitively, UIDs exactly.
+
+    ``relay``: route the instance as soon as it is sealed, before storage, carrying the
+    sealed bytes to the destination's queue (the scu-gateway then needs no storage
+    read); an instance too large to travel inline is routed once stored instead.
     """
 
     destinations: list[str] = Field(min_length=1)
+    relay: bool = False
     called_ae: str = "*"
     calling_ae: str = "*"
     modality: str = "*"

@@ -24,6 +24,7 @@ DELIVER_PREFIX = "dicomflow.deliver"
 ENCRYPTOR_DURABLE = "encryptor"
 STORE_WRITER_DURABLE = "store-writer"
 ROUTER_DURABLE = "scu-router"
+RELAY_DURABLE = "scu-relay"  # on SEALED, only while relay rules are configured
 
 INDEX_BUCKET = "dicomflow-index"
 # Plaintext and sealed bodies live in separate object-store buckets: chunk subjects

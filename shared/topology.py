@@ -8,7 +8,15 @@ Retention is chosen per stream:
 - INGEST holds plaintext, so it is a work queue (a message is gone once the encryptor
   acks it) and bounded with discard-new: when full, publishes fail and the gateway
   answers 0xA700 instead of Success.
-- SEALED is a work queue for the store writer.
+- SEALED has interest retention: a message stays until every consumer acked it, the
+  store writer's and, when relay rules are configured, the scu-gateway's ``scu-relay``
+  (``routing``). A stream with interest retention drops a message published while it
+  has no consumer at all, so the store writer's durable is created here, with the
+  stream, before any encryptor can publish; ``verify`` refuses to start a stage while
+  it is missing. SEALED holds sealed bytes only. A SEALED stream made as a work queue
+  by an earlier dicomflow cannot be switched in place (JetStream refuses): ``ensure``
+  with ``migrate`` (``dicomflow topology`` and ``dicomflow up``, which run before the
+  stages) re-creates it when it is empty, and says how to empty it when it is not.
 - EVENTS keeps ``dicom.stored`` events for a week for downstream consumers.
 - DLQ keeps dead-lettered messages (with their reason) until an operator acts.
 - DELIVERY holds scu_gateway delivery requests (headers only, one per instance and
@@ -65,9 +73,7 @@ def stream_configs(nats: NatsSettings) -> list[StreamConfig]:
         stream(
             subjects.INGEST_STREAM, subjects.INGEST_PREFIX, RetentionPolicy.WORK_QUEUE, **bounded
         ),
-        stream(
-            subjects.SEALED_STREAM, subjects.SEALED_PREFIX, RetentionPolicy.WORK_QUEUE, **bounded
-        ),
+        stream(subjects.SEALED_STREAM, subjects.SEALED_PREFIX, RetentionPolicy.INTEREST, **bounded),
         stream(
             subjects.EVENTS_STREAM, subjects.STORED_PREFIX, RetentionPolicy.LIMITS, max_age=WEEK
         ),
@@ -95,11 +101,19 @@ class TopologyMissing(ConfigError):
     """A stream or bucket does not exist and this user may not create it."""
 
 
+class TopologyOutdated(ConfigError):
+    """A stream was made by an earlier dicomflow with settings that cannot be changed
+    in place."""
+
+
 SETUP_DEADLINE = 60.0
 
 
-async def ensure(js: JetStreamContext, nats: NatsSettings) -> None:
+async def ensure(js: JetStreamContext, nats: NatsSettings, *, migrate: bool = False) -> None:
     """Create or update streams and buckets; safe to run from every replica at once.
+
+    ``migrate``: re-create an empty stream whose retention changed since an earlier
+    version (only where no stage runs yet: the admin's `dicomflow topology`, `up`).
 
     Without ``nats.manage_topology`` only verifies that they all exist. A JetStream that
     does not answer yet (a cluster still electing its meta leader, a node restarting) is
@@ -109,7 +123,7 @@ async def ensure(js: JetStreamContext, nats: NatsSettings) -> None:
     delay = 0.5
     while True:
         try:
-            await _ensure_once(js, nats)
+            await _ensure_once(js, nats, migrate)
         except (NatsTimeoutError, TimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
             if time.monotonic() + delay > deadline:
                 raise BrokerUnavailable(
@@ -124,12 +138,13 @@ async def ensure(js: JetStreamContext, nats: NatsSettings) -> None:
             return
 
 
-async def _ensure_once(js: JetStreamContext, nats: NatsSettings) -> None:
+async def _ensure_once(js: JetStreamContext, nats: NatsSettings, migrate: bool) -> None:
     if not nats.manage_topology:
         await verify(js)
         return
     for config in stream_configs(nats):
-        await _ensure_stream(js, config)
+        await _ensure_stream(js, config, migrate)
+    await _ensure_interest(js)
     await _ensure_kv(js, nats)
     for bucket in subjects.BLOB_BUCKETS:
         await _ensure_blobs(js, nats, bucket)
@@ -138,6 +153,10 @@ async def _ensure_once(js: JetStreamContext, nats: NatsSettings) -> None:
 async def verify(js: JetStreamContext) -> None:
     """Raise TopologyMissing naming every stream or bucket that does not exist."""
     missing = [name for name in all_stream_names() if not await _exists(js, name)]
+    if not missing and not await _consumer_exists(
+        js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE
+    ):
+        missing.append(f"the {subjects.STORE_WRITER_DURABLE} consumer of {subjects.SEALED_STREAM}")
     if missing:
         raise TopologyMissing(
             f"JetStream streams/buckets missing: {', '.join(missing)}; this service may not "
@@ -166,8 +185,35 @@ async def ensure_filtered_consumer(
     await js.add_consumer(stream, config)
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    if await _exists(js, config.name or ""):
+async def _ensure_interest(js: JetStreamContext) -> None:
+    """The store writer's durable on SEALED, made before anything is published there:
+    an interest stream keeps a message only for the consumers that exist when it
+    arrives. Made with default settings; the store writer updates them at its start."""
+    if not await _consumer_exists(js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE):
+        await js.add_consumer(
+            subjects.SEALED_STREAM,
+            consumer_config(subjects.STORE_WRITER_DURABLE, ConsumerSettings()),
+        )
+        log.info(
+            "created the %s consumer of %s", subjects.STORE_WRITER_DURABLE, subjects.SEALED_STREAM
+        )
+
+
+async def _consumer_exists(js: JetStreamContext, stream: str, durable: str) -> bool:
+    try:
+        await js.consumer_info(stream, durable)
+    except NotFoundError:
+        return False
+    return True
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig, migrate: bool) -> None:
+    name = config.name or ""
+    if await _exists(js, name):
+        current = (await js.stream_info(name)).config.retention
+        if current != config.retention:
+            await _recreate(js, config, migrate)
+            return
         await js.update_stream(config)
         return
     try:
@@ -177,6 +223,31 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
     else:
         log.info("created stream %s", config.name)
+
+
+async def _recreate(js: JetStreamContext, config: StreamConfig, migrate: bool) -> None:
+    """Re-create a stream whose retention must change, if it is empty and ``migrate``."""
+    name = config.name or ""
+    info = await js.stream_info(name)
+    was = getattr(info.config.retention, "value", info.config.retention)
+    wanted = getattr(config.retention, "value", config.retention)
+    if info.state.messages:
+        raise TopologyOutdated(
+            f"stream {name} has {was} retention from an earlier dicomflow and holds "
+            f"{info.state.messages} message(s); this version needs {wanted} retention, "
+            "which JetStream cannot switch in place. Let the earlier version's stages "
+            "drain it (stop the scp-gateway and encryptor; the store writer empties it), "
+            "then run `dicomflow topology`"
+        )
+    if not migrate:
+        raise TopologyOutdated(
+            f"stream {name} has {was} retention from an earlier dicomflow; this version "
+            f"needs {wanted}. It is empty: run `dicomflow topology` (or `dicomflow up`) "
+            "once, with no stage running, to re-create it"
+        )
+    await js.delete_stream(name)
+    await js.add_stream(config)
+    log.warning("re-created the empty stream %s with %s retention (was %s)", name, wanted, was)
 
 
 async def _exists(js: JetStreamContext, stream: str) -> bool:

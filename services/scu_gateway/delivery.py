@@ -1,5 +1,8 @@
 """Delivering one request: read the object from storage, decrypt it, C-STORE it.
 
+A request relayed before storage (``request.RELAY_SEALED``) carries the sealed object as
+its body: it is decrypted from there, and storage is not read at all.
+
 The plaintext goes into the deliverer's private spool folder (mode 0700, one file per
 instance, mode 0600) and is handed to the sender threads (``sender``) only once the GCM
 tag verified and the SHA-256 and size matched the request, before a single byte goes to
@@ -82,6 +85,7 @@ class Deliverer:
 
     async def handle(self, msg: Msg) -> AfterAck | None:
         req = request.parse(msg.headers)
+        request.check_body(req, msg.data)
         if req.destination != self._name:
             raise ContractViolation(
                 f"request for destination {req.destination} reached the consumer of {self._name}"
@@ -95,7 +99,10 @@ class Deliverer:
         plain = self._spool / f"{next(self._names)}.dcm"
         handed = False
         try:
-            await self._fetch(req.object_key, instance, plain)
+            if req.relayed:
+                await self._open(msg.data, instance, plain)
+            else:
+                await self._fetch(req.object_key, instance, plain)
             sending = self._senders.submit(
                 plain, (instance.sop_class_uid, instance.transfer_syntax)
             )
@@ -133,16 +140,22 @@ class Deliverer:
                 raise IntegrityError(
                     f"object {object_key} is not the {sealed_size} bytes its record names"
                 )
-            size = await asyncio.to_thread(self._open_into, sealed, instance.sha256, out)
-        else:
-            size = await retrieval.fetch_verified(
-                self._store,
-                self._keyring,
-                object_key=object_key,
-                sha256=instance.sha256,
-                out=out,
-                scratch=self._spool,
-            )
+            await self._open(sealed, instance, out)
+            return
+        size = await retrieval.fetch_verified(
+            self._store,
+            self._keyring,
+            object_key=object_key,
+            sha256=instance.sha256,
+            out=out,
+            scratch=self._spool,
+        )
+        if size != instance.size:
+            raise DigestMismatch("decrypted object is not the size the request names")
+
+    async def _open(self, sealed: bytes, instance: Instance, out: Path) -> None:
+        """Create ``out`` holding the verified plaintext of ``sealed``, or raise."""
+        size = await asyncio.to_thread(self._open_into, sealed, instance.sha256, out)
         if size != instance.size:
             raise DigestMismatch("decrypted object is not the size the request names")
 

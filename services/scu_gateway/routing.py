@@ -6,20 +6,19 @@ to the union of the destinations of every matching rule, each once, in the order
 rules name them. Rules are checked when the settings load (unknown destinations, bad
 UID patterns) and compiled here once.
 
-Rules are evaluated on stored instances (``dicom.stored`` events) only. Relay mode,
-routing received instances before storage, is left out on purpose: INGEST is a
-work-queue stream, so JetStream refuses a second consumer whose filter overlaps the
-encryptor's, and a message is removed as soon as the encryptor acks it; a large body's
-ingest blob is deleted right after that ack too. A relay consumer would need INGEST
-with interest retention (plaintext then stays on the broker until the slowest consumer,
-possibly an unreachable PACS, acks, and the encryptor may delete a blob only once both
-did), or the scp-gateway publishing a second copy to a stream of its own (plaintext
-kept twice). Both weaken INGEST's "plaintext only until sealed" property, so relay
-waits for a design decision rather than a flag.
+Rules are evaluated in two places. A plain rule routes stored instances (``dicom.stored``
+events). A ``relay`` rule routes an instance as soon as it is sealed, before storage: the
+``scu-relay`` consumer reads SEALED (interest retention, so the store writer and the
+relay each see every message) and queues a delivery request that carries the sealed
+bytes, so the destination gets the instance without waiting for, or reading from,
+object storage, and no plaintext leaves the scp-gateway/encryptor pair. A sealed body
+too large to travel inline (a blob) is not relayed: its ``dicom.stored`` event says so
+(``Dicomflow-Sealed-Body: blob``) and the relay rule routes it from storage instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -31,6 +30,7 @@ from dicomflow.shared.settings import RuleSettings, ScuSettings
 class Rule:
     index: int
     destinations: tuple[str, ...]
+    relay: bool
     called_ae: str
     calling_ae: str
     modality: str
@@ -43,6 +43,7 @@ class Rule:
         return cls(
             index=index,
             destinations=tuple(rule.destinations),
+            relay=rule.relay,
             called_ae=rule.called_ae.upper(),
             calling_ae=rule.calling_ae.upper(),
             modality=rule.modality.upper(),
@@ -73,9 +74,23 @@ class Router:
     def __len__(self) -> int:
         return len(self._rules)
 
-    def destinations(self, instance: Instance) -> list[str]:
+    @property
+    def relays(self) -> bool:
+        """Whether any rule routes before storage (a ``scu-relay`` consumer is needed)."""
+        return any(rule.relay for rule in self._rules)
+
+    def destinations(self, instance: Instance, *, relayed: bool = False) -> list[str]:
+        """Where a stored instance goes: the plain rules' destinations, and the relay
+        rules' too unless the instance was ``relayed`` before storage."""
+        return self._union(instance, lambda rule: not (rule.relay and relayed))
+
+    def relay_destinations(self, instance: Instance) -> list[str]:
+        """Where a sealed instance is relayed before storage."""
+        return self._union(instance, lambda rule: rule.relay)
+
+    def _union(self, instance: Instance, applies: Callable[[Rule], bool]) -> list[str]:
         out: dict[str, None] = {}
         for rule in self._rules:
-            if rule.matches(instance):
+            if applies(rule) and rule.matches(instance):
                 out.update(dict.fromkeys(rule.destinations))
         return list(out)

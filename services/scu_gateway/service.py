@@ -1,12 +1,16 @@
-"""The scu_gateway stage: routes ``dicom.stored`` events and delivers to DICOM peers.
+"""The scu_gateway stage: routes instances and delivers them to DICOM peers.
 
-Two kinds of durable consumers run in one process:
+Three kinds of durable consumers run in one process:
 
 - ``scu-router`` on EVENTS (only when rules are configured): for each event, the
   destinations of the matching rules each get a delivery request on DELIVERY
   (``dicomflow.deliver.<destination>``), de-duplicated by message id; the event is
   acked once every request is acknowledged. Created with "deliver all", so events
   stored before the first start are routed too.
+- ``scu-relay`` on SEALED (only when a rule has ``relay = true``): each sealed
+  instance the relay rules match is queued for its destinations before storage, the
+  request carrying the sealed bytes (``routing``). With no relay rule the consumer is
+  removed at start, since SEALED keeps every message until each consumer acked it.
 - ``deliver-<destination>`` on DELIVERY, one per destination, with ``max_associations``
   workers: each request is read from storage, decrypted, verified and sent with
   C-STORE over a reused association; transient failures are retried with backoff,
@@ -27,6 +31,7 @@ from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from pynetdicom import _config as pynetdicom_config
 
 from dicomflow.scu_gateway import request
@@ -37,6 +42,7 @@ from dicomflow.scu_gateway.routing import Router
 from dicomflow.shared import messages, natsconn, reactors, storage, subjects, topology
 from dicomflow.shared.consumer import AfterAck, Consumer, Handler
 from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
+from dicomflow.shared.messages import BodyKind
 from dicomflow.shared.metrics import Metrics
 from dicomflow.shared.settings import ConsumerSettings, DestinationSettings, ScuGatewaySettings
 from dicomflow.shared.telemetry import Telemetry
@@ -46,11 +52,12 @@ log = logging.getLogger(__name__)
 
 STAGE = "scu-gateway"
 ROUTER_STAGE = "scu-router"
+RELAY_STAGE = "scu-relay"
 REAP_INTERVAL = 1.0
 
 
 class Routing:
-    """The handler of the router consumer."""
+    """The handlers of the router (stored instances) and relay (sealed) consumers."""
 
     def __init__(
         self, js: JetStreamContext, router: Router, publish_timeout: float, tracing: Tracing
@@ -63,9 +70,21 @@ class Routing:
     async def handle(self, msg: Msg) -> AfterAck | None:
         instance = self._tracing.propagate(messages.parse(msg.headers, sealed=True))
         object_key = request.object_key_of(msg.headers)
-        for destination in self._router.destinations(instance):
+        relayed = (msg.headers or {}).get(messages.H_SEALED_BODY) == BodyKind.INLINE.value
+        for destination in self._router.destinations(instance, relayed=relayed):
             req = request.DeliveryRequest(instance, object_key, destination)
             await request.publish(self._js, req, self._timeout)
+        return None
+
+    async def relay(self, msg: Msg) -> AfterAck | None:
+        """Queue a sealed instance for the relay rules' destinations, its sealed bytes
+        as the request's body (the consumer checked them against the headers)."""
+        instance = self._tracing.propagate(messages.parse(msg.headers, sealed=True))
+        if instance.body is BodyKind.BLOB:
+            return None  # too large to travel inline: routed once stored (its event says so)
+        for destination in self._router.relay_destinations(instance):
+            req = request.DeliveryRequest(instance, "", destination, relayed=True)
+            await request.publish(self._js, req, self._timeout, body=msg.data)
         return None
 
 
@@ -148,6 +167,24 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
         consumers: list[Consumer] = []
+        routing = Routing(js, router, settings.nats.publish_timeout, telemetry.tracing)
+        if router.relays:
+            await topology.ensure_consumer(
+                js, subjects.SEALED_STREAM, subjects.RELAY_DURABLE, settings.consumer
+            )
+            consumers.append(
+                Consumer(
+                    js,
+                    stage=RELAY_STAGE,
+                    stream=subjects.SEALED_STREAM,
+                    durable=subjects.RELAY_DURABLE,
+                    handler=routing.relay,
+                    settings=settings.consumer,
+                    telemetry=telemetry,
+                )
+            )
+        else:
+            await _drop_relay(js)
         if len(router):
             await topology.ensure_filtered_consumer(
                 js,
@@ -156,7 +193,6 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
                 f"{subjects.STORED_PREFIX}.>",
                 settings.consumer,
             )
-            routing = Routing(js, router, settings.nats.publish_timeout, telemetry.tracing)
             consumers.append(
                 Consumer(
                     js,
@@ -215,6 +251,24 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
         for pool in pools.values():
             await asyncio.to_thread(pool.close)
         await nc.drain()
+
+
+async def _drop_relay(js: JetStreamContext) -> None:
+    """Remove the relay consumer a configuration with relay rules left: SEALED keeps
+    each message until every consumer acked it, so an unused relay consumer would fill
+    it and stop ingest. What it had not relayed yet is stored as usual."""
+    try:
+        info = await js.consumer_info(subjects.SEALED_STREAM, subjects.RELAY_DURABLE)
+    except NotFoundError:
+        return
+    await js.delete_consumer(subjects.SEALED_STREAM, subjects.RELAY_DURABLE)
+    log.warning(
+        "no rule relays any more: removed the %s consumer of %s; %d sealed instance(s) "
+        "it had not relayed yet are stored, and routed by the remaining rules, as usual",
+        subjects.RELAY_DURABLE,
+        subjects.SEALED_STREAM,
+        (info.num_pending or 0) + (info.num_ack_pending or 0),
+    )
 
 
 async def _reap(pools: dict[str, AssociationPool], stop: asyncio.Event) -> None:

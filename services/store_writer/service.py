@@ -215,6 +215,7 @@ class StoreWriter:
         headers = self._tracing.propagate(event).headers()
         headers[messages.H_MSG_ID] = f"stored:{record.object_key}:{instance.sha256}"
         headers[messages.H_OBJECT_KEY] = record.object_key
+        headers[messages.H_SEALED_BODY] = instance.body.value
         try:
             await self._js.publish(
                 subjects.stored_subject(instance.called_ae, instance.calling_ae),

@@ -107,3 +107,57 @@ async def test_acked_messages_that_reappear_below_the_ack_floor_are_removed(
             await nc.close()
     finally:
         server.stop()
+
+
+async def test_interest_stream_drops_what_every_consumer_acked_when_it_recovers(
+    tmp_path: Path,
+) -> None:
+    """SEALED has interest retention, and needs no such sweep: nats-server itself removes,
+    when it recovers, what every consumer acked, and keeps what one has not (the relay
+    consumer behind the store writer)."""
+    store = tmp_path / "js"
+    server = NatsServer(store).start()
+    stream, msgs = "INTEREST", store / "jetstream" / "$G" / "streams" / "INTEREST" / "msgs"
+    try:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(name=stream, subjects=["in.>"], retention=RetentionPolicy.INTEREST)
+        for durable in ("store-writer", "relay"):
+            await js.add_consumer(
+                stream, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT)
+            )
+        for i in range(20):
+            await js.publish(f"in.{i}", b"body")
+        await nc.close()
+        port = server.port
+        server.stop()
+        shutil.copytree(msgs, tmp_path / "before-acks")
+
+        server = NatsServer(store, port=port).start()
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        for durable, count in (("store-writer", 20), ("relay", 8)):
+            sub = await js.pull_subscribe_bind(durable, stream)
+            for msg in await sub.fetch(count, timeout=5):
+                await msg.ack_sync()
+            await sub.unsubscribe()
+        await nc.close()
+        server.stop()
+        shutil.rmtree(msgs)
+        shutil.copytree(tmp_path / "before-acks", msgs)  # the deletions are lost
+
+        server = NatsServer(store, port=port).start()
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            state = (await js.stream_info(stream)).state
+            # The eight both consumers acked are gone again; the relay's twelve remain.
+            assert (state.first_seq, state.messages) == (9, 12)
+            sub = await js.pull_subscribe_bind("relay", stream)
+            rest = await sub.fetch(12, timeout=5)
+            assert [m.subject for m in rest] == [f"in.{i}" for i in range(8, 20)]
+            assert await js.pull_subscribe_bind("store-writer", stream)
+        finally:
+            await nc.close()
+    finally:
+        server.stop()

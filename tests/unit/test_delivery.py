@@ -22,7 +22,13 @@ from dicomflow.scu_gateway.sender import Senders
 from dicomflow.scu_gateway.spool import LOCK_NAME
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
 from dicomflow.shared import envelope
-from dicomflow.shared.errors import ConfigError, DigestMismatch, IntegrityError, ObjectMissing
+from dicomflow.shared.errors import (
+    ConfigError,
+    ContractViolation,
+    DigestMismatch,
+    IntegrityError,
+    ObjectMissing,
+)
 from dicomflow.shared.keyring import KeyRing, MasterKey
 from dicomflow.shared.messages import Instance
 from dicomflow.shared.settings import DestinationSettings
@@ -304,3 +310,63 @@ def test_missing_spool_dir_is_created(tmp_path: Path) -> None:
     finally:
         d.close()
     assert leftovers(tmp_path / "a" / "b") == []
+
+
+# -- requests relayed before storage ----------------------------------------------------
+def relayed_request(sealed: bytes, plain: bytes) -> Msg:
+    instance = Instance(
+        sop_class_uid=PAIR[0],
+        sop_instance_uid="1.2.3.99",
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        calling_ae="CT01",
+        called_ae="DICOMFLOW",
+        transfer_syntax=PAIR[1],
+        size=len(plain),
+        sha256=hashlib.sha256(plain).hexdigest(),
+        modality="CT",
+        key_id=KEY.key_id,
+        sealed_size=len(sealed),
+    )
+    req = request.DeliveryRequest(instance, "", "PEER", relayed=True)
+    return Msg(  # type: ignore[arg-type]
+        _client=None,
+        subject="dicomflow.deliver.PEER",
+        reply=REPLY,
+        headers=req.headers(),
+        data=sealed,
+    )
+
+
+async def test_relayed_request_is_sent_from_its_body_without_reading_storage(
+    tmp_path: Path,
+) -> None:
+    pool = FakePool()
+    d, store = deliverer(pool, tmp_path)
+    plain = os.urandom(5000)
+    msg = relayed_request(envelope.seal(KEY, plain), plain)
+    assert request.H_OBJECT_KEY not in (msg.headers or {})
+    try:
+        assert await d.handle(msg) is None
+    finally:
+        d.close()
+    assert pool.sent == [plain]
+    assert obstore.list(store).collect() == []  # storage holds nothing: it was never read
+
+
+async def test_tampered_relayed_body_never_reaches_the_peer(tmp_path: Path) -> None:
+    pool = FakePool()
+    d, _ = deliverer(pool, tmp_path)
+    plain = os.urandom(5000)
+    sealed = bytearray(envelope.seal(KEY, plain))
+    sealed[200] ^= 1
+    try:
+        with pytest.raises(IntegrityError):
+            await d.handle(relayed_request(bytes(sealed), plain))
+        with pytest.raises(ContractViolation, match="relayed body is 10 bytes"):
+            msg = relayed_request(envelope.seal(KEY, plain), plain)
+            msg.data = b"0123456789"
+            await d.handle(msg)
+    finally:
+        d.close()
+    assert pool.sent == []

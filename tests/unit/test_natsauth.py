@@ -49,10 +49,8 @@ def test_matcher_follows_nats_wildcards() -> None:
 @pytest.mark.parametrize("stream", [subjects.INGEST_STREAM, subjects.SEALED_STREAM, "ANY"])
 def test_only_admin_manages_streams(user: str, verb: str, stream: str) -> None:
     # The one exception: a stage may purge its own work queue (below its ack floor).
-    own_queue = (user, stream) in {
-        ("encryptor", subjects.INGEST_STREAM),
-        ("store-writer", subjects.SEALED_STREAM),
-    }
+    # SEALED has interest retention (the relay reads it too): nobody purges it.
+    own_queue = (user, stream) == ("encryptor", subjects.INGEST_STREAM)
     assert _may_publish(user, f"$JS.API.STREAM.{verb}.{stream}") == (verb == "PURGE" and own_queue)
     assert _may_publish("admin", f"$JS.API.STREAM.{verb}.{stream}")
 
@@ -60,6 +58,20 @@ def test_only_admin_manages_streams(user: str, verb: str, stream: str) -> None:
 def test_only_the_scu_gateway_purges_delivery() -> None:
     subject = f"$JS.API.STREAM.PURGE.{subjects.DELIVERY_STREAM}"
     assert [u for u in natsauth.SERVICE_USERS if _may_publish(u, subject)] == ["scu-gateway"]
+
+
+def test_scu_gateway_reads_sealed_only_through_its_relay_durable() -> None:
+    user, sealed = "scu-gateway", subjects.SEALED_STREAM
+    assert _may_publish(user, f"$JS.API.CONSUMER.MSG.NEXT.{sealed}.scu-relay")
+    assert _may_publish(user, f"$JS.API.CONSUMER.DELETE.{sealed}.scu-relay")
+    for subject in (
+        f"$JS.API.CONSUMER.MSG.NEXT.{sealed}.store-writer",
+        f"$JS.API.CONSUMER.DELETE.{sealed}.store-writer",
+        f"$JS.API.CONSUMER.MSG.NEXT.{subjects.INGEST_STREAM}.scu-relay",
+        f"$JS.API.STREAM.MSG.GET.{INGEST_BLOBS}",
+        f"$JS.API.STREAM.PURGE.{sealed}",
+    ):
+        assert not _may_publish(user, subject), subject
 
 
 def test_store_writer_cannot_read_plaintext() -> None:

@@ -162,6 +162,40 @@ def test_request_round_trip_and_message_id() -> None:
             request.parse({**headers, key: bad})
 
 
+def test_relay_rules_route_before_storage_and_blobs_once_stored() -> None:
+    r = router(
+        {"modality": "CT", "destinations": ["CLOUD"]},
+        {"modality": "CT", "destinations": ["ENTERPRISE", "CLOUD"], "relay": True},
+        {"modality": "MR", "destinations": ["MRPACS"], "relay": True},
+    )
+    assert r.relays
+    ct = instance()
+    assert r.relay_destinations(ct) == ["ENTERPRISE", "CLOUD"]
+    # Relayed before storage: once stored, only the plain rules still apply.
+    assert r.destinations(ct, relayed=True) == ["CLOUD"]
+    # Not relayed (its sealed body was a blob): the relay rules route it from storage.
+    assert r.destinations(ct, relayed=False) == ["CLOUD", "ENTERPRISE"]
+    assert r.relay_destinations(instance(modality="US")) == []
+    assert not router({"destinations": ["A"]}).relays
+
+
+def test_relayed_request_carries_its_body_not_an_object_key() -> None:
+    req = request.DeliveryRequest(instance(), "", "PACS_1", relayed=True)
+    headers = req.headers()
+    assert headers[request.H_RELAY] == "sealed"
+    assert request.H_OBJECT_KEY not in headers
+    assert headers["Nats-Msg-Id"] == f"PACS_1:1.2.3.4:{'a' * 64}"  # as if routed once stored
+    assert request.parse(headers) == req
+    assert request.parse(headers, destination="OTHER").relayed  # dlq replay --to keeps it
+    with pytest.raises(ContractViolation, match="Dicomflow-Relay"):
+        request.parse({**headers, request.H_RELAY: "plain"})
+    with pytest.raises(ContractViolation, match="not Dicomflow-Object-Key"):
+        request.parse({**headers, request.H_OBJECT_KEY: "dicom/x.dcm.enc"})
+    stored = request.DeliveryRequest(instance(), "dicom/x.dcm.enc", "PACS_1")
+    with pytest.raises(ContractViolation, match="has no body"):
+        request.check_body(stored, b"sealed bytes")
+
+
 def test_request_from_an_index_record() -> None:
     record = Record(
         sop_instance_uid="1.2.3.4",

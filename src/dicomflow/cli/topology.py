@@ -41,6 +41,6 @@ async def setup(nats: NatsSettings) -> None:
     managing = nats.model_copy(update={"manage_topology": True})
     nc = await natsconn.connect_once(managing, "topology")
     try:
-        await topology.ensure(nc.jetstream(), managing)
+        await topology.ensure(nc.jetstream(), managing, migrate=True)
     finally:
         await nc.close()
