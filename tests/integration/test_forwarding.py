@@ -236,3 +236,53 @@ def _letters(pipeline: Pipeline, count: int) -> list[dict[str, Any]]:
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     return rows if len(rows) == count else []
+
+
+def test_relay_rule_delivers_before_storage_and_each_instance_once(
+    tmp_path: Path, nats_server: NatsServer, orthanc_a: Orthanc, orthanc_b: Orthanc
+) -> None:
+    """The store writer is not running: a relay rule still delivers, from the sealed
+    bytes on SEALED, and the plain rule waits for storage. A body too large to travel
+    inline (here 2 MiB, above the 1 MiB max_payload) is relayed once stored instead.
+    Once everything is stored, nothing relayed is delivered a second time."""
+    small = ct_series(tmp_path / "ct", 6)
+    big = ct_series(tmp_path / "big", 1, rows=1024, columns=1024)
+    files = small + big
+    scu = {
+        "destinations": {"ENTERPRISE": destination(orthanc_a), "CLOUD": destination(orthanc_b)},
+        "rules": [
+            {"modality": "CT", "destinations": ["ENTERPRISE"], "relay": True},
+            {"modality": "CT", "destinations": ["CLOUD"]},
+        ],
+    }
+    pipeline = Pipeline(tmp_path / "p", nats_server, local_storage(tmp_path), scu=scu)
+    pipeline.start("encryptor", "scp-gateway", "scu-gateway")  # no store writer
+    try:
+        sent = pipeline.send(files)
+        assert sent.statuses() == ["Success"] * len(files), sent.output
+        wait_for("the relayed instances", lambda: len(orthanc_a.instances()) >= len(small))
+        assert_identical(orthanc_a, small)  # byte-identical, and the blob is not among them
+        assert pipeline.records() == {}  # nothing is stored yet
+        assert orthanc_b.instances() == {}  # the plain rule waits for storage
+
+        pipeline.start("store-writer")
+        assert len(pipeline.wait_stored(len(files))) == len(files)
+        wait_for("CLOUD's copies", lambda: len(orthanc_b.instances()) >= len(files))
+        wait_for("the blob-sized one", lambda: len(orthanc_a.instances()) >= len(files))
+        wait_for("an empty DELIVERY queue", lambda: pipeline.pending_deliveries() == 0)
+        assert_identical(orthanc_a, files)
+        assert_identical(orthanc_b, files)
+        assert delivered_lines(pipeline, "ENTERPRISE") == len(files)  # each once
+        assert delivered_lines(pipeline, "CLOUD") == len(files)
+        assert pipeline.dead_letters() == []
+
+        # Without a relay rule the relay consumer goes: its interest would hold SEALED.
+        scu["rules"] = [{"modality": "CT", "destinations": ["CLOUD"]}]
+        pipeline.write_config()
+        pipeline.stages["scu-gateway"].stop()
+        pipeline.start("scu-gateway")
+        assert "no rule relays any more: removed the scu-relay consumer" in pipeline.logs(
+            "scu-gateway"
+        )
+    finally:
+        pipeline.stop()
