@@ -50,7 +50,11 @@ def permissions(user: str, public_key: str) -> Permissions:
     if user not in SERVICE_USERS:
         raise ValueError(f"unknown NATS user {user!r}; known: {', '.join(USERS)}")
     inbox = (f"{inbox_prefix(public_key)}.>",)
-    common = (f"{API}.STREAM.INFO.*",)  # topology checks; stream configs and counts only
+    common = (  # topology checks: stream configs and counts, and that SEALED has its
+        # store writer's durable (an interest stream keeps nothing without it)
+        f"{API}.STREAM.INFO.*",
+        f"{API}.CONSUMER.INFO.{subjects.SEALED_STREAM}.{subjects.STORE_WRITER_DURABLE}",
+    )
     if user == "scp-gateway":
         publish = (
             f"{subjects.INGEST_PREFIX}.>",
