@@ -54,6 +54,9 @@ class StoreResult:
         return re.findall(r"Received Store Response \(([^)]*)\)", self.output)
 
 
+PORT_RACES = 3  # new free ports tried when another process took the gateway's
+
+
 @dataclass
 class Pipeline:
     root: Path
@@ -132,13 +135,27 @@ class Pipeline:
             self.stages[name].start()
         deadline = time.monotonic() + timeout
         for name in names:
+            port_races = 0
             while self.logs(name).count(ready[name]) <= before[name]:
-                if time.monotonic() > deadline or self.stages[name].exit_code() is not None:
+                exited = self.stages[name].exit_code() is not None
+                if exited and self._lost_port_race(name) and port_races < PORT_RACES:
+                    # The free port picked for the DICOM listener was taken by another
+                    # process before the gateway bound it: pick another and start again.
+                    port_races += 1
+                    self.port = free_port()
+                    self.write_config()
+                    self.stages[name].start()
+                    continue
+                if time.monotonic() > deadline or exited:
                     raise RuntimeError(f"{name} did not become ready:\n{self.logs(name)[-3000:]}")
                 time.sleep(0.05)
         if "scp-gateway" in names:
             wait_for_port(self.port)
         return self
+
+    def _lost_port_race(self, name: str) -> bool:
+        tail = self.logs(name)[-4000:]
+        return self._stage_of[name] == "scp-gateway" and "Address already in use" in tail
 
     def kill(self, name: str) -> None:
         self.stages[name].kill()
