@@ -147,6 +147,7 @@ class Pipeline:
                     self.stages[name].start()
                     continue
                 if time.monotonic() > deadline or exited:
+                    self.stop()  # no stage outlives a start that failed
                     raise RuntimeError(f"{name} did not become ready:\n{self.logs(name)[-3000:]}")
                 time.sleep(0.05)
         if "scp-gateway" in names:
