@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import os
 import tempfile
 from pathlib import Path
 from typing import IO
 
 from dicomflow.shared import storage
-from dicomflow.shared.envelope import open_stream
+from dicomflow.shared.envelope import open_bytes, open_stream
 from dicomflow.shared.errors import DigestMismatch, ObjectMissing
 from dicomflow.shared.keyring import KeyRing
 from dicomflow.shared.storage import ObjectStore
+
+NOT_ON_RECORD = "object decrypts, but not to the SHA-256 on record"
 
 
 async def download(store: ObjectStore, key: str, out: IO[bytes]) -> int:
@@ -57,16 +58,17 @@ def open_checked(
     sink = _Hashing(out)
     written = open_stream(keyring, sealed, sink, size=size)  # type: ignore[arg-type]
     if sink.digest.hexdigest() != sha256:
-        raise DigestMismatch("object decrypts, but not to the SHA-256 on record")
+        raise DigestMismatch(NOT_ON_RECORD)
     return written
 
 
 def open_verified(keyring: KeyRing, sealed: bytes, sha256: str) -> bytes:
     """The plaintext of a sealed object held in memory, released only once the tag
     verified and its SHA-256 matched; for objects small enough to hold twice in memory."""
-    plain = io.BytesIO()
-    open_checked(keyring, io.BytesIO(sealed), len(sealed), plain, sha256)
-    return plain.getvalue()
+    plain = open_bytes(keyring, sealed)
+    if hashlib.sha256(plain).hexdigest() != sha256:
+        raise DigestMismatch(NOT_ON_RECORD)
+    return plain
 
 
 async def fetch_verified(
