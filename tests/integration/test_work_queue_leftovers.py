@@ -36,21 +36,25 @@ async def _messages(url: str) -> int:
         await nc.close()
 
 
-async def test_acked_messages_that_reappear_below_the_ack_floor_are_removed(
-    tmp_path: Path,
-) -> None:
+async def _acks_lost_in_a_crash(
+    tmp_path: Path, stream: str, retention: RetentionPolicy, acks: dict[str, int]
+) -> NatsServer:
+    """20 messages on ``stream`` (subjects ``<stream>.<i>``), acked by each durable of
+    ``acks`` as far as it says, then the server restarted with its message files as they
+    were before the acks, as a crash losing the deletions would. Returns it running."""
     store = tmp_path / "js"
+    msgs = store / "jetstream" / "$G" / "streams" / stream / "msgs"
     server = NatsServer(store).start()
-    msgs = store / "jetstream" / "$G" / "streams" / STREAM / "msgs"
     try:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        await js.add_stream(name=STREAM, subjects=["wq.>"], retention=RetentionPolicy.WORK_QUEUE)
-        await js.add_consumer(
-            STREAM, ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT)
-        )
+        await js.add_stream(name=stream, subjects=[f"{stream}.>"], retention=retention)
+        for durable in acks:
+            await js.add_consumer(
+                stream, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT)
+            )
         for i in range(20):
-            await js.publish(f"wq.{i}", b"body")
+            await js.publish(f"{stream}.{i}", b"body")
         await nc.close()
         port = server.port
         server.stop()
@@ -58,15 +62,28 @@ async def test_acked_messages_that_reappear_below_the_ack_floor_are_removed(
 
         server = NatsServer(store, port=port).start()
         nc = await nats.connect(server.url)
-        sub = await nc.jetstream().pull_subscribe_bind(DURABLE, STREAM)
-        for msg in await sub.fetch(20, timeout=5):
-            await msg.ack_sync()
+        for durable, count in acks.items():
+            sub = await nc.jetstream().pull_subscribe_bind(durable, stream)
+            for msg in await sub.fetch(count, timeout=5):
+                await msg.ack_sync()
+            await sub.unsubscribe()
         await nc.close()
         server.stop()
         shutil.rmtree(msgs)
         shutil.copytree(tmp_path / "before-acks", msgs)  # the deletions are lost
+        return NatsServer(store, port=port).start()
+    except BaseException:
+        server.stop()
+        raise
 
-        server = NatsServer(store, port=port).start()
+
+async def test_acked_messages_that_reappear_below_the_ack_floor_are_removed(
+    tmp_path: Path,
+) -> None:
+    server = await _acks_lost_in_a_crash(
+        tmp_path, STREAM, RetentionPolicy.WORK_QUEUE, {DURABLE: 20}
+    )
+    try:
         assert await _messages(server.url) == 20  # back, below the ack floor
 
         handled: list[str] = []
@@ -95,12 +112,12 @@ async def test_acked_messages_that_reappear_below_the_ack_floor_are_removed(
             assert await _messages(server.url) == 0
             # A message published after the purge is still consumed: nothing above the
             # ack floor is touched.
-            await nc.jetstream().publish("wq.new", b"body")
+            await nc.jetstream().publish(f"{STREAM}.new", b"body")
             for _ in range(100):
                 if handled:
                     break
                 await asyncio.sleep(0.1)
-            assert handled == ["wq.new"]  # the leftovers were never handed out again
+            assert handled == [f"{STREAM}.new"]  # the leftovers were never handed out again
         finally:
             stop.set()
             await task
@@ -115,38 +132,11 @@ async def test_interest_stream_drops_what_every_consumer_acked_when_it_recovers(
     """SEALED has interest retention, and needs no such sweep: nats-server itself removes,
     when it recovers, what every consumer acked, and keeps what one has not (the relay
     consumer behind the store writer)."""
-    store = tmp_path / "js"
-    server = NatsServer(store).start()
-    stream, msgs = "INTEREST", store / "jetstream" / "$G" / "streams" / "INTEREST" / "msgs"
+    stream = "INTEREST"
+    server = await _acks_lost_in_a_crash(
+        tmp_path, stream, RetentionPolicy.INTEREST, {"store-writer": 20, "relay": 8}
+    )
     try:
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        await js.add_stream(name=stream, subjects=["in.>"], retention=RetentionPolicy.INTEREST)
-        for durable in ("store-writer", "relay"):
-            await js.add_consumer(
-                stream, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT)
-            )
-        for i in range(20):
-            await js.publish(f"in.{i}", b"body")
-        await nc.close()
-        port = server.port
-        server.stop()
-        shutil.copytree(msgs, tmp_path / "before-acks")
-
-        server = NatsServer(store, port=port).start()
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        for durable, count in (("store-writer", 20), ("relay", 8)):
-            sub = await js.pull_subscribe_bind(durable, stream)
-            for msg in await sub.fetch(count, timeout=5):
-                await msg.ack_sync()
-            await sub.unsubscribe()
-        await nc.close()
-        server.stop()
-        shutil.rmtree(msgs)
-        shutil.copytree(tmp_path / "before-acks", msgs)  # the deletions are lost
-
-        server = NatsServer(store, port=port).start()
         nc = await nats.connect(server.url)
         try:
             js = nc.jetstream()
@@ -155,7 +145,7 @@ async def test_interest_stream_drops_what_every_consumer_acked_when_it_recovers(
             assert (state.first_seq, state.messages) == (9, 12)
             sub = await js.pull_subscribe_bind("relay", stream)
             rest = await sub.fetch(12, timeout=5)
-            assert [m.subject for m in rest] == [f"in.{i}" for i in range(8, 20)]
+            assert [m.subject for m in rest] == [f"{stream}.{i}" for i in range(8, 20)]
             assert await js.pull_subscribe_bind("store-writer", stream)
         finally:
             await nc.close()

@@ -145,12 +145,10 @@ DEST = DestinationSettings(ae_title="PACS", host="127.0.0.1", port=104, max_asso
 REPLY = "$JS.ACK.DELIVERY.deliver-PEER.1.7.7.1700000000000000000.0"
 
 
-def sealed_request(store: obstore.store.MemoryStore, plain: bytes, key: str) -> Msg:
-    sealed = envelope.seal(KEY, plain)
-    obstore.put(store, key, sealed)
-    instance = Instance(
+def instance_of(plain: bytes, sealed: bytes, sop_instance_uid: str) -> Instance:
+    return Instance(
         sop_class_uid=PAIR[0],
-        sop_instance_uid=f"1.2.3.{len(plain)}",
+        sop_instance_uid=sop_instance_uid,
         study_uid="1.2.3",
         series_uid="1.2.3.1",
         calling_ae="CT01",
@@ -162,7 +160,12 @@ def sealed_request(store: obstore.store.MemoryStore, plain: bytes, key: str) -> 
         key_id=KEY.key_id,
         sealed_size=len(sealed),
     )
-    req = request.DeliveryRequest(instance, key, "PEER")
+
+
+def sealed_request(store: obstore.store.MemoryStore, plain: bytes, key: str) -> Msg:
+    sealed = envelope.seal(KEY, plain)
+    obstore.put(store, key, sealed)
+    req = request.DeliveryRequest(instance_of(plain, sealed, f"1.2.3.{len(plain)}"), key, "PEER")
     return Msg(_client=None, subject="dicomflow.deliver.PEER", reply=REPLY, headers=req.headers())  # type: ignore[arg-type]
 
 
@@ -314,21 +317,7 @@ def test_missing_spool_dir_is_created(tmp_path: Path) -> None:
 
 # -- requests relayed before storage ----------------------------------------------------
 def relayed_request(sealed: bytes, plain: bytes) -> Msg:
-    instance = Instance(
-        sop_class_uid=PAIR[0],
-        sop_instance_uid="1.2.3.99",
-        study_uid="1.2.3",
-        series_uid="1.2.3.1",
-        calling_ae="CT01",
-        called_ae="DICOMFLOW",
-        transfer_syntax=PAIR[1],
-        size=len(plain),
-        sha256=hashlib.sha256(plain).hexdigest(),
-        modality="CT",
-        key_id=KEY.key_id,
-        sealed_size=len(sealed),
-    )
-    req = request.DeliveryRequest(instance, "", "PEER", relayed=True)
+    req = request.DeliveryRequest(instance_of(plain, sealed, "1.2.3.99"), "", "PEER", relayed=True)
     return Msg(  # type: ignore[arg-type]
         _client=None,
         subject="dicomflow.deliver.PEER",
