@@ -62,6 +62,12 @@ async def put(
     upload cannot be conditional, so ``create`` is then checked with a HEAD first. The
     caller (the store writer) holds a ``pending`` index claim on the key, so no other
     writer races it between the check and the upload.
+
+    A multipart upload is then checked with a HEAD: its size must be ``size``. An
+    S3-compatible server killed mid-upload (the fault suite's s3rver) once completed an
+    upload from a part it had kept only in part, and acknowledged it; the store writer
+    would have recorded a truncated object as stored. A short object raises
+    StorageUnavailable, so the write is tried again, over it.
     """
     attributes = _attributes(settings)
     try:
@@ -80,10 +86,24 @@ async def put(
             max_concurrency=settings.multipart_concurrency,
             attributes=attributes,
         )
+        await _check_size(store, key, size)
     except AlreadyExistsError as exc:
         raise ObjectExists(key) from exc
     except (BaseError, OSError) as exc:
         raise StorageUnavailable(f"writing object failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _check_size(store: ObjectStore, key: str, size: int) -> None:
+    try:
+        found = (await obstore.head_async(store, key))["size"]
+    except FileNotFoundError:
+        found = None
+    if found != size:
+        held = "nothing" if found is None else f"{found} bytes"
+        raise StorageUnavailable(
+            f"the store acknowledged the upload of {key} ({size} bytes) but holds {held}; "
+            "writing it again"
+        )
 
 
 def _attributes(settings: StorageSettings) -> Attributes | None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 from obstore.store import AzureStore, GCSStore, S3Store
 
 from dicomflow.shared import storage
 from dicomflow.shared.backends import parse_connection_string
-from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.errors import ConfigError, StorageUnavailable
 from dicomflow.shared.settings import StorageSettings, StoreWriterSettings, load_settings
 
 SECRET = "c2VjcmV0LWtleS1zZWNyZXQta2V5LXNlY3JldC1rZXktMTIz"  # noqa: S105 (a made-up value)
@@ -169,3 +172,26 @@ def test_secrets_are_not_in_the_settings_repr() -> None:
     )
     assert SECRET not in repr(settings)
     assert SECRET not in str(settings.model_dump())
+
+
+async def test_a_multipart_upload_the_store_kept_short_is_not_taken_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store acknowledges a multipart upload but keeps fewer bytes (s3rver killed
+    mid-upload did): put raises StorageUnavailable, and writing again over it works."""
+    settings = StorageSettings(backend="local", local_path=tmp_path / "objects")
+    store = storage.build_store(settings)
+    data = os.urandom(settings.multipart_chunk_size + 4096)
+    real_put = obstore.put_async
+
+    async def keeps_a_part(store: Any, key: str, body: Any, **kwargs: Any) -> Any:
+        return await real_put(store, key, body.read()[: settings.multipart_chunk_size])
+
+    monkeypatch.setattr(obstore, "put_async", keeps_a_part)
+    with pytest.raises(StorageUnavailable, match=f"holds {settings.multipart_chunk_size} bytes"):
+        await storage.put(
+            store, "k", io.BytesIO(data), size=len(data), create=True, settings=settings
+        )
+    monkeypatch.setattr(obstore, "put_async", real_put)
+    await storage.put(store, "k", io.BytesIO(data), size=len(data), create=False, settings=settings)
+    assert bytes(await (await obstore.get_async(store, "k")).bytes_async()) == data
