@@ -130,16 +130,24 @@ def test_every_dashboard_query_returns_data_from_a_real_run(run: Run) -> None:
 
     wait_for("every consumer stage's acks scraped", lambda: busy() == set(CONSUMER_STAGES), 15)
     assert busy() == set(CONSUMER_STAGES)
-    cstores = run.prometheus.query('dicomflow_cstore_responses_total{status="success"}')
-    assert [float(s["value"][1]) for s in cstores] == [5.0]
-    rejected = run.prometheus.query(
-        'dicomflow_scp_associations_total{result="rejected",calling_ae="not_allowed"}'
-    )
-    assert [float(s["value"][1]) for s in rejected] == [1.0]
-    delivered = run.prometheus.query(
-        f'dicomflow_deliveries_total{{destination="{DESTINATION}",outcome="delivered"}}'
-    )
-    assert [float(s["value"][1]) for s in delivered] == [5.0]
+
+    # Counters pre-created at 0: poll until the last increment is scraped (1 s interval),
+    # then compare, so a count that is wrong (not just late) still fails.
+    def values(expr: str) -> list[float]:
+        return [float(s["value"][1]) for s in run.prometheus.query(expr)]
+
+    def settled(expr: str, expected: list[float]) -> list[float]:
+        deadline = time.monotonic() + 15
+        while (got := values(expr)) != expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return got
+
+    cstores = 'dicomflow_cstore_responses_total{status="success"}'
+    assert settled(cstores, [5.0]) == [5.0]
+    rejected = 'dicomflow_scp_associations_total{result="rejected",calling_ae="not_allowed"}'
+    assert settled(rejected, [1.0]) == [1.0]
+    delivered = f'dicomflow_deliveries_total{{destination="{DESTINATION}",outcome="delivered"}}'
+    assert settled(delivered, [5.0]) == [5.0]
 
 
 def _spans(folder: Path) -> list[dict[str, Any]]:
