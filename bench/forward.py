@@ -14,7 +14,10 @@ and filesystem storage, TCP_NODELAY=1):
 
 Both rates are (N-1) over the time from the first to the last new instance counted by
 Orthanc's ``/statistics`` (polled every 10 ms). Prints images/s for both and their
-ratio. Not run in CI.
+ratio, and the CPU each process spent per image over that same window (user + system,
+from /proc): Orthanc's under each sender, storescu's, the scu-gateway's and
+nats-server's. On a 2-core host a sender shares the cores with Orthanc, so its CPU
+shows in Orthanc's rate too. Not run in CI.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_seconds  # noqa: E402
 
 from dicomflow.embedded.natsserver import NatsServer  # noqa: E402
 from support.dicomfiles import ct_series  # noqa: E402
@@ -41,8 +47,34 @@ def count(orthanc: Orthanc) -> int:
     return int(orthanc.get("/statistics")["CountInstances"])
 
 
-def arrivals(orthanc: Orthanc, base: int, n: int, timeout: float = 600) -> float:
-    """Seconds from the first to the last of ``n`` new instances counted by Orthanc.
+class Window:
+    """The CPU seconds of some processes between two points in time."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self._pids = pids
+        self._start: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        found = {name: cpu_seconds(pid) if pid else None for name, pid in self._pids.items()}
+        return {name: seconds for name, seconds in found.items() if seconds is not None}
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def ms_per_image(self, images: int) -> dict[str, float]:
+        end = self._now()
+        return {
+            name: round(1000 * (end[name] - self._start[name]) / images, 2)
+            for name in self._start
+            if name in end
+        }
+
+
+def arrivals(
+    orthanc: Orthanc, base: int, n: int, window: Window, timeout: float = 600
+) -> tuple[float, dict[str, float]]:
+    """Seconds from the first to the last of ``n`` new instances counted by Orthanc, and
+    the CPU milliseconds per image the window's processes spent meanwhile.
 
     The same clock for both senders: process start-up, association set-up and (for
     dicomflow) queueing the requests fall before the first arrival and are left out.
@@ -53,8 +85,9 @@ def arrivals(orthanc: Orthanc, base: int, n: int, timeout: float = 600) -> float
         now, seen = time.monotonic(), count(orthanc) - base
         if first is None and seen >= 1:
             first = now
+            window.start()
         if seen >= n and first is not None:
-            return now - first
+            return now - first, window.ms_per_image(n - 1)
         if now > deadline:
             raise TimeoutError(f"Orthanc has {seen} of {n}")
         time.sleep(0.01)
@@ -89,7 +122,8 @@ def main() -> int:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            storescu_s = arrivals(orthanc, 0, n)
+            window = Window({"orthanc": orthanc.pid, "storescu": proc.pid})
+            storescu_s, storescu_cpu = arrivals(orthanc, 0, n, window)
             _, err = proc.communicate()
             if proc.returncode != 0 or count(orthanc) != n:
                 raise RuntimeError(f"storescu failed:\n{err[-2000:]}")
@@ -126,7 +160,14 @@ def main() -> int:
                     if queued.returncode != 0:
                         raise RuntimeError(queued.stderr)
                     pipeline.start(SCU_STAGE)
-                    forward_s = arrivals(orthanc, n, n)
+                    window = Window(
+                        {
+                            "orthanc": orthanc.pid,
+                            "scu_gateway": pipeline.stages[SCU_STAGE].pid,
+                            "nats_server": nats.pid,
+                        }
+                    )
+                    forward_s, forward_cpu = arrivals(orthanc, n, n, window)
                 finally:
                     pipeline.stop()
     result = {
@@ -137,6 +178,7 @@ def main() -> int:
         "dicomflow_associations": args.associations,
         "ratio": round(storescu_s / forward_s, 3),
         "queueing_requests_per_s": round(n / queue_s, 1),
+        "cpu_ms_per_image": {"storescu": storescu_cpu, "dicomflow": forward_cpu},
     }
     print(json.dumps(result, indent=2))
     return 0

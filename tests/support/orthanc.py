@@ -38,6 +38,10 @@ class Orthanc:
         self.log = root / "orthanc.log"
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
