@@ -30,6 +30,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomflow.scu_gateway import pdata
+from dicomflow.scu_gateway import pdata, response
 from dicomflow.scu_gateway.status import (
     DeliveryRefused,
     DestinationUnreachable,
@@ -108,15 +109,20 @@ class AssociationPool:
         tls = ", TLS" if self._tls_args is not None else ""
         return f"{self.name} ({self._dest.ae_title}@{self._dest.host}:{self._dest.port}{tls})"
 
-    def store(self, path: Path, pair: Pair) -> int:
-        """C-STORE the Part-10 file at ``path``; the peer's status, or a typed error."""
+    def store(self, path: Path, pair: Pair, written: Callable[[], None] | None = None) -> int:
+        """C-STORE the Part-10 file at ``path``; the peer's status, or a typed error.
+
+        ``written`` (which must not raise, and may be called more than once) is called
+        once the request is on the wire, or before an association is opened for it."""
         link = self._take(pair)
         if link is not None:
             try:
-                return self._send(link, path)
+                return self._send(link, path, written)
             except DestinationUnreachable as exc:
                 log.info("%s: reused association failed (%s); opening a new one", self.name, exc)
-        return self._send(self._connect(pair), path)
+        if written is not None:
+            written()
+        return self._send(self._connect(pair), path, written)
 
     def echo(self) -> int:
         """C-ECHO on an association of its own; the status, or a typed error."""
@@ -204,6 +210,7 @@ class AssociationPool:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reactors.relax(assoc)  # woken by its work, it need not poll every 1 ms
+            response.install(assoc)  # C-STORE responses decoded without pydicom
             return assoc
         rsp = assoc.acceptor.primitive
         if assoc.is_rejected and rsp is not None:
@@ -226,11 +233,13 @@ class AssociationPool:
         if self._metrics is not None:
             self._metrics.scu_associations.labels(self.name, result).inc()
 
-    def _send(self, link: Link, path: Path) -> int:
+    def _send(self, link: Link, path: Path, written: Callable[[], None] | None) -> int:
         try:
             if self._tls_args is None and pdata.usable(link.assoc):
-                rsp = pdata.store(link.assoc, path, self._dest.network_timeout)
+                rsp = pdata.store(link.assoc, path, self._dest.network_timeout, written)
             else:
+                if written is not None:
+                    written()  # pynetdicom writes and waits in one call
                 rsp = link.assoc.send_c_store(path)
         except (RuntimeError, OSError) as exc:  # not established any more, socket gone
             self._close(link)

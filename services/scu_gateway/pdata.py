@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,13 @@ def usable(assoc: Any) -> bool:
     return all(hasattr(assoc, name) for name in _INTERNALS) and hasattr(assoc, "_is_paused")
 
 
-def store(assoc: Any, path: Path, write_timeout: float) -> Dataset:
+def store(
+    assoc: Any, path: Path, write_timeout: float, written: Callable[[], None] | None = None
+) -> Dataset:
     """C-STORE the Part-10 file at ``path``; the response's status elements, or an empty
     Dataset when there was none (DIMSE timeout, abort), like ``send_c_store``.
+    ``written`` (which must not raise) is called once the request is on the wire, before
+    the response is awaited.
 
     Raises RuntimeError when the association is not established and OSError when the
     socket fails (the association is then aborted: a request cut short cannot go on).
@@ -78,6 +83,8 @@ def store(assoc: Any, path: Path, write_timeout: float) -> Dataset:
     try:
         with reactors.paused(assoc, write_timeout):
             _write(sock, context_id, command, path, meta.offset, step)
+            if written is not None:
+                written()
             _, rsp = assoc.dimse.get_msg(block=True)
     except OSError:
         assoc.abort()

@@ -7,11 +7,17 @@ a round trip through the event loop (which is busy fetching, decrypting and acki
 others). The event loop only learns the outcome: each instance's status, or the typed
 error, resolves the future its handler awaits.
 
+An outcome is told once the thread has written its next queued request, if one is
+waiting (at once otherwise): telling wakes the event loop, whose acking and fetching
+would then compete for the GIL with the thread's next request, on the path from one
+response to the next request, the one stretch of a C-STORE the peer does not spend.
+
 A queued instance's plaintext file belongs to the senders from then on: the thread that
-takes it removes it once the C-STORE ended, whatever the outcome, and ``close`` removes
-those never taken. A handler cancelled while its instance waits in the queue marks it
-skipped; one cancelled while its instance is on the wire cannot stop that C-STORE (the
-message is not acked, so it comes back and is sent again).
+takes it removes it once the C-STORE ended (when it tells the outcome), whatever the
+outcome, and ``close`` removes those never taken. A handler cancelled while its
+instance waits in the queue marks it skipped; one cancelled while its instance is on the
+wire cannot stop that C-STORE (the message is not acked, so it comes back and is sent
+again).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,21 +97,64 @@ class Senders:
                 job.path.unlink(missing_ok=True)
 
     def _run(self) -> None:
+        ended: _Ended | None = None  # the last C-STORE, told once the next request is out
         while True:
-            job = self._jobs.get()
+            job = self._next(ended)
+            prior, ended = ended, None
             if job is None:
+                if prior is not None:
+                    prior.tell()
                 return
             try:
                 if job.skipped:
+                    job.path.unlink(missing_ok=True)
                     continue
                 outcome: int | Exception
                 try:
-                    outcome = self._pool.store(job.path, job.pair)
+                    outcome = self._pool.store(job.path, job.pair, _teller(prior))
                 except Exception as exc:  # noqa: BLE001 (handed to the awaiting handler)
                     outcome = exc
-                _resolve(job, outcome)
+                ended = _Ended(job, outcome)
             finally:
-                job.path.unlink(missing_ok=True)
+                if prior is not None:
+                    prior.tell()  # the request never got written: tell it now
+
+    def _next(self, ended: _Ended | None) -> Sending | None:
+        """The next job; an ended C-STORE is told first if none is waiting."""
+        if ended is not None:
+            try:
+                return self._jobs.get_nowait()
+            except queue.Empty:
+                ended.tell()
+        return self._jobs.get()
+
+
+@dataclass(eq=False)
+class _Ended:
+    """A C-STORE that ended, its file not yet removed nor its outcome told."""
+
+    job: Sending
+    outcome: int | Exception
+    told: bool = False
+
+    def tell(self) -> None:
+        """Remove the file and hand the outcome to the handler (once)."""
+        if self.told:
+            return
+        self.told = True
+        try:
+            self.job.path.unlink(missing_ok=True)
+        except OSError as exc:  # called on the wire path: never fails a C-STORE
+            log.warning("cannot remove a sent instance's spool file: %s", exc.strerror)
+        _resolve(self.job, self.outcome)
+
+
+def _teller(ended: _Ended | None) -> Callable[[], None]:
+    return ended.tell if ended is not None else _nothing
+
+
+def _nothing() -> None:
+    return None
 
 
 def _resolve(job: Sending, outcome: int | Exception) -> None:

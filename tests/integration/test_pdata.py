@@ -58,9 +58,9 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     sent: list[Path] = []
     store = pdata.store
 
-    def counting(assoc: Any, path: Path, write_timeout: float) -> Any:
+    def counting(assoc: Any, path: Path, write_timeout: float, written: Any = None) -> Any:
         sent.append(path)
-        return store(assoc, path, write_timeout)
+        return store(assoc, path, write_timeout, written)
 
     monkeypatch.setattr(pdata, "store", counting)
     return sent

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import obstore
@@ -49,13 +50,23 @@ class FakePool:
         self.gate = gate
         self.started = threading.Event()
 
-    def store(self, path: Path, pair: Pair) -> int:
+    def before_written(self, path: Path) -> None:
+        """Just before the request counts as written: a subclass may look around here."""
+
+    def on_wire(self, path: Path) -> None:
+        """Between the request written and the response: a subclass may wait here."""
+
+    def store(self, path: Path, pair: Pair, written: Callable[[], None] | None = None) -> int:
         assert pair == PAIR
         self.threads.add(threading.current_thread().name)
         self.started.set()
         if self.gate is not None:
             assert self.gate.wait(10)
         self.sent.append(path.read_bytes())
+        self.before_written(path)
+        if written is not None:
+            written()
+        self.on_wire(path)
         outcome = self.statuses.pop(0) if self.statuses else 0x0000
         if isinstance(outcome, Exception):
             raise outcome
@@ -98,6 +109,50 @@ async def test_senders_hand_the_pool_error_to_the_waiting_handler(tmp_path: Path
         assert await second.status() == 0x0000  # the thread goes on after a failure
     finally:
         senders.close()
+    assert leftovers(tmp_path) == []
+
+
+class HeldOnWire(FakePool):
+    """Holds the second request on the wire, as a peer slow to answer would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.first_kept: list[bool] = []
+
+    def before_written(self, path: Path) -> None:
+        if path.name == "second.dcm":  # the first's file goes when its outcome is told
+            self.first_kept.append((path.parent / "first.dcm").exists())
+
+    def on_wire(self, path: Path) -> None:
+        if path.name == "second.dcm":
+            assert self.answer.wait(10)
+
+
+async def test_an_outcome_is_told_once_the_next_request_is_written(tmp_path: Path) -> None:
+    gate = threading.Event()
+    pool = HeldOnWire()
+    pool.gate = gate
+    senders = Senders(pool, 1)  # type: ignore[arg-type]
+    try:
+        first_path = spool_file(tmp_path, "first.dcm", b"first")
+        first = senders.submit(first_path, PAIR)
+        assert await asyncio.to_thread(pool.started.wait, 10)
+        second = senders.submit(spool_file(tmp_path, "second.dcm", b"second"), PAIR)
+        waiting = asyncio.create_task(first.status())
+        gate.set()
+        # Not told before the second request was written, but while it waits for its
+        # answer.
+        assert await asyncio.wait_for(waiting, 10) == 0x0000
+        assert pool.first_kept == [True]
+        assert not first_path.exists()
+        assert not second.result.done()
+        pool.answer.set()
+        assert await second.status() == 0x0000
+    finally:
+        pool.answer.set()
+        senders.close()
+    assert pool.sent == [b"first", b"second"]
     assert leftovers(tmp_path) == []
 
 
