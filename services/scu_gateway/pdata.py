@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,10 +195,12 @@ BATCH_BYTES = 1024 * 1024  # dataset bytes read, and handed to one sendmsg, at a
 def _write(sock: Any, context_id: int, command: bytes, path: Path, offset: int, step: int) -> None:
     """The command, then the dataset from ``offset`` in ``path``, ``step`` bytes a PDU.
 
-    The file is read ``BATCH_BYTES`` at a time (memory stays bounded) and each batch's
-    PDUs go out in one ``sendmsg``: their headers and slices of the batch, no copies."""
+    The file is read ``BATCH_BYTES`` at a time into the thread's buffer (memory stays
+    bounded) and each batch's PDUs go out in one ``sendmsg``: their headers and slices of
+    the batch, no copies."""
     buffers: list[bytes | memoryview] = [_header(context_id, COMMAND_LAST, len(command)), command]
     batch = max(BATCH_BYTES // step, 1) * step
+    buffer = _batch_buffer(batch)
     with path.open("rb") as file:
         remaining = os.fstat(file.fileno()).st_size - offset
         file.seek(offset)
@@ -205,7 +208,7 @@ def _write(sock: Any, context_id: int, command: bytes, path: Path, offset: int, 
             _send_all(sock, [*buffers, _header(context_id, DATA_LAST, 0)])
             return
         while remaining > 0:
-            chunk = memoryview(file.read(min(batch, remaining)))
+            chunk = buffer[: file.readinto(buffer[: min(batch, remaining)])]
             if not chunk:
                 raise OSError(f"{path} shrank while it was being sent")
             remaining -= len(chunk)
@@ -216,6 +219,19 @@ def _write(sock: Any, context_id: int, command: bytes, path: Path, offset: int, 
                 buffers += (_header(context_id, control, len(fragment)), fragment)
             _send_all(sock, buffers)
             buffers = []
+
+
+_local = threading.local()
+
+
+def _batch_buffer(size: int) -> memoryview:
+    """This thread's read buffer of at least ``size`` bytes, reused from one request to
+    the next (every batch is sent before the next is read into it): a fresh buffer each
+    time is fresh memory, and its page faults cost more than the read."""
+    buffer: bytearray | None = getattr(_local, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _local.buffer = bytearray(size)
+    return memoryview(buffer)[:size]
 
 
 IOV_LIMIT = 512  # buffers per sendmsg, below every system's IOV_MAX (1024 on Linux)
