@@ -26,7 +26,6 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +110,8 @@ class Senders:
                     continue
                 outcome: int | Exception
                 try:
-                    outcome = self._pool.store(job.path, job.pair, _teller(prior))
+                    written = prior.tell if prior is not None else None
+                    outcome = self._pool.store(job.path, job.pair, written)
                 except Exception as exc:  # noqa: BLE001 (handed to the awaiting handler)
                     outcome = exc
                 ended = _Ended(job, outcome)
@@ -147,14 +147,6 @@ class _Ended:
         except OSError as exc:  # called on the wire path: never fails a C-STORE
             log.warning("cannot remove a sent instance's spool file: %s", exc.strerror)
         _resolve(self.job, self.outcome)
-
-
-def _teller(ended: _Ended | None) -> Callable[[], None]:
-    return ended.tell if ended is not None else _nothing
-
-
-def _nothing() -> None:
-    return None
 
 
 def _resolve(job: Sending, outcome: int | Exception) -> None:
