@@ -43,11 +43,16 @@ _NUMBERS = {_FIELD, _RESPONDED_TO, _DATA_SET, _STATUS}
 
 
 def install(assoc: Any) -> None:
-    """Decode ``assoc``'s plain C-STORE responses here (a no-op on a provider without
-    the method this replaces)."""
-    dimse = getattr(assoc, "dimse", None)
+    """Decode ``assoc``'s plain C-STORE responses here (a no-op on a pynetdicom without
+    the internals this relies on: the provider's ``receive_primitive``, ``message`` and
+    ``msg_queue``, the association's ``get_handlers``)."""
+    dimse: Any = getattr(assoc, "dimse", None)
     original: Callable[[Any], None] | None = getattr(dimse, "receive_primitive", None)
-    if dimse is None or original is None or not hasattr(dimse, "msg_queue"):
+    if (
+        original is None
+        or not all(hasattr(dimse, name) for name in ("message", "msg_queue"))
+        or not hasattr(assoc, "get_handlers")
+    ):
         return
 
     def receive_primitive(primitive: Any) -> None:

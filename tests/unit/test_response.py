@@ -161,3 +161,20 @@ def test_a_bound_dimse_handler_still_sees_every_message() -> None:
     assert len(seen) == 1
     _, rsp = assoc.dimse.msg_queue.get_nowait()
     assert rsp.Status == 0x0000
+
+
+def test_a_provider_without_the_internals_is_left_alone() -> None:
+    class Provider:
+        def __init__(self) -> None:
+            self.msg_queue: list[Any] = []
+
+        def receive_primitive(self, primitive: Any) -> None:
+            return None
+
+    class Assoc:
+        dimse = Provider()
+
+    assoc = Assoc()
+    before = assoc.dimse.receive_primitive
+    response.install(assoc)  # no ``message`` attribute: another pynetdicom
+    assert assoc.dimse.receive_primitive == before
