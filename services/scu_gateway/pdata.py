@@ -166,22 +166,24 @@ def command_set(sop_class_uid: str, sop_instance_uid: str) -> bytes:
     body = b"".join(
         (
             _element(0x0002, _uid(sop_class_uid)),
-            _element(0x0100, _US.pack(0x0001)),
-            _element(0x0110, _US.pack(MESSAGE_ID)),
-            _element(0x0700, _US.pack(PRIORITY_LOW)),
-            _element(0x0800, _US.pack(0x0001)),
+            _element(0x0100, US.pack(0x0001)),
+            _element(0x0110, US.pack(MESSAGE_ID)),
+            _element(0x0700, US.pack(PRIORITY_LOW)),
+            _element(0x0800, US.pack(0x0001)),
             _element(0x1000, _uid(sop_instance_uid)),
         )
     )
-    return _element(0x0000, _UL.pack(len(body))) + body
+    return _element(0x0000, UL.pack(len(body))) + body
 
 
-_US, _UL = struct.Struct("<H"), struct.Struct("<I")
-_ELEMENT = struct.Struct("<HHI")
+# A command set is implicit VR little endian: each element is its tag (group, element:
+# two u16), its length (u32) and its value; values here are US or UL numbers and UIDs.
+US, UL = struct.Struct("<H"), struct.Struct("<I")
+ELEMENT = struct.Struct("<HHI")
 
 
 def _element(element: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0x0000, element, len(value)) + value
+    return ELEMENT.pack(0x0000, element, len(value)) + value
 
 
 def _uid(value: str) -> bytes:
