@@ -15,7 +15,7 @@ association's socket. A reused association the peer closed while idle is replace
 at once, before the failure counts as a transient one.
 
 A rejection is a rejection even when pynetdicom aborted before reading it
-(``unread_rejection``): a permanent one refuses the delivery, a transient one defers it.
+(``rejection_of``): a permanent one refuses the delivery, a transient one defers it.
 
 Association attempts are counted per destination (opened, rejected, failed) and the
 open ones exported as a gauge, when the pool is given the service's metrics.
@@ -206,7 +206,7 @@ class AssociationPool:
             max_pdu=dest.maximum_pdu_size,
             tls_args=self._tls_args,
         )
-        rejection = assoc.acceptor.primitive if assoc.is_rejected else unread_rejection(assoc)
+        rejection = rejection_of(assoc)
         self._count(
             "opened" if assoc.is_established else "rejected" if rejection is not None else "failed"
         )
@@ -278,8 +278,8 @@ class AssociationPool:
         )
 
 
-def unread_rejection(assoc: Any) -> A_ASSOCIATE | None:
-    """The peer's A-ASSOCIATE-RJ, when pynetdicom aborted the association without reading it.
+def rejection_of(assoc: Any) -> A_ASSOCIATE | None:
+    """The peer's A-ASSOCIATE-RJ, whether pynetdicom read it or aborted before it did.
 
     pynetdicom 3.0's requestor sends its request, waits for the transport to be up, then
     gives up with an abort if the socket is already closed, without looking at what the
@@ -288,7 +288,10 @@ def unread_rejection(assoc: Any) -> A_ASSOCIATE | None:
     waits unread on the DUL's queue for the association's user, and the association
     reports an abort, a transient failure, instead of a permanent refusal.
     """
-    if assoc.is_established or assoc.is_rejected:
+    if assoc.is_rejected:
+        primitive: A_ASSOCIATE | None = assoc.acceptor.primitive
+        return primitive
+    if assoc.is_established:
         return None
     queued = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
     if not isinstance(queued, queue.Queue):

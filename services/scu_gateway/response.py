@@ -22,7 +22,7 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
-from dicomflow.scu_gateway.pdata import COMMAND_LAST, ELEMENT, US
+from dicomflow.scu_gateway.pdata import COMMAND_LAST, ELEMENT, UL, US
 
 C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101
@@ -114,8 +114,8 @@ def _elements(command: memoryview) -> tuple[dict[int, int], dict[int, str]] | No
             return None
         value = command[pos : pos + length]
         pos += length
-        if element == _GROUP_LENGTH and length == 4:
-            numbers[element] = int.from_bytes(value, "little")
+        if element == _GROUP_LENGTH and length == UL.size:
+            numbers[element] = UL.unpack(value)[0]
         elif element in _NUMBERS and length == US.size:
             numbers[element] = US.unpack(value)[0]
         elif element in _UIDS:
