@@ -1,7 +1,5 @@
 """`python -m dicomflow` runs the `dicomflow` command."""
 
-import sys
+from dicomflow.cli.main import run
 
-from dicomflow.cli.main import main
-
-sys.exit(main())
+run()

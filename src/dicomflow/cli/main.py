@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from dicomflow.cli import (
     crypt,
@@ -24,6 +26,7 @@ from dicomflow.cli import (
     topology,
     up,
 )
+from dicomflow.cli.process import exit_process
 from dicomflow.shared.errors import ConfigError, DicomflowError
 
 EXIT_OK = 0
@@ -73,5 +76,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def run() -> NoReturn:
+    """The ``dicomflow`` command as a process: ``main``, then ``exit_process``."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse: --help, or a usage error already printed
+        code = _exit_code(exc)
+    except BaseException:  # noqa: BLE001 (printed as Python would, then exit 1)
+        traceback.print_exc()
+        code = EXIT_FAILURE
+    exit_process(code)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or EXIT_OK
+    print(exc.code, file=sys.stderr)
+    return EXIT_FAILURE
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
