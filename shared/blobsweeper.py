@@ -30,6 +30,7 @@ from dicomflow.shared import subjects
 from dicomflow.shared.consumer import Consumer
 from dicomflow.shared.messages import H_BLOB
 from dicomflow.shared.settings import NatsSettings
+from dicomflow.shared.transport import purge_blob
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def _sweep_bucket(js: JetStreamContext, bucket: str, grace: float) -> int:
         if info.name in referenced or await _meta_age(js, bucket, info.name or "") < grace:
             continue
         with contextlib.suppress(NotFoundError):
-            await store.delete(info.name)
+            await purge_blob(js, bucket, info.name, info.nuid)
             removed += 1
     removed += await _purge_headless_chunks(js, bucket, live_nuids, grace)
     return removed

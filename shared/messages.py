@@ -20,6 +20,7 @@ holds the trusted public keys.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -60,7 +61,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODALITY = re.compile(r"[A-Z0-9_ ]{0,16}")
 # AE titles: the DICOM default repertoire without backslash or control characters.
 _AE = re.compile(r"[\x20-\x5b\x5d-\x7e]{0,16}")
-_BLOB_TAIL = re.compile(r"[0-9a-f]{8,64}")
+_BLOB_TAIL = re.compile(r"[0-9A-Za-z]{22}")  # a NUID: fresh for every put
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _SIGNER = re.compile(r"[0-9a-f]{16}")
@@ -102,6 +103,14 @@ class Instance:
     def msg_id(self) -> str:
         """Identity plus digest: a retried publish of the same instance is de-duplicated."""
         return f"{self.sop_instance_uid}:{self.sha256}"
+
+    @property
+    def ref(self) -> str:
+        """A reference to this instance (of these bytes) that identifies nothing by
+        itself: the first 16 hex digits of the SHA-256 of its SOP Instance UID and its
+        plaintext digest. Logs, errors, dead-letter reasons and blob names carry this,
+        never the UID; `dicomflow ls` shows it beside each instance."""
+        return reference(self.sop_instance_uid, self.sha256)
 
     def with_body(self, body: BodyKind, blob: str = "") -> Instance:
         return replace(self, body=body, blob=blob)
@@ -269,17 +278,20 @@ def _match(h: dict[str, str], name: str, pattern: re.Pattern[str], required: boo
     return value
 
 
+def reference(sop_instance_uid: str, sha256: str) -> str:
+    """``Instance.ref`` of an instance known by its UID and plaintext digest."""
+    return hashlib.sha256(f"{sop_instance_uid}\n{sha256}".encode()).hexdigest()[:16]
+
+
 def _blob(h: dict[str, str], prefix: str, instance: Instance) -> str:
-    """The blob name, which must be ``<prefix>.<SOP Instance UID>.<sha256 prefix>``."""
+    """The blob name, which must be ``<prefix>.<the instance's ref>.<NUID>``: a message
+    can name only a blob written for this instance (of these bytes)."""
     name = _get(h, H_BLOB)
-    head = f"{prefix}.{instance.sop_instance_uid}."
-    tail = name[len(head) :]
-    if not (
-        name.startswith(head) and _BLOB_TAIL.fullmatch(tail) and instance.sha256.startswith(tail)
-    ):
+    head = f"{prefix}.{instance.ref}."
+    if not (name.startswith(head) and _BLOB_TAIL.fullmatch(name[len(head) :])):
         raise ContractViolation(
             f"{H_BLOB} is missing or does not name this instance's own blob "
-            f"(expected {prefix}.<SOP Instance UID>.<first hex digits of the SHA-256>)"
+            f"(expected {prefix}.<the instance's reference>.<NUID>)"
         )
     return name
 

@@ -34,6 +34,7 @@ __all__ = [
     "read_chunks",
     "read_range",
     "sha256_of",
+    "size_of",
 ]
 
 
@@ -121,6 +122,16 @@ async def exists(store: ObjectStore, key: str) -> bool:
     except (BaseError, OSError) as exc:
         raise StorageUnavailable(f"checking object failed: {type(exc).__name__}: {exc}") from exc
     return True
+
+
+async def size_of(store: ObjectStore, key: str) -> int:
+    """The object's size; a missing one raises FileNotFoundError."""
+    try:
+        return int((await obstore.head_async(store, key))["size"])
+    except FileNotFoundError:
+        raise
+    except (BaseError, OSError) as exc:
+        raise StorageUnavailable(f"checking object failed: {type(exc).__name__}: {exc}") from exc
 
 
 async def read_chunks(store: ObjectStore, key: str) -> AsyncIterator[bytes]:

@@ -6,6 +6,15 @@ carries its name. Plaintext (``ingest.`` names) and sealed (``sealed.``) bodies 
 bucket each (``subjects.blob_bucket``), so NATS permissions can separate them. The
 consumer of such a message deletes the blob after it has acked the message; a crash
 between ack and delete leaves an orphan blob, never a message whose body is gone.
+
+Every put writes a blob of its own: the name is fresh (``blob_name``), the metadata is
+published only where none exists yet, and nothing is ever written over an existing
+blob. Two attempts at the same message (a re-seal after a lost ack, a modality's
+resend) therefore never touch each other's bytes: when JetStream drops the second
+attempt's message as a duplicate, the blob that attempt wrote is deleted and the first
+message keeps the blob it names. Names carry no identifier of the instance. A blob is
+deleted by purging its chunk and metadata subjects, so the blob streams need no
+``Nats-Rollup`` headers (a rollup of ``all`` would wipe a whole bucket).
 """
 
 from __future__ import annotations
@@ -54,12 +63,16 @@ class Transport:
         publish_timeout: float,
         spool_dir: Path | None = None,
         inline_limit: int | None = None,
+        purge_failed_puts: bool = True,
     ) -> None:
         self._nc = nc
         self._js = js
         self._timeout = publish_timeout
         self._spool_dir = spool_dir
         self._inline_limit = inline_limit
+        # A user without purge rights (the scp-gateway) leaves a failed put's chunks to
+        # the blob sweeper instead of asking for a purge it would be refused.
+        self._purge_failed_puts = purge_failed_puts
         self._blobs: dict[str, ObjectStore] = {}
         self._nuid = NUID()
 
@@ -95,15 +108,25 @@ class Transport:
         return sent
 
     async def publish_blob(self, subject: str, instance: Instance, name: str) -> Instance:
-        """Publish ``instance`` whose body is the blob ``name``, already put; return it as
-        sent. Raises BrokerUnavailable unless JetStream acknowledged the message."""
+        """Publish ``instance`` whose body is the blob ``name``, already put by this
+        attempt; return it as sent. Raises BrokerUnavailable unless JetStream
+        acknowledged the message.
+
+        When JetStream answers that the message is a duplicate (an earlier attempt's
+        message, naming its own blob, is the one kept), the blob of this attempt is
+        named by nothing and is deleted here.
+        """
         sent = instance.with_body(BodyKind.BLOB, name)
-        await self._publish(subject, b"", sent)
+        if (await self._publish(subject, b"", sent)).duplicate:
+            log.info("message was a duplicate of one already published; its blob is removed")
+            await self.delete_blob_named(name)
         return sent
 
-    async def _publish(self, subject: str, data: bytes, sent: Instance) -> None:
+    async def _publish(self, subject: str, data: bytes, sent: Instance) -> PubAck:
         try:
-            await self._js.publish(subject, data, timeout=self._timeout, headers=sent.headers())
+            return await self._js.publish(
+                subject, data, timeout=self._timeout, headers=sent.headers()
+            )
         except (NatsError, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"JetStream did not acknowledge the publish: {exc!r}") from exc
 
@@ -115,11 +138,14 @@ class Transport:
         next, so a 2 GiB body took some 2000 sequential round trips. Here up to
         ``BLOB_WINDOW_BYTES`` of chunks are in flight; the metadata message, which is
         what makes the blob exist, is published only once every chunk was acked, as
-        ``ObjectStore.put`` does. ``body`` may yield pieces of any size: they are cut
-        into chunks of ``blob_chunk_size``, each hashed (for the metadata's digest) in a
-        worker thread. On any failure, ``body``'s own included, the chunks written so
-        far are purged; a crash leaves chunks without metadata, which the blob sweeper
-        removes.
+        ``ObjectStore.put`` does, and only where no metadata of that name exists
+        (``Nats-Expected-Last-Subject-Sequence: 0``): an existing blob is never replaced,
+        and a name that is taken is an error (names come from ``blob_name``, fresh for
+        each put). ``body`` may yield pieces of any size: they are cut into chunks of
+        ``blob_chunk_size``, each hashed (for the metadata's digest) in a worker thread.
+        On any failure, ``body``'s own included, the chunks written so far are purged
+        (where this user may purge); a crash leaves chunks without metadata, which the
+        blob sweeper removes.
         """
         try:
             return await self._put_blob(name, body)
@@ -129,11 +155,6 @@ class Transport:
     async def _put_blob(self, name: str, body: AsyncIterator[bytes]) -> tuple[int, str]:
         bucket = _bucket_of(name)
         stream = subjects.blob_stream(bucket)
-        store = await self.blobs(bucket)
-        try:
-            replaced: ObjectInfo | None = await store.get_info(name)
-        except (NotFoundError, ObjectNotFoundError):
-            replaced = None
         nuid = self._nuid.next().decode()
         chunk_subject = f"$O.{bucket}.C.{nuid}"
         chunk_size = self.blob_chunk_size
@@ -162,12 +183,11 @@ class Transport:
                 digest=f"SHA-256={_b64(digest.digest())}",
                 options=ObjectMetaOptions(max_chunk_size=chunk_size),
             )
-            meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
             await self._js.publish(
-                meta_subject,
+                _meta_subject(bucket, name),
                 json.dumps(info.as_dict()).encode(),
                 timeout=self._timeout,
-                headers={"Nats-Rollup": "sub"},
+                headers={"Nats-Expected-Last-Subject-Sequence": "0"},
             )
         except BaseException:
             # Chunks still in flight are let land first: a purge that overtook them would
@@ -176,13 +196,10 @@ class Transport:
                 await asyncio.wait_for(
                     asyncio.gather(*in_flight, return_exceptions=True), self._timeout
                 )
-            with contextlib.suppress(NatsError, TimeoutError):
-                await self._js.purge_stream(stream, subject=chunk_subject)
+            if self._purge_failed_puts:
+                with contextlib.suppress(NatsError, TimeoutError):
+                    await self._js.purge_stream(stream, subject=chunk_subject)
             raise
-        if replaced is not None and not replaced.deleted and replaced.nuid:
-            # The same blob written again (a retried publish): its old chunks go.
-            with contextlib.suppress(NatsError, TimeoutError):
-                await self._js.purge_stream(stream, subject=f"$O.{bucket}.C.{replaced.nuid}")
         return size, digest.hexdigest()
 
     def spool(self, size: int) -> IO[bytes]:
@@ -349,17 +366,37 @@ class Transport:
 
     async def delete_blob_named(self, name: str) -> None:
         """Best effort, as ``delete_blob``."""
+        bucket = _bucket_of(name)
         with contextlib.suppress(NotFoundError, ObjectNotFoundError):
             try:
-                await (await self.blobs(_bucket_of(name))).delete(name)
+                info = await (await self.blobs(bucket)).get_info(name)
+                await purge_blob(self._js, bucket, name, info.nuid)
             except (NatsError, TimeoutError) as exc:
                 log.warning("could not delete blob: %r", exc)
 
 
+async def purge_blob(js: JetStreamContext, bucket: str, name: str, nuid: str | None) -> None:
+    """Delete blob ``name`` (whose chunks are ``nuid``'s) from ``bucket``: its chunks
+    first, then its metadata, each by a purge of its subject. Not
+    ``ObjectStore.delete``, whose deletion marker is a ``Nats-Rollup`` publish, which
+    the blob streams refuse. A crash in between leaves metadata without chunks, named
+    by no message: the blob sweeper finds it and purges again."""
+    stream = subjects.blob_stream(bucket)
+    if nuid:
+        await js.purge_stream(stream, subject=f"$O.{bucket}.C.{nuid}")
+    await js.purge_stream(stream, subject=_meta_subject(bucket, name))
+
+
 def blob_name(prefix: str, instance: Instance) -> str:
-    """The blob of ``instance``'s body under ``prefix`` (``ingest`` or ``sealed``): the
-    same name for the same content, so a retried put replaces it."""
-    return f"{prefix}.{instance.sop_instance_uid}.{instance.sha256[:16]}"
+    """A fresh name for a blob of ``instance`` under ``prefix`` (``ingest`` or
+    ``sealed``): the instance's reference (which binds the blob to it, see
+    ``messages._blob``) and a NUID new for every put, so that no attempt ever writes
+    over another's blob. It identifies nothing by itself (no SOP Instance UID)."""
+    return f"{prefix}.{instance.ref}.{NUID().next().decode()}"
+
+
+def _meta_subject(bucket: str, name: str) -> str:
+    return f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
 
 
 async def _file_chunks(body: IO[bytes], size: int) -> AsyncGenerator[bytes, None]:

@@ -140,7 +140,11 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
         js = nc.jetstream()
         await topology.ensure(js, settings.nats)
         transport = Transport(
-            nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
+            nc,
+            js,
+            publish_timeout=settings.nats.publish_timeout,
+            spool_dir=settings.spool_dir,
+            purge_failed_puts=False,  # the gateway may not purge: the sweeper removes them
         )
         scp = settings.scp
         receiver = Receiver(

@@ -29,6 +29,7 @@ from dicomflow.shared.envelope import OVERHEAD, seal
 from dicomflow.shared.keyring import MasterKey, load_master_key
 from dicomflow.shared.messages import BodyKind, Instance
 from dicomflow.shared.sealsign import SealSigner, load_signing_key
+from dicomflow.shared.transport import blob_name
 from support.dicomfiles import ct_series
 from support.pipeline import Pipeline
 
@@ -126,7 +127,7 @@ def forged_messages(signer: SealSigner, key: MasterKey) -> list[Forged]:
         Forged(
             "blob-missing",
             False,
-            i(6).with_body(BodyKind.BLOB, f"ingest.{i(6).sop_instance_uid}.{SHA[:16]}").headers(),
+            i(6).with_body(BodyKind.BLOB, blob_name("ingest", i(6))).headers(),
             b"",
             "does not exist",
         ),
@@ -134,7 +135,7 @@ def forged_messages(signer: SealSigner, key: MasterKey) -> list[Forged]:
             "blob-foreign",
             False,
             _with(
-                i(7).with_body(BodyKind.BLOB, f"ingest.{i(6).sop_instance_uid}.{SHA[:16]}"),
+                i(7).with_body(BodyKind.BLOB, blob_name("ingest", i(6))),
             ),
             b"",
             "own blob",
@@ -180,9 +181,7 @@ def forged_messages(signer: SealSigner, key: MasterKey) -> list[Forged]:
         Forged(
             "sealed-blob-with-ingest-prefix",
             True,
-            sealed.with_body(
-                BodyKind.BLOB, f"ingest.{sealed.sop_instance_uid}.{SHA[:16]}"
-            ).headers(),
+            sealed.with_body(BodyKind.BLOB, blob_name("ingest", sealed)).headers(),
             b"",
             "own blob",
         ),
@@ -213,9 +212,7 @@ def forged_messages(signer: SealSigner, key: MasterKey) -> list[Forged]:
             "sealed-altered-blob",
             True,
             _sign(signer, big_instance, big_envelope)
-            .with_body(
-                BodyKind.BLOB, f"sealed.{big_instance.sop_instance_uid}.{big_instance.sha256[:16]}"
-            )
+            .with_body(BodyKind.BLOB, blob_name("sealed", big_instance))
             .headers(),
             _flipped(big_envelope),
             "SealNotTrusted: digest check failed",

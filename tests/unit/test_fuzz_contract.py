@@ -16,6 +16,7 @@ from dicomflow.shared.envelope import OVERHEAD, seal
 from dicomflow.shared.errors import ContractViolation
 from dicomflow.shared.keyring import MasterKey
 from dicomflow.shared.messages import BodyKind, Instance, check_delivery, parse
+from dicomflow.shared.transport import blob_name
 
 SHA = "0123456789abcdef" * 4
 KEY = MasterKey(7, bytes(range(32)))
@@ -66,6 +67,13 @@ TRICKY = [
     "blob",
     "1",
 ]
+
+
+NUID = "A" * 22
+
+
+def _other() -> Instance:
+    return _instance(sop_instance_uid="1.2.3.9")
 
 
 def _instance(**changes: Any) -> Instance:
@@ -158,7 +166,7 @@ def test_consumed_messages_pass_the_contract_or_violate(
 def test_genuine_ingest_and_sealed_messages_pass() -> None:
     check_delivery(subjects.INGEST_STREAM, _instance().headers(), bytes(10))
     check_delivery(subjects.SEALED_STREAM, _sealed().headers(), seal(KEY, bytes(10)))
-    blob = _instance().with_body(BodyKind.BLOB, f"ingest.1.2.3.4.{SHA[:16]}")
+    blob = _instance().with_body(BodyKind.BLOB, blob_name("ingest", _instance()))
     check_delivery(subjects.INGEST_STREAM, blob.headers(), b"")
 
 
@@ -173,7 +181,7 @@ def test_genuine_ingest_and_sealed_messages_pass() -> None:
         (messages.H_CALLING_AE, "CT\\01", "Dicomflow-Calling-Ae"),
         (messages.H_CALLED_AE, "DICOMFLÖW", "Dicomflow-Called-Ae"),
         (messages.H_TRACEPARENT, "00-zz-not-a-trace", "traceparent"),
-        (messages.H_BLOB, f"ingest.1.2.3.4.{SHA[:16]}", "inline"),
+        (messages.H_BLOB, f"ingest.{_instance().ref}.{NUID}", "inline"),
     ],
 )
 def test_forged_header_values_are_violations(header: str, value: str, reason: str) -> None:
@@ -195,13 +203,15 @@ def test_a_non_text_header_value_is_a_violation() -> None:
 @pytest.mark.parametrize(
     ("stream", "blob"),
     [
-        (subjects.INGEST_STREAM, "sealed.1.2.3.4." + SHA[:16]),  # the other stage's prefix
-        (subjects.INGEST_STREAM, "ingest.1.2.3.9." + SHA[:16]),  # another instance's blob
-        (subjects.INGEST_STREAM, "ingest.1.2.3.4.ffffffffffffffff"),  # another digest
-        (subjects.INGEST_STREAM, "ingest.1.2.3.4"),
-        (subjects.INGEST_STREAM, "index.1.2.3.4." + SHA[:16]),
-        (subjects.SEALED_STREAM, "ingest.1.2.3.4." + SHA[:16]),
-        (subjects.SEALED_STREAM, "sealed.1.2.3.4." + SHA[:16] + ".x"),
+        (subjects.INGEST_STREAM, f"sealed.{_instance().ref}.{NUID}"),  # the other prefix
+        (subjects.INGEST_STREAM, f"ingest.{_other().ref}.{NUID}"),  # another instance's blob
+        (subjects.INGEST_STREAM, f"ingest.{_instance(sha256='f' * 64).ref}.{NUID}"),  # digest
+        (subjects.INGEST_STREAM, f"ingest.{_instance().ref}"),
+        (subjects.INGEST_STREAM, f"ingest.{_instance().ref}.{NUID}.x"),
+        (subjects.INGEST_STREAM, f"ingest.1.2.3.4.{SHA[:16]}"),  # the old, identifying form
+        (subjects.INGEST_STREAM, f"index.{_instance().ref}.{NUID}"),
+        (subjects.SEALED_STREAM, f"ingest.{_instance().ref}.{NUID}"),
+        (subjects.SEALED_STREAM, f"sealed.{_instance().ref}.{NUID}.x"),
     ],
 )
 def test_a_blob_outside_the_prefix_or_of_another_instance_is_refused(
@@ -214,7 +224,7 @@ def test_a_blob_outside_the_prefix_or_of_another_instance_is_refused(
 
 
 def test_a_blob_body_with_a_payload_is_refused() -> None:
-    instance = _instance().with_body(BodyKind.BLOB, f"ingest.1.2.3.4.{SHA[:16]}")
+    instance = _instance().with_body(BodyKind.BLOB, blob_name("ingest", _instance()))
     with pytest.raises(ContractViolation, match="empty payload"):
         check_delivery(subjects.INGEST_STREAM, instance.headers(), b"x")
 

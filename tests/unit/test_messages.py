@@ -7,6 +7,7 @@ import pytest
 from dicomflow.shared import subjects
 from dicomflow.shared.errors import ContractViolation
 from dicomflow.shared.messages import BodyKind, Instance, parse
+from dicomflow.shared.transport import blob_name
 
 SHA = "ab" * 32
 
@@ -34,7 +35,7 @@ def test_round_trip_inline_and_sealed_blob() -> None:
     sealed = (
         inst.sealed(7, 1320, "cd" * 32)
         .signed("ef" * 8, "01" * 64)
-        .with_body(BodyKind.BLOB, "sealed.1.2.3.4.abababab")
+        .with_body(BodyKind.BLOB, blob_name("sealed", inst))
     )
     assert parse(sealed.headers(), sealed=True, signed=True) == sealed
     assert (
