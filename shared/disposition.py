@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from dicomflow.shared.errors import EnvelopeError, PermanentError
+from dicomflow.shared.redact import redact
 from dicomflow.shared.settings import ConsumerSettings
 
 
@@ -37,7 +38,7 @@ ACK = Disposition(Action.ACK)
 def decide(exc: BaseException | None, delivered: int, consumer: ConsumerSettings) -> Disposition:
     if exc is None:
         return ACK
-    reason = f"{type(exc).__name__}: {exc}"
+    reason = redact(f"{type(exc).__name__}: {exc}")  # reasons rest in the DLQ: no UIDs
     if isinstance(exc, PermanentError | EnvelopeError):
         return Disposition(Action.DEAD_LETTER, reason=reason)
     if delivered >= consumer.max_deliver:

@@ -1,4 +1,5 @@
-"""Structured JSON logs on stderr. Callers log identities by kind, never patient data."""
+"""Structured JSON logs on stderr. Callers log identities by kind, never patient data;
+what slips through anyway (a UID in a library's error text) is redacted on the way out."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 import time
 
 from pynetdicom import _config as pynetdicom_config
+
+from dicomflow.shared.redact import RedactingFilter
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,12 +29,15 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # set by RedactingFilter, already redacted
+            entry["exc"] = record.exc_text
         return json.dumps(entry)
 
 
 def setup(service: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
+    handler.addFilter(RedactingFilter())  # no UID reaches the log, whoever logs it
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
