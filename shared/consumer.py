@@ -7,7 +7,10 @@ the ack went through: that is where consumed blobs are deleted.
 
 Dead-lettering publishes the original headers and body to ``dicomflow.dlq.<stage>``
 with the reason, and only then terminates the original: a dead-letter publish that
-fails is tried again until it goes through, so nothing is lost in between.
+fails is tried again until it goes through, so nothing is lost in between. A stage
+whose input is plaintext gives a ``letter`` hook that turns the message into what is
+dead-lettered instead (the encryptor seals it: ``Letter``), and whose ``after`` step
+runs once the original is terminated (deleting the plaintext blob).
 
 A failure for want of NATS or storage (``BrokerUnavailable``, ``StorageUnavailable``)
 is first tried again in place for ``consumer.outage_grace`` seconds (``_ride_out``):
@@ -26,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from nats.aio.msg import Msg
@@ -62,6 +66,41 @@ H_DLQ_STAGE = "Dicomflow-Dlq-Stage"
 H_DLQ_SUBJECT = "Dicomflow-Dlq-Subject"
 H_DLQ_DELIVERIES = "Dicomflow-Dlq-Deliveries"
 H_DLQ_STREAM_SEQ = "Dicomflow-Dlq-Stream-Seq"
+# What a letter's body is, when a ``letter`` hook changed it: "sealed" (the headers are
+# then those of a signed SEALED message) or "dropped" (headers only; the reason says why).
+H_DLQ_BODY = "Dicomflow-Dlq-Body"
+DLQ_HEADERS = (
+    H_DLQ_REASON,
+    H_DLQ_STAGE,
+    H_DLQ_SUBJECT,
+    H_DLQ_DELIVERIES,
+    H_DLQ_STREAM_SEQ,
+    H_DLQ_BODY,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Letter:
+    """What a stage's ``letter`` hook dead-letters in place of the message it consumed:
+    ``headers`` and ``data`` replace the original's, ``note`` is added to the reason,
+    and ``after`` runs once the original was terminated (best effort)."""
+
+    headers: dict[str, str]
+    data: bytes
+    note: str = ""
+    after: AfterAck | None = None
+
+
+LetterHook = Callable[[Msg], Awaitable[Letter]]
+
+
+def dropped(headers: dict[str, str], note: str, after: AfterAck | None = None) -> Letter:
+    """A headers-only letter: no body, and no blob named (the sweeper may then remove a
+    blob no other message names)."""
+    kept = {k: v for k, v in headers.items() if k != messages.H_BLOB}
+    kept[H_DLQ_BODY] = "dropped"
+    return Letter(kept, b"", note, after)
+
 
 OUTAGES = (BrokerUnavailable, StorageUnavailable)  # retried in place (``_ride_out``)
 LAG_INTERVAL = 5.0
@@ -80,11 +119,14 @@ class Consumer:
         settings: ConsumerSettings,
         telemetry: Telemetry,
         gate: Gate | None = None,
+        letter: LetterHook | None = None,
     ) -> None:
         """``gate``, if given, is awaited (with the stop event) before every fetch: while
-        it holds, messages stay in the stream, spending none of their deliveries."""
+        it holds, messages stay in the stream, spending none of their deliveries.
+        ``letter``, if given, makes what is dead-lettered from each message (``Letter``)."""
         self._js = js
         self._gate = gate
+        self._letter = letter
         self._stage = stage
         self._stream = stream
         self._durable = durable
@@ -216,13 +258,15 @@ class Consumer:
                 # Not settled, a message on its last delivery would get none to come and
                 # stay in the stream unacknowledged: ride out an outage for as long as it
                 # lasts (until the stage stops).
-                await self._ride_out(
+                after = await self._ride_out(
                     stop,
                     "dead-lettering",
                     lambda: self._dead_letter(msg, outcome.reason, delivered, extra),
                     grace=None,
                 )
                 await msg.term()
+                if after is not None:
+                    await after()
                 permanent = isinstance(error, PermanentError | EnvelopeError)
                 kind = "permanent" if permanent else "exhausted"
                 self._metrics.dead_letters.labels(self._stage, kind).inc()
@@ -268,9 +312,26 @@ class Consumer:
 
     async def _dead_letter(
         self, msg: Msg, reason: str, delivered: int, extra: dict[str, str]
-    ) -> None:
+    ) -> AfterAck | None:
+        """Publish the dead letter; return the ``letter`` hook's ``after`` step."""
         log.error("%s: dead-lettering message: %s", self._stage, reason)
         headers = dict(msg.headers or {})
+        data = msg.data
+        after: AfterAck | None = None
+        if self._letter is not None:
+            try:
+                letter = await self._letter(msg)
+            except OUTAGES:
+                raise  # ridden out: tried again
+            except Exception as exc:  # noqa: BLE001 (the body is dropped, never kept as it was)
+                log.error(  # the type only: an error's text may name the instance
+                    "%s: the dead-letter hook failed (%s); the body is dropped",
+                    self._stage,
+                    type(exc).__name__,
+                )
+                letter = dropped(headers, f"body not kept: {type(exc).__name__}")
+            headers, data, after = dict(letter.headers), letter.data, letter.after
+            reason = f"{reason}; {letter.note}" if letter.note else reason
         headers.pop("Nats-Msg-Id", None)
         seq = msg.metadata.sequence.stream
         headers.update(
@@ -286,10 +347,11 @@ class Consumer:
         )
         try:
             await self._js.publish(
-                subjects.dlq_subject(self._stage), msg.data, headers=headers, timeout=10.0
+                subjects.dlq_subject(self._stage), data, headers=headers, timeout=10.0
             )
         except (NatsError, TimeoutError) as exc:
             raise BrokerUnavailable(f"dead-letter publish failed: {exc!r}") from exc
+        return after
 
     async def _watch_lag(self, stop: asyncio.Event) -> None:
         """Export the durable consumer's pending and unacknowledged counts (its lag)."""

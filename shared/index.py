@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -24,6 +26,8 @@ from nats.js.kv import KeyValue
 
 from dicomflow.shared import subjects
 from dicomflow.shared.errors import BrokerUnavailable, StoreError
+
+log = logging.getLogger(__name__)
 
 _LISTING_STALL = 30.0  # seconds without a message before a listing is declared stalled
 _REMOVED = ("DEL", "PURGE")
@@ -59,8 +63,10 @@ class Record:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Record:
+        """Parse a record, checking every field's type (a record may have been written
+        by someone else than a store writer): StoreError when it is off."""
         try:
-            data = json.loads(raw)
+            data = _typed(json.loads(raw))
             data["state"] = State(data["state"])
             return cls(**data)
         except (ValueError, TypeError, KeyError) as exc:
@@ -68,6 +74,30 @@ class Record:
 
     def stored(self, at: str) -> Record:
         return replace(self, state=State.STORED, stored_at=at)
+
+
+_FIELD_TYPES: dict[str, type] = {
+    f.name: int if f.type in ("int", int) else str for f in fields(Record)
+}
+
+
+def _typed(data: object) -> dict[str, Any]:
+    """``data`` if it is an object whose known fields have their Record types."""
+    if not isinstance(data, dict):
+        raise TypeError("not a JSON object")
+    for name, kind in _FIELD_TYPES.items():
+        value = data.get(name, kind())
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"field {name} is not {kind.__name__}")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A key whose record could not be read as a Record (``problem`` says why)."""
+
+    key: str
+    problem: str
 
 
 class Conflict(Exception):
@@ -163,8 +193,26 @@ class Index:
             with contextlib.suppress(NatsError):  # else it expires (inactive_threshold)
                 await sub.unsubscribe()
 
-    async def records(self) -> AsyncIterator[Record]:
+    async def entries(self) -> AsyncIterator[Record | Malformed]:
+        """Every record, and a ``Malformed`` in place of each one that is not readable:
+        one bad record does not stop a listing."""
         for key in await self.keys():
-            found = await self.get(key)
+            try:
+                found = await self.get(key)
+            except StoreError as exc:
+                yield Malformed(key, str(exc))
+                continue
             if found is not None:
                 yield found[0]
+
+    async def records(self) -> AsyncIterator[Record]:
+        """Every readable record; malformed ones are skipped with a warning (their count,
+        not their keys, which are SOP Instance UIDs)."""
+        skipped = 0
+        async for entry in self.entries():
+            if isinstance(entry, Malformed):
+                skipped += 1
+            else:
+                yield entry
+        if skipped:
+            log.warning("skipped %d malformed index record(s); `dicomflow ls` names them", skipped)

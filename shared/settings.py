@@ -92,6 +92,17 @@ class NatsSettings(Section):
     blob_max_bytes: int = Field(
         default=8 * 1024**3, gt=0, description="bound of each of the two blob buckets"
     )
+    dlq_max_age: float = Field(
+        default=30 * 24 * 3600.0,
+        gt=0,
+        description="seconds a dead letter is kept before JetStream removes it",
+    )
+    dlq_max_bytes: int = Field(
+        default=1024**3,
+        gt=0,
+        description="bound of the DLQ stream (discard new: a full DLQ holds the stage's "
+        "message instead of losing a letter)",
+    )
     duplicate_window: float = Field(default=120.0, gt=0)
     blob_sweep_interval: float = Field(default=300.0, gt=0)
     blob_orphan_grace: float = Field(

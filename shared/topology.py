@@ -18,7 +18,13 @@ Retention is chosen per stream:
   with ``migrate`` (``dicomflow topology`` and ``dicomflow up``, which run before the
   stages) re-creates it when it is empty, and says how to empty it when it is not.
 - EVENTS keeps ``dicom.stored`` events for a week for downstream consumers.
-- DLQ keeps dead-lettered messages (with their reason) until an operator acts.
+- DLQ keeps dead-lettered messages (with their reason) until an operator replays or
+  purges them, for at most ``nats.dlq_max_age`` (30 days), within ``nats.dlq_max_bytes``
+  with discard-new: a full DLQ refuses a new letter, and the stage keeps that message
+  (riding the refusal out as an outage, its input backing up) rather than have
+  JetStream drop the oldest letters unseen. No plaintext rests in it: the encryptor
+  seals what it dead-letters (``consumer.Letter``). ``ensure`` updates an existing DLQ
+  stream to these bounds in place.
 - DELIVERY holds scu_gateway delivery requests (headers only, one per instance and
   destination) until the destination's consumer acks them: a work queue whose
   consumers each filter one destination's subject.
@@ -78,7 +84,14 @@ def stream_configs(nats: NatsSettings) -> list[StreamConfig]:
             subjects.EVENTS_STREAM, subjects.STORED_PREFIX, RetentionPolicy.LIMITS, max_age=WEEK
         ),
         stream(subjects.DELIVERY_STREAM, subjects.DELIVER_PREFIX, RetentionPolicy.WORK_QUEUE),
-        stream(subjects.DLQ_STREAM, subjects.DLQ_PREFIX, RetentionPolicy.LIMITS),
+        stream(
+            subjects.DLQ_STREAM,
+            subjects.DLQ_PREFIX,
+            RetentionPolicy.LIMITS,
+            max_age=nats.dlq_max_age,
+            max_bytes=nats.dlq_max_bytes,
+            discard=DiscardPolicy.NEW,
+        ),
     ]
 
 

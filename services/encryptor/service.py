@@ -5,12 +5,19 @@ gateway's size and SHA-256 (a mismatch is a contract violation: dead-lettered, n
 published), seal it under the current master key, publish the envelope to SEALED, and
 only then ack. An inline body is sealed in memory; a blob is sealed chunk by chunk from
 the plaintext bucket into the sealed one. The consumed blob is deleted after the ack.
+
+A message that is dead-lettered is sealed first (``dead_letter``): the DLQ keeps a
+signed SEALED message, which `dicomflow dlq replay` republishes onto SEALED, and the
+plaintext blob is deleted. A body that cannot be sealed as the instance it claims to be
+(headers off, blob gone, bytes not matching the gateway's digest) is not kept at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import io
 import logging
 from collections.abc import AsyncGenerator
 
@@ -19,10 +26,10 @@ from nats.js import JetStreamContext
 
 from dicomflow.encryptor.sealing import HashingSealer, seal_and_hash
 from dicomflow.shared import blobsweeper, messages, natsconn, subjects, topology
-from dicomflow.shared.consumer import AfterAck, Consumer
+from dicomflow.shared.consumer import H_DLQ_BODY, AfterAck, Consumer, Letter, dropped
 from dicomflow.shared.envelope import OVERHEAD
 from dicomflow.shared.errors import ContractViolation
-from dicomflow.shared.keyring import KeyRing
+from dicomflow.shared.keyring import KeyRing, MasterKey
 from dicomflow.shared.messages import SEALED_BLOB_PREFIX, BodyKind, Instance
 from dicomflow.shared.sealsign import SealSigner
 from dicomflow.shared.settings import EncryptorSettings
@@ -99,12 +106,75 @@ class Encryptor:
         out = self._signed(instance, key.key_id, sealed_size, sealed_sha256)
         await self._transport.publish_blob(subject, out, name)
 
+    async def dead_letter(self, msg: Msg) -> Letter:
+        """What the DLQ keeps of an INGEST message instead of its plaintext: the instance
+        sealed under the current key and signed, as the encryptor would have published
+        it to SEALED (the consumer's ``letter`` hook). Its plaintext blob is deleted once
+        the letter is in the DLQ. Kept as a separate step from ``handle``: it runs only
+        for a message that failed, and publishes nothing to SEALED."""
+        headers = dict(msg.headers or {})
+        try:
+            instance = messages.parse(msg.headers)
+        except ContractViolation:
+            return dropped(headers, "body not kept: its headers break the contract")
+        delete_plain = functools.partial(self._transport.delete_blob, instance)
+        key = self._keyring.current
+        try:
+            if instance.body is BodyKind.BLOB:
+                sealed, data = await self._seal_blob_for_letter(instance, key), b""
+            else:
+                sealed, data = await self._seal_inline_for_letter(msg, instance, key)
+        except _Unsealable as exc:
+            return dropped(headers, f"body not kept: {exc}", delete_plain)
+        out = {**sealed.headers(), H_DLQ_BODY: "sealed"}
+        return Letter(out, data, f"body sealed under master key {sealed.key_id}", delete_plain)
+
+    async def _seal_inline_for_letter(
+        self, msg: Msg, instance: Instance, key: MasterKey
+    ) -> tuple[Instance, bytes]:
+        sealed_file = io.BytesIO()
+        result = await asyncio.to_thread(seal_and_hash, key, io.BytesIO(msg.data), sealed_file)
+        try:
+            _check_plaintext(instance, result.plaintext_size, result.plaintext_sha256)
+        except ContractViolation as exc:
+            raise _Unsealable(str(exc)) from None
+        out = self._signed(instance, key.key_id, result.sealed_size, result.sealed_sha256)
+        return out, sealed_file.getvalue()
+
+    async def _seal_blob_for_letter(self, instance: Instance, key: MasterKey) -> Instance:
+        sealer = HashingSealer(key)
+
+        async def sealed_pieces() -> AsyncGenerator[bytes, None]:
+            yield sealer.prefix
+            chunks = self._transport.blob_chunks(instance)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield await asyncio.to_thread(sealer.update, chunk)
+            yield sealer.finalize()
+
+        name = blob_name(SEALED_BLOB_PREFIX, instance)
+        try:
+            sealed_size, sealed_sha256 = await self._transport.put_blob(name, sealed_pieces())
+        except ContractViolation:
+            raise _Unsealable("its plaintext blob is missing") from None
+        try:
+            _check_plaintext(instance, sealer.size, sealer.plaintext_sha256)
+        except ContractViolation as exc:
+            await self._transport.delete_blob_named(name)
+            raise _Unsealable(str(exc)) from None
+        out = self._signed(instance, key.key_id, sealed_size, sealed_sha256)
+        return out.with_body(BodyKind.BLOB, name)
+
     def _signed(
         self, instance: Instance, key_id: int, sealed_size: int, sealed_sha256: str
     ) -> Instance:
         return self._tracing.propagate(
             self._signer.sign(instance.sealed(key_id, sealed_size, sealed_sha256))
         )
+
+
+class _Unsealable(Exception):
+    """The body cannot be sealed as the instance its headers describe."""
 
 
 def _check_plaintext(instance: Instance, size: int, sha256: str) -> None:
@@ -140,6 +210,7 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Tel
             handler=encryptor.handle,
             settings=settings.consumer,
             telemetry=telemetry,
+            letter=encryptor.dead_letter,
         )
         telemetry.readiness.started()
         await blobsweeper.consume_and_sweep(js, consumer, settings.nats, stop)

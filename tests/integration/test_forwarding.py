@@ -233,7 +233,7 @@ def test_rejecting_destination_dead_letters_then_replay_and_send_study(
 def _letters(pipeline: Pipeline, count: int) -> list[dict[str, Any]]:
     out = pipeline.cli("dlq", "ls", "--json")
     assert out.returncode == 0, out.stderr
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
     return rows if len(rows) == count else []
 
 

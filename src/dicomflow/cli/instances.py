@@ -18,7 +18,7 @@ from dicomflow.shared.errors import (
     ObjectMissing,
     StoreError,
 )
-from dicomflow.shared.index import Record, State
+from dicomflow.shared.index import Malformed, Record, State
 from dicomflow.shared.settings import ReaderSettings
 
 
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "ls",
         help="list stored instances",
         description="List the instances in the index, one per line.",
+        epilog="A malformed index record is named on stderr, not listed, and the exit code is 1.",
     )
     add_settings_options(ls)
     ls.add_argument("--json", action="store_true", help="one JSON record per line")
@@ -57,7 +58,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="check that every stored object decrypts and matches the index",
         description=(
             "Decrypt every stored object (tag verified) and compare its SHA-256 with the "
-            "index. Prints one line per failure and a summary; exits 1 if anything fails."
+            "index. Prints one line per failure or malformed index record and a summary; "
+            "exits 1 if anything fails."
         ),
     )
     add_settings_options(verify)
@@ -67,8 +69,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 async def _ls(args: argparse.Namespace) -> int:
     settings = settings_from(args, ReaderSettings)
     async with open_reader(settings, decrypt=False) as reader:
-        count = 0
-        async for record in reader.index.records():
+        count = malformed = 0
+        async for record in reader.index.entries():
+            if isinstance(record, Malformed):
+                malformed += 1
+                print(f"malformed index record {record.key}: {record.problem}", file=sys.stderr)
+                continue
             if args.json:
                 print(record.to_json().decode())
             else:
@@ -79,6 +85,9 @@ async def _ls(args: argparse.Namespace) -> int:
             count += 1
     if not args.json:
         print(f"{count} instance(s)", file=sys.stderr)
+    if malformed:
+        print(f"{malformed} malformed index record(s), not listed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -97,10 +106,14 @@ async def _get(args: argparse.Namespace) -> int:
 
 async def _verify(args: argparse.Namespace) -> int:
     settings = settings_from(args, ReaderSettings)
-    ok = failed = pending = 0
+    ok = failed = pending = malformed = 0
     async with open_reader(settings) as reader:
         with tempfile.TemporaryDirectory(prefix="dicomflow-verify-") as tmp:
-            async for record in reader.index.records():
+            async for record in reader.index.entries():
+                if isinstance(record, Malformed):
+                    malformed += 1
+                    print(f"MALFORMED {record.key}: {record.problem}")
+                    continue
                 if record.state is not State.STORED:
                     pending += 1
                     continue
@@ -110,9 +123,9 @@ async def _verify(args: argparse.Namespace) -> int:
                     print(f"FAIL {record.sop_instance_uid}: {problem}")
                 else:
                     ok += 1
-    summary = {"verified": ok, "failed": failed, "pending": pending}
+    summary = {"verified": ok, "failed": failed, "pending": pending, "malformed": malformed}
     print(json.dumps(summary))
-    return 1 if failed else 0
+    return 1 if failed or malformed else 0
 
 
 async def _check(reader: Reader, record: Record, out: Path) -> str:

@@ -8,6 +8,8 @@ dicomflow's typed errors to one line on stderr and an exit code, in one place.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ from dicomflow.shared.errors import ConfigError, DicomflowError
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_SIGPIPE = 128 + signal.SIGPIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+    except BrokenPipeError:
+        return _stdout_closed()
     except ConfigError as exc:
         print(f"dicomflow: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -74,6 +80,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``dicomflow ls | head``): end quietly, with the
+    status a shell reports for a tool killed by SIGPIPE. What is still buffered goes to
+    /dev/null, so the flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_SIGPIPE
 
 
 def run() -> NoReturn:
