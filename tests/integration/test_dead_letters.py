@@ -320,7 +320,7 @@ def test_a_letter_without_its_body_is_refused_by_replay(
     header_only = {**_event_headers(), messages.H_BODY: "blob"}
     del header_only[messages.H_OBJECT_KEY], header_only[messages.H_KEY_ID]
     del header_only[messages.H_SEALED_SIZE]
-    header_only[messages.H_BLOB] = f"ingest.{UID}.{SHA[:16]}"
+    header_only[messages.H_BLOB] = f"ingest.{messages.reference(UID, SHA)}.{'A' * 22}"
     pipeline = Pipeline(
         tmp_path / "p",
         nats_server,
