@@ -1,6 +1,6 @@
 """The "A1" envelope of the Orthanc object-storage plugins, byte for byte.
 
-Normative spec: ``docs/ENCRYPTION-A1.md``. Layout::
+Normative spec: ``docs/encryption-format.md``. Layout::
 
     "A1" | key_id u32le | EIV (32) | EDEK (32) | AES-256-GCM ciphertext (n) | tag (16)
 

@@ -1,6 +1,6 @@
 """Object names in the bucket, compatible with the Orthanc object-storage plugins.
 
-``flat`` and ``legacy`` follow the plugins' rules exactly (``docs/ENCRYPTION-A1.md``) so
+``flat`` and ``legacy`` follow the plugins' rules exactly (``docs/encryption-format.md``) so
 that either side can find the other's objects; ``hierarchical`` is dicomflow's own,
 readable by humans. Names are deterministic in the SOP Instance UID, so a redelivered
 message overwrites (or is detected as a duplicate of) the same object instead of

@@ -1,4 +1,4 @@
-"""After a fault run has drained: the figures of RELIABILITY.md, and its L1, L2, L4, L5.
+"""After a fault run has drained: the figures of docs/reliability.md, and its L1, L2, L4, L5.
 
 Every object in storage is read back and decrypted with the real envelope code (tag
 verified), its SOP Instance UID read from the plaintext and the SHA-256 of its dataset
@@ -122,7 +122,7 @@ def check(
     report.success, report.failed, report.unknown = counts[SUCCESS], counts[FAILED], counts[UNKNOWN]
     report.failure_codes = ledger.failure_codes()
 
-    if given_up:  # RELIABILITY.md: services recover once the fault is gone
+    if given_up:  # docs/reliability.md: services recover once the fault is gone
         report.problems.append(
             f"recovery: {len(given_up)} instance(s) never answered Success by the time the "
             "sender gave up retrying, after the faults had stopped"

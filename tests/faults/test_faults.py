@@ -1,4 +1,4 @@
-"""RELIABILITY.md's L1-L5 under faults, with a ledger-keeping sender (marker ``faults``).
+"""docs/reliability.md's L1-L5 under faults, with a ledger-keeping sender (marker ``faults``).
 
 Each scenario drives load from several parallel associations for ``DICOMFLOW_FAULT_MINUTES``
 (short by default; ``scripts/faults`` runs them longer), injects its faults on a

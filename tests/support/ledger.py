@@ -1,4 +1,4 @@
-"""A ledger-keeping DICOM sender (RELIABILITY.md): one row per C-STORE it attempted.
+"""A ledger-keeping DICOM sender (docs/reliability.md): one row per C-STORE it attempted.
 
 Worker threads each act like a modality: they make CT-like instances, send them over
 real DICOM associations (pynetdicom, in process) to the scp-gateway, and record for every
