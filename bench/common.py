@@ -39,6 +39,16 @@ DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")  # Debian's DCMTK leaves Nagle on 
 CALLING_AE = "STORESCU"
 MIB = 1024 * 1024
 
+# Compare like with like: what a Success answered by each target survives, as the
+# benchmarks run it. dicomflow's nats-server runs as `dicomflow up` runs it.
+NATS_SYNC_INTERVAL = "always"
+DURABILITY = {
+    "storescp": "a crash of storescp, NOT a power cut: it writes files without fsync",
+    "orthanc": "a power cut: SyncStorageArea true (its default) fsyncs each file it stores",
+    "dicomflow": "a power cut: nats-server with sync_interval always fsyncs before the "
+    "acknowledgement the gateway answers Success on (as `dicomflow up` runs it)",
+}
+
 LOG_CONFIG = """\
 log4cplus.rootLogger = INFO, file
 log4cplus.appender.file = log4cplus::FileAppender

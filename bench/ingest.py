@@ -6,8 +6,11 @@ Explicit VR Little Endian; the second set has new UIDs), then sends, with DCMTK'
 (four storescu processes) to each target:
 
 * ``storescp``: DCMTK's storescp writing files to a folder (``--fork`` for 4 associations);
-* ``orthanc``: Orthanc with its default SQLite index and filesystem storage;
-* ``dicomflow``: scp-gateway -> NATS JetStream -> encryptor -> store-writer, local storage.
+  it does not fsync them, so its Success does not survive a power cut;
+* ``orthanc``: Orthanc with its default SQLite index and filesystem storage, fsyncing
+  each stored file (``SyncStorageArea``, its default, stated in the config);
+* ``dicomflow``: scp-gateway -> NATS JetStream -> encryptor -> store-writer, local storage;
+  nats-server with ``sync_interval: always`` (fsync before acknowledging), as ``up`` runs it.
 
 Every target gets a fresh server (fresh folders) per run, all on 127.0.0.1. Times come
 from storescu's own log, timestamped to the microsecond through a DCMTK log config: the
@@ -42,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     DCMTK_ENV,
+    DURABILITY,
     MIB,
+    NATS_SYNC_INTERVAL,
     REPO,
     STORESCP,
     STORESCU,
@@ -118,6 +123,7 @@ def run_orthanc(files: list[Made], associations: int, work: Path) -> dict[str, A
         "AuthenticationEnabled": False,
         "HttpServerEnabled": True,
         "Plugins": [],
+        "SyncStorageArea": True,  # Orthanc's default, stated: fsync each stored file
     }
     config_path = work / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
@@ -165,7 +171,7 @@ def run_orthanc(files: list[Made], associations: int, work: Path) -> dict[str, A
 def run_dicomflow(
     files: list[Made], associations: int, work: Path, timeout: float
 ) -> dict[str, Any]:
-    server = NatsServer(work / "nats")
+    server = NatsServer(work / "nats", sync_interval=NATS_SYNC_INTERVAL)
     pipeline: Pipeline | None = None
     listener: StoredListener | None = None
     sampler: MemorySampler | None = None
@@ -290,6 +296,7 @@ def summarize(
         }
         raw.pop("last_stored_at_index", None)
     result.update(raw)
+    result["success_survives"] = DURABILITY[target]
     result["ok"] = (
         ok_statuses == count
         and result["confirmed"] == count
@@ -326,6 +333,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f"   (stored at ack: {e['stored_when_storescu_done']}/{r['images']},"
                 f" drain {e['drain_after_storescu_done_s']} s)"
             )
+    print("\nWhat a Success survives (compare like with like):")
+    for target in dict.fromkeys(r["target"] for r in results):
+        print(f"  {target:<10} {DURABILITY[target]}")
     print("\nPeak RSS (VmHWM, MiB):")
     for r in results:
         parts = ", ".join(f"{k} {v}" for k, v in r["memory_mib"].items())
@@ -449,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sets": "set A for 1 association, set B (new UIDs) for 4; same sets for all",
                 "servers": "fresh server and folders per run, 127.0.0.1",
                 "tcp_nodelay": "TCP_NODELAY=1 in the environment of storescu, storescp, Orthanc",
+                "success_survives": {t: DURABILITY[t] for t in targets},
             },
             "results": results,
             "ratios_images_per_s": ratios(results),

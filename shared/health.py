@@ -4,8 +4,9 @@
 - ``GET /readyz``: 200 while every readiness check passed on its last run, 503 with the
   failing checks otherwise. Checks run in the background every ``readiness_interval``
   seconds (NATS connected; object storage reachable, for the stages that use it), so
-  a probe never waits on a slow dependency. A service is not ready before it said it
-  has started (topology set up) nor once it is draining.
+  a probe never waits on a slow dependency, and at once when the service says it has
+  started (topology set up), so it is ready as soon as it works, not one interval
+  later. A service is not ready before it started nor once it is draining.
 - ``GET /metrics``: the service's registry in the Prometheus text format.
 """
 
@@ -39,6 +40,7 @@ class Readiness:
         self._checks: dict[str, Check] = {}
         self._results: dict[str, bool] = {"started": False}
         self._draining = False
+        self._wake = asyncio.Event()  # set by ``started``: run the checks now
         metrics.check_ok.labels(metrics.service, "started").set(0)
 
     def add(self, name: str, check: Check) -> None:
@@ -70,6 +72,7 @@ class Readiness:
 
     def started(self) -> None:
         self._set("started", ok=True)
+        self._wake.set()  # the checks it added (NATS, storage) run now, not an interval later
 
     def draining(self) -> None:
         self._draining = True
@@ -97,10 +100,19 @@ class Readiness:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self._wake.clear()
             await self.refresh()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._interval)
+            await self._pause(stop)
         self.draining()
+
+    async def _pause(self, stop: asyncio.Event) -> None:
+        """Until the interval passed, ``stop`` is set or ``started`` wakes the checks."""
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
+        try:
+            await asyncio.wait(waits, timeout=self._interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def _set(self, name: str, *, ok: bool) -> None:
         self._results[name] = ok

@@ -3,6 +3,8 @@
 A service is an ``async`` function that runs until the ``stop`` event is set and then
 returns after finishing its in-flight work. SIGTERM and SIGINT set the event; a second
 signal exits at once. Exit codes: 0 clean stop, 2 configuration error, 1 anything else.
+The codes are a contract: `dicomflow up` restarts a stage that exited 1 (or on a signal)
+and stops, naming the stage and its error, when one exits 2 (retrying cannot help).
 
 The runner creates the service's ``Telemetry`` (a metrics registry of its own,
 readiness checks, a tracer) and serves /metrics, /livez and /readyz on
@@ -71,7 +73,7 @@ async def _main(name: str, service: Service, settings: ServiceSettings) -> None:
         raise ConfigError(
             f"cannot serve metrics on {settings.telemetry.metrics_host}:"
             f"{settings.telemetry.metrics_port} ({exc.strerror}); set telemetry.metrics_port "
-            "(0 picks a free port)"
+            "(dicomflow up: --metrics-port; 0 picks a free port)"
         ) from exc
     log.info(
         "%s starting; metrics and probes on http://%s:%d (/metrics, /livez, /readyz)",

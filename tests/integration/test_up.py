@@ -2,86 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from support.dicomfiles import ct_series, dataset_bytes
 from support.orthanc import Orthanc
-from support.pipeline import STORESCU
 from support.servers import free_port, wait_for, wait_for_port
+from support.up import cli as _cli
+from support.up import send as _send
+from support.up import start as _up
+from support.up import stop as _stop
+from support.up import wait_listed as _wait_listed
 
 pytestmark = pytest.mark.integration
-
-
-def _up(data: Path, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dicomflow",
-                "up",
-                "--data-dir",
-                str(data),
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                "--allow-ae",
-                "CT01",
-                "--metrics-port",
-                "0",
-                *extra,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomflow", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def _send(port: int, path: Path, calling: str = "CT01") -> str:
-    done = subprocess.run(
-        [STORESCU, "-v", "-aet", calling, "-aec", "DICOMFLOW", "127.0.0.1", str(port), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=dict(os.environ, TCP_NODELAY="1"),
-    )
-    return done.stdout + done.stderr
-
-
-def _wait_listed(data: Path, uid: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        listed = _cli("ls", "--data-dir", str(data)).stdout
-        if uid in listed and "stored" in listed:
-            return listed
-        time.sleep(0.5)
-    raise AssertionError(f"{uid} not stored")
-
-
-def _stop(proc: subprocess.Popen[bytes], *, twice: bool = False) -> int:
-    proc.send_signal(signal.SIGTERM)
-    if twice:  # Ctrl-C pressed again and again, a supervisor's TERM: must never hang
-        for _ in range(500):
-            proc.send_signal(signal.SIGINT)
-    return proc.wait(timeout=90)
 
 
 def test_up_stores_reads_back_stops_cleanly_and_resumes(tmp_path: Path) -> None:

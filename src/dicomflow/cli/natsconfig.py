@@ -81,13 +81,15 @@ def write_bundle(
     mtls: bool = False,
     hosts: list[str] | None = None,
     max_payload: int | None = None,
+    sync_interval: str | None = None,
     reuse: bool = False,
     force: bool = False,
 ) -> dict[str, str]:
     """Write the bundle; return ``{user: public key}``.
 
     ``reuse`` keeps existing seeds and certificates (``up`` on its data dir); otherwise
-    existing credentials are refused unless ``force``.
+    existing credentials are refused unless ``force``. ``sync_interval``: JetStream's
+    (``natsauth.server_config``).
     """
     tls = tls or mtls
     existing = [p for p in (*map(bundle.seed, natsauth.USERS), bundle.ca) if p.exists()]
@@ -112,7 +114,9 @@ def write_bundle(
         _write_tls(bundle, hosts or ["localhost", "127.0.0.1"], mtls, reuse) if tls else None
     )
     bundle.server_config.write_text(
-        natsauth.server_config(keys, max_payload=max_payload, tls=server_tls)
+        natsauth.server_config(
+            keys, max_payload=max_payload, tls=server_tls, sync_interval=sync_interval
+        )
     )
     _write_k8s(bundle, keys, tls=tls, mtls=mtls)
     return keys

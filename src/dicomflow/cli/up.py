@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from dicomflow.cli import topology
 from dicomflow.cli.natsconfig import Bundle, write_bundle
+from dicomflow.embedded.datalock import DataDirLock
 from dicomflow.embedded.layout import DataDir, to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
@@ -32,6 +33,12 @@ MANAGE_TOPOLOGY_ENV = "DICOMFLOW_NATS__MANAGE_TOPOLOGY"
 CERT_ENV = "DICOMFLOW_NATS__TLS__CERT_FILE"
 KEY_ENV = "DICOMFLOW_NATS__TLS__KEY_FILE"
 DEFAULT_CALLING_AE = "STORESCU"  # DCMTK storescu's default calling AE title
+# First of the stages' loopback metrics ports: above DICOM's 11112, clear of Prometheus
+# (9090-9093), its exporters (9100-9999), Grafana (3000), memcached (11211) and Linux's
+# ephemeral ports (32768-60999).
+DEFAULT_METRICS_PORT = 11190
+# JetStream fsyncs before it acknowledges: a Success survives a power cut of the machine.
+NATS_SYNC_INTERVAL = "always"
 
 WARNING = """
 ************************************************************************************
@@ -80,7 +87,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "every stored instance on to DICOM peers. Creates a development master key and a "
             "signing key pair (the encryptor signs what it seals, the store-writer checks) "
             "under DIR/keys if none is configured. Ctrl-C or SIGTERM stops everything cleanly; "
-            "running `up` again on the same DIR resumes where it stopped."
+            "running `up` again on the same DIR resumes where it stopped; a second `up` on a DIR "
+            "that one is running on refuses to start. If `up` is killed, its nats-server and "
+            "stages end with it (Linux). A stage that exits on a configuration error stops "
+            "`up` with that error; one that crashes is restarted with backoff."
         ),
     )
     parser.add_argument(
@@ -113,12 +123,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=9090,
+        default=DEFAULT_METRICS_PORT,
         metavar="PORT",
         help="first of the loopback ports serving each stage's /metrics, /livez and /readyz "
         "(one per stage, in the order store-writer, encryptor, scp-gateway, scu-gateway; 0: free "
-        "ports, "
-        "logged by each stage; default: 9090)",
+        f"ports, logged by each stage; default: {DEFAULT_METRICS_PORT})",
     )
     parser.add_argument(
         "--forward",
@@ -149,7 +158,15 @@ def run(args: argparse.Namespace) -> int:
     ScpSettings(ae_title=args.ae_title, allowed_calling_aes=allowed)  # validates AE titles
     scu = forwarding(args.forward, args.ae_title)
     data = DataDir(args.data_dir.resolve())
-    for folder in (data.root, data.objects, data.keys, data.logs):
+    data.root.mkdir(parents=True, exist_ok=True)
+    with DataDirLock(data.lock, data.root):  # before anything in DIR is touched
+        return _run(args, data, allowed, scu)
+
+
+def _run(
+    args: argparse.Namespace, data: DataDir, allowed: list[str], scu: dict[str, object] | None
+) -> int:
+    for folder in (data.objects, data.keys, data.logs):
         folder.mkdir(parents=True, exist_ok=True)
     data.keys.chmod(0o700)
     if not data.dev_key.exists():
@@ -176,9 +193,11 @@ def run(args: argparse.Namespace) -> int:
         mtls=args.nats_tls,
         hosts=["127.0.0.1", "localhost"],
         max_payload=EMBEDDED_MAX_PAYLOAD,
+        sync_interval=NATS_SYNC_INTERVAL,
         reuse=True,
     )
-    nats = NatsServer(data.nats_store, config_file=bundle.server_config).start()
+    # Every child is started from this (the main) thread and ends with this process.
+    nats = NatsServer(data.nats_store, config_file=bundle.server_config, owned=True).start()
     stages: list[StageProcess] = []
     try:
         config = _config(data, nats.url, args, allowed, bundle)
@@ -197,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
                     **stage_credentials(bundle, name, tls=args.nats_tls),
                     METRICS_PORT_ENV: str(_metrics_port(args, name)),
                 },
+                owned=True,
             )
             for name in ((SCU_STAGE,) if scu is not None else ()) + STAGE_ORDER
         ]
@@ -247,6 +267,7 @@ def _config(
             "host": args.host,
             "port": args.port,
             "allowed_calling_aes": allowed,
+            **_spool(data),
         },
         "storage": {"backend": "local", "local_path": data.objects, "layout": "flat"},
         "encryption": {
@@ -256,6 +277,13 @@ def _config(
         },
         "telemetry": {"metrics_host": "127.0.0.1"},
     }
+
+
+def _spool(data: DataDir) -> dict[str, object]:
+    """``scp.spool_dir``: received datasets stay in the data folder, not the system temp."""
+    if "spool_dir" not in ScpSettings.model_fields:  # a gateway without the setting
+        return {}
+    return {"spool_dir": data.spool}
 
 
 def forwarding(specs: list[str], calling_ae: str) -> dict[str, object] | None:

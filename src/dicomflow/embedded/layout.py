@@ -48,6 +48,16 @@ class DataDir:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def spool(self) -> Path:
+        """The scp-gateway's private folder for datasets being received (it creates it 0700)."""
+        return self.root / "spool"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the `up` that runs on this folder, with its PID (``datalock``)."""
+        return self.root / "up.lock"
+
     def existing_config(self) -> Path:
         if not self.config.is_file():
             raise ConfigError(

@@ -4,6 +4,11 @@ The server picks its own free port (``-p -1``); we read it from the "Listening f
 client connections" line and wait for "Server is ready" on stderr, so there is no
 port race and no sleeping. If the process dies first, the error carries its last
 log lines.
+
+JetStream's default ``sync_interval`` flushes its files to disk every two minutes: an
+acknowledged message survives a crash of the process but not a power cut. ``up`` gives
+``sync_interval: always`` (in its generated config file; ``sync_interval`` here without
+one), so the server fsyncs before it acknowledges.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from types import TracebackType
 
-from dicomflow.embedded.process import terminate
+from dicomflow.embedded.process import die_with_parent, terminate
 from dicomflow.shared.errors import ConfigError, DicomflowError
 
 DEFAULT_MEMORY_LIMIT = "256MiB"
@@ -57,7 +62,13 @@ class NatsServer:
         max_payload: int | None = None,
         memory_limit: str | None = DEFAULT_MEMORY_LIMIT,
         extra_args: list[str] | None = None,
+        sync_interval: str | None = None,
+        owned: bool = False,
     ) -> None:
+        """``sync_interval`` (e.g. ``"always"``) applies without ``config_file`` only (a
+        config file states its own); ``owned``: the server is SIGKILLed when this process
+        ends, however it ends (``process.die_with_parent``; start it from the main thread).
+        """
         self.store_dir = store_dir
         self.host = host
         self.port = port
@@ -65,6 +76,8 @@ class NatsServer:
         self._max_payload = max_payload
         self._memory_limit = memory_limit
         self._extra = extra_args or []
+        self._sync_interval = sync_interval
+        self._owned = owned
         self._proc: subprocess.Popen[str] | None = None
         self._lines: deque[str] = deque(maxlen=200)
         self._ready = threading.Event()
@@ -94,10 +107,15 @@ class NatsServer:
         ]
         if self._config_file is not None:
             args += ["-c", str(self._config_file)]
-        elif self._max_payload is not None:
-            # max_payload has no command-line flag; a one-line config file sets it.
+        elif self._max_payload is not None or self._sync_interval is not None:
+            # Neither has a command-line flag; a small config file sets them.
+            lines = []
+            if self._max_payload is not None:
+                lines.append(f"max_payload: {self._max_payload}\n")
+            if self._sync_interval is not None:
+                lines.append(f"jetstream {{\n  sync_interval: {self._sync_interval}\n}}\n")
             config = self.store_dir / "dicomflow-nats.conf"
-            config.write_text(f"max_payload: {self._max_payload}\n")
+            config.write_text("".join(lines))
             args += ["-c", str(config)]
         args += self._extra
         env = dict(os.environ)
@@ -113,6 +131,7 @@ class NatsServer:
             text=True,
             env=env,
             start_new_session=True,  # stopped by its owner, after the stages drained
+            preexec_fn=die_with_parent() if self._owned else None,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
