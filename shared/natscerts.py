@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dicomflow.shared.keyfiles import read_key_file
+
 CA_DAYS = 3650
 LEAF_DAYS = 825
 
@@ -115,7 +117,8 @@ def issue(ca: Issued, common_name: str, *, hosts: list[str] | None = None) -> Is
 
 def load(cert_path: Path, key_path: Path) -> Issued:
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    pem = read_key_file(key_path, "NATS CA key file", "it is made by `dicomflow nats-config --tls`")
+    key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TypeError(f"{key_path} is not an EC private key")
     return Issued(cert, key)
@@ -125,8 +128,8 @@ def write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only, never briefly by others."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # before writing: a file replaced keeps its old mode
         out.write(data)
-    path.chmod(0o600)
 
 
 def _general_name(host: str) -> x509.GeneralName:

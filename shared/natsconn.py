@@ -22,12 +22,14 @@ from nats.errors import NoServersError
 
 from dicomflow.shared import natsio
 from dicomflow.shared.errors import BrokerUnavailable, ConfigError
+from dicomflow.shared.keyfiles import read_key_file
 from dicomflow.shared.settings import NatsSettings
 from dicomflow.shared.tlsfiles import load_ca, load_chain
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 1.0
+_MAKE_SEED = "make one per service with `dicomflow nats-config --out DIR`"
 
 
 async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None = None) -> Client:
@@ -153,10 +155,11 @@ def inbox_prefix(public: str) -> str:
 
 
 def _read_secret(path: Path, setting: str) -> str:
+    data = read_key_file(path, setting, _MAKE_SEED)  # refused when other users may read it
     try:
-        text = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{setting} {path} cannot be read: {exc}") from exc
+        text = data.decode().strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{setting} {path} is not text: an NKey seed (SU...) expected") from exc
     if not text:
         raise ConfigError(f"{setting} {path} is empty")
     return text

@@ -173,7 +173,7 @@ def load_trusted_keys(paths: Sequence[Path], setting: str) -> SealVerifier:
         )
     keys: list[Ed25519PublicKey] = []
     for path in paths:
-        data = read_key_file(path, f"{setting}: key file", _MAKE_ONE)
+        data = read_key_file(path, f"{setting}: key file", _MAKE_ONE, secret=False)
         if b"PRIVATE KEY-----" in data:
             raise KeyFileError(
                 f"{setting}: {path} holds a private key; store-writers get only the public "

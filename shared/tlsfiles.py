@@ -2,7 +2,8 @@
 
 Shared by DICOM TLS (``dicomtls``) and the NATS client (``natsconn``). A file that cannot
 be read or parsed is a ``ConfigError`` naming the setting and the path, never its
-contents; an encrypted private key fails with an error instead of OpenSSL prompting on a
+contents; a private key file that other users may read is refused (``keyfiles``); an
+encrypted private key fails with an error instead of OpenSSL prompting on a
 terminal (which would hang a service).
 """
 
@@ -12,6 +13,7 @@ import ssl
 from pathlib import Path
 
 from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.keyfiles import check_secret_file
 
 
 def _no_password() -> bytes:
@@ -22,7 +24,7 @@ def _no_password() -> bytes:
 
 def load_chain(ctx: ssl.SSLContext, where: str, cert: Path, key: Path) -> None:
     _readable(f"{where}.cert_file", cert)
-    _readable(f"{where}.key_file", key)
+    check_secret_file(key, f"{where}.key_file")  # refused when other users may read it
     try:
         ctx.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as exc:

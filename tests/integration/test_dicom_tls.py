@@ -32,6 +32,7 @@ from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.status import DeliveryDeferred
 from dicomflow.shared.settings import DestinationSettings, DestinationTlsSettings
 from support.dicomfiles import Made, ct_series
+from support.keyfiles import owner_only
 from support.pipeline import STORESCU, Pipeline, StoreResult
 from support.servers import free_port, wait_for, wait_for_port
 
@@ -60,6 +61,7 @@ class Pki:
         out = Identity(self.folder / f"{name}.pem", self.folder / f"{name}.key")
         issued.cert_chain_pems[0].write_to_path(str(out.cert))
         issued.private_key_pem.write_to_path(str(out.key))
+        owner_only(out.key)
         return out
 
 

@@ -13,6 +13,7 @@ import pytest
 from dicomflow.cli.main import main
 from dicomflow.shared.envelope import OVERHEAD, key_id_of, open_bytes, seal
 from dicomflow.shared.keyring import KeyRing, MasterKey
+from support.keyfiles import write_secret
 
 KEK1 = bytes(range(32))
 KEK2 = bytes(range(50, 82))
@@ -27,8 +28,7 @@ def keys(tmp_path: Path) -> dict[str, Path]:
         "short": base64.b64encode(bytes(16)) + b"\n",
     }.items():
         path = tmp_path / f"{name}.b64"
-        path.write_bytes(content)
-        paths[name] = path
+        paths[name] = write_secret(path, content)
     return paths
 
 

@@ -25,6 +25,7 @@ from dicomflow.shared.settings import (
     ScpSettings,
     load_settings,
 )
+from support.keyfiles import owner_only
 
 
 class Pki:
@@ -39,10 +40,12 @@ class Pki:
         self.cert_file, self.key_file = folder / "server.pem", folder / "server.key"
         server.cert_chain_pems[0].write_to_path(str(self.cert_file))
         server.private_key_pem.write_to_path(str(self.key_file))
+        owner_only(self.key_file)
         client = self.ca.issue_cert("ct01-device", common_name="CT01 Modality")
         self.client_cert, self.client_key = folder / "client.pem", folder / "client.key"
         client.cert_chain_pems[0].write_to_path(str(self.client_cert))
         client.private_key_pem.write_to_path(str(self.client_key))
+        owner_only(self.client_key)
 
     def server(self, **kwargs: Any) -> DicomTlsSettings:
         return DicomTlsSettings(
@@ -113,6 +116,7 @@ def test_bad_key_is_an_error_without_key_material(pki: Pki, tmp_path: Path) -> N
     other = trustme.CA().issue_cert("localhost")
     wrong_key = tmp_path / "other.key"
     other.private_key_pem.write_to_path(str(wrong_key))
+    owner_only(wrong_key)
     with pytest.raises(ConfigError, match=r"scp\.tls\.cert_file .* and scp\.tls\.key_file") as info:
         dicomtls.server_context(_with(pki, key_file=wrong_key))
     secret = wrong_key.read_text().splitlines()[1]
@@ -135,6 +139,7 @@ def test_encrypted_key_fails_instead_of_prompting(pki: Pki, tmp_path: Path) -> N
             serialization.BestAvailableEncryption(b"secret-passphrase"),
         )
     )
+    owner_only(encrypted)
     with pytest.raises(ConfigError, match="unencrypted private key"):
         dicomtls.server_context(_with(pki, key_file=encrypted))
 

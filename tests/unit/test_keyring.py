@@ -16,14 +16,14 @@ from dicomflow.shared.keyring import (
     load_master_key,
     parse_key_spec,
 )
+from support.keyfiles import write_secret
 
 KEY = bytes(range(32))
 
 
 def _key_file(tmp_path: Path, content: bytes, name: str = "k.b64") -> Path:
     path = tmp_path / name
-    path.write_bytes(content)
-    return path
+    return write_secret(path, content)
 
 
 # --- MasterKey ------------------------------------------------------------------------

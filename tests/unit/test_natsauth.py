@@ -12,6 +12,7 @@ from dicomflow.cli.natsconfig import Bundle, new_seed, write_bundle
 from dicomflow.shared import natsauth, natsconn, subjects
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.settings import NatsSettings, ServiceSettings, load_settings
+from support.keyfiles import write_secret
 
 INGEST_BLOBS = f"OBJ_{subjects.INGEST_BLOB_BUCKET}"
 SEALED_BLOBS = f"OBJ_{subjects.SEALED_BLOB_BUCKET}"
@@ -219,12 +220,12 @@ def test_unusable_seed_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nats\.nkey_seed_file"):
         natsconn.security_options(NatsSettings(nkey_seed_file=tmp_path / "none.nk"))
     bad = tmp_path / "bad.nk"
-    bad.write_text("not a seed\n")
+    write_secret(bad, "not a seed\n")
     with pytest.raises(ConfigError, match=r"nats\.nkey_seed_file"):
         natsconn.security_options(NatsSettings(nkey_seed_file=bad))
     good = tmp_path / "good.nk"
     seed = new_seed()
-    good.write_text(seed + "\n")
+    write_secret(good, seed + "\n")
     options = natsconn.security_options(NatsSettings(nkey_seed_file=good))
     assert options["inbox_prefix"] == f"_INBOX.{natsconn.public_key(seed)}"
 

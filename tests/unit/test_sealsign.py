@@ -28,6 +28,7 @@ from dicomflow.shared.sealsign import (
     signer_id,
 )
 from dicomflow.shared.settings import EncryptorSettings, StoreWriterSettings, load_settings
+from support.keyfiles import write_secret
 
 SHA = "ab" * 32
 SEALED_SHA = "cd" * 32
@@ -226,6 +227,7 @@ def test_missing_key_file_names_the_setting(tmp_path: Path) -> None:
 
 def test_a_public_key_where_the_private_key_is_expected(tmp_path: Path) -> None:
     _, public = _pair(tmp_path)
+    public.chmod(0o600)  # a 0644 file is refused before its content is read
     with pytest.raises(KeyFileError, match=r"encryption\.signing_key: .* holds a public key"):
         load_signing_key(public, "encryption.signing_key")
 
@@ -239,12 +241,13 @@ def test_a_private_key_where_public_keys_are_expected(tmp_path: Path) -> None:
 def test_a_key_of_the_wrong_type(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     private = tmp_path / "ec.pem"
-    private.write_bytes(
+    write_secret(
+        private,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
-        )
+        ),
     )
     public = tmp_path / "ec.pub.pem"
     public.write_bytes(
@@ -260,19 +263,20 @@ def test_a_key_of_the_wrong_type(tmp_path: Path) -> None:
 
 def test_garbage_and_encrypted_key_files(tmp_path: Path) -> None:
     garbage = tmp_path / "g.pem"
-    garbage.write_text("-----BEGIN SECRET-----\nc2VjcmV0\n-----END SECRET-----\n")
+    write_secret(garbage, "-----BEGIN SECRET-----\nc2VjcmV0\n-----END SECRET-----\n")
     with pytest.raises(KeyFileError, match="not a PEM private key") as err:
         load_signing_key(garbage, "encryption.signing_key")
     assert "c2VjcmV0" not in str(err.value)
     with pytest.raises(KeyFileError, match="not a PEM public key"):
         load_trusted_keys([garbage], "encryption.trusted_signing_keys")
     locked = tmp_path / "locked.pem"
-    locked.write_bytes(
+    write_secret(
+        locked,
         Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(b"pw"),
-        )
+        ),
     )
     with pytest.raises(KeyFileError, match="password-protected"):
         load_signing_key(locked, "encryption.signing_key")

@@ -13,6 +13,7 @@ from dicomflow.shared.settings import (
     StoreWriterSettings,
     load_settings,
 )
+from support.keyfiles import write_secret
 
 
 def test_config_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,7 +60,7 @@ def test_encryptor_refuses_to_start_without_a_usable_key(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="master_key is not set"):
         load_settings(EncryptorSettings).encryption.keyring()
     short = tmp_path / "short.key"
-    short.write_text("c2hvcnQ=\n")  # 5 bytes
+    write_secret(short, "c2hvcnQ=\n")  # 5 bytes
     config = tmp_path / "c.toml"
     config.write_text(f'[encryption.master_key]\nid = 1\npath = "{short}"\n')
     with pytest.raises(ConfigError, match="32 bytes"):

@@ -28,7 +28,7 @@ from dicomflow.cli import (
     topology,
     up,
 )
-from dicomflow.cli.process import exit_process
+from dicomflow.cli.process import exit_process, forbid_core_dumps
 from dicomflow.shared.errors import ConfigError, DicomflowError
 
 EXIT_OK = 0
@@ -93,8 +93,10 @@ def _stdout_closed() -> int:
 
 
 def run() -> NoReturn:
-    """The ``dicomflow`` command as a process: ``main``, then ``exit_process``."""
+    """The ``dicomflow`` command as a process: no core dumps (every service and every
+    command that loads a key starts here), ``main``, then ``exit_process``."""
     try:
+        forbid_core_dumps()
         code = main()
     except SystemExit as exc:  # argparse: --help, or a usage error already printed
         code = _exit_code(exc)

@@ -1,4 +1,14 @@
-"""How a ``dicomflow`` process ends: Python's own shutdown, without finalizing.
+"""How a ``dicomflow`` process starts (no core dumps) and ends (Python's own shutdown,
+without finalizing).
+
+A core dump of a dicomflow process would hold its master keys, the data keys of the
+objects in flight and their plaintext. ``forbid_core_dumps`` sets the core file size
+limit to 0, soft and hard (children inherit it; an unprivileged process cannot raise it
+again), and on Linux also makes the process non-dumpable (``PR_SET_DUMPABLE`` 0): no
+core even where the limit is ignored (a ``core_pattern`` pipe to a crash collector such
+as systemd-coredump or apport), and no ``ptrace`` or ``/proc/<pid>/mem`` reading by
+other processes of the same user. Its ``/proc/<pid>`` files then belong to root; the
+world-readable ones (``stat``, ``status``, ``limits``) can still be read by anyone.
 
 obstore runs its I/O on a tokio runtime whose worker threads outlive every request and
 touch Python objects as their tasks wind down. Python 3.11 ends a thread that asks for
@@ -16,11 +26,25 @@ with ``obstore.get_range_async`` and returns.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import resource
 import sys
 import threading
 from collections.abc import Callable
 from typing import NoReturn
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def forbid_core_dumps() -> None:
+    """No core file of this process (or its children), ever; Linux: not dumpable either."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(errno)}")
 
 
 def exit_process(code: int) -> NoReturn:
