@@ -20,7 +20,8 @@ all there. Here:
 The counting and the per-association clean-up replace pynetdicom's file factory, an
 internal of the version it was checked against (``VERIFIED_PYNETDICOM``); on any other
 version they stay off, with a warning at start: sizes are then checked once a dataset is
-complete, and leftovers are removed when the next gateway starts.
+complete, and leftovers are removed with the folder when the gateway stops (after a
+crash: when the next one starts).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class Spool:
                 "pynetdicom %s is not %s, the version the scp-gateway's spool was verified "
                 "on: datasets are measured against scp.max_dataset_bytes only once received "
                 "whole, and files of aborted transfers are removed only when the gateway "
-                "next starts",
+                "stops (after a crash: when the next one starts)",
                 pynetdicom.__version__,
                 VERIFIED_PYNETDICOM,
             )
