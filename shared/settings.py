@@ -301,7 +301,15 @@ class ScpSettings(Section):
         "0 advertises no limit but still refuses PDUs over 64 MiB",
     )
     max_dataset_bytes: int = Field(
-        default=4 * 1024**3, ge=1, description="larger datasets are refused with 0xC211"
+        default=4 * 1024**3,
+        ge=1,
+        description="larger datasets are refused with 0xC211 (checked while they arrive)",
+    )
+    spool_dir: Path | None = Field(
+        default=None,
+        description="private folder (the gateway's user only, mode 0700: created so if "
+        "missing, refused otherwise) that holds the datasets being received; unset: a "
+        "private folder the gateway creates under spool_dir, or the system temp folder",
     )
     reactor_delay: float = Field(
         default=0.01,

@@ -7,7 +7,8 @@ Statuses, and why:
 - 0xA900 Data set does not match SOP class: the identity we need (SOP Instance UID
   equal to the request's, Study and Series UIDs) is missing or wrong.
 - 0xC210 Cannot understand: the dataset cannot be parsed at all.
-- 0xC211 Cannot understand (too large): the dataset exceeds ``scp.max_dataset_bytes``.
+- 0xC211 Cannot understand (too large): the dataset exceeds ``scp.max_dataset_bytes``
+  (the spool stops writing it once it passes the limit; see ``spool``).
   Not 0xA700: "out of resources" tells the modality to retry later, and resending the
   same oversized object can never succeed. A Cxxx failure is permanent for the sender;
   0xC211 (not 0xC210) lets logs and the sender's operator tell "too large" apart from
@@ -28,6 +29,7 @@ import hashlib
 import io
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -126,6 +128,10 @@ def digest(fp: BinaryIO) -> tuple[int, str]:
     return size, sha.hexdigest()
 
 
+def _file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
 def _open_body(path: Path, size: int, inline_limit: int) -> BinaryIO:
     """The received Part-10 file, read: into memory at once when it travels inline (it
     is at most ``max_payload`` and is published from memory anyway), so identity,
@@ -146,9 +152,13 @@ class Receiver:
         telemetry: Telemetry,
         allowed_calling_aes: frozenset[str] | None,
         max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
+        size_of: Callable[[Path], int] = _file_size,
     ) -> None:
-        """``allowed_calling_aes`` None: any calling AE is accepted."""
+        """``allowed_calling_aes`` None: any calling AE is accepted. ``size_of``: the
+        bytes received for a spooled dataset (the spool's count, which goes on past a
+        file it stopped writing at the limit)."""
         self._max_dataset_bytes = max_dataset_bytes
+        self._size_of = size_of
         self._transport = transport
         self._loop = loop
         self._timeout = publish_timeout
@@ -205,7 +215,7 @@ class Receiver:
             # receive): it is never held whole in memory, here or later.
             path = Path(event.dataset_path)
             # Before anything reads it: the Part-10 file as it would be published.
-            file_size = path.stat().st_size
+            file_size = self._size_of(path)
             check_size(file_size, self._max_dataset_bytes)
             with _open_body(path, file_size, self._transport.inline_limit) as fp:
                 identity = identify(fp, str(request.AffectedSOPInstanceUID))
@@ -231,6 +241,10 @@ class Receiver:
             return exc.status, size
         except BrokerUnavailable as exc:
             log.error("C-STORE from %s answered 0xA700: %s", calling, exc)
+            return OUT_OF_RESOURCES, size
+        except FileNotFoundError:
+            # The spool removed the file: its association ended before it was read.
+            log.warning("C-STORE from %s dropped: its association ended first", calling)
             return OUT_OF_RESOURCES, size
         except Exception:
             # Anything unforeseen: the instance is not safe, so never Success.

@@ -15,16 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
 
 from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from dicomflow.scp_gateway.receiver import Receiver
+from dicomflow.scp_gateway.spool import Spool
 from dicomflow.scp_gateway.tlslistener import CertificateAeMap, TlsAssociationServer
 from dicomflow.shared import dicomtls, natsconn, reactors, topology
 from dicomflow.shared.errors import ConfigError
@@ -37,21 +36,20 @@ log = logging.getLogger(__name__)
 
 STAGE = "scp-gateway"
 DRAIN_SECONDS = 30.0
+ASSOCIATION_ENDS = (evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)
 
 
-def receive_to_files(spool_dir: Path | None) -> None:
-    """Have pynetdicom write each received dataset to a Part-10 file as it arrives,
-    instead of assembling it in memory (process-wide settings of pynetdicom and tempfile).
-    """
+def receive_to_files(settings: ScpGatewaySettings) -> Spool:
+    """Have pynetdicom write each received dataset to a Part-10 file in the gateway's
+    private spool as it arrives, instead of assembling it in memory (process-wide
+    settings of pynetdicom and tempfile). Whatever a stopped gateway left in the spool
+    was never answered Success, and is removed."""
     _config.STORE_RECV_CHUNKED_DATASET = True
-    if spool_dir is not None:
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.tempdir = str(spool_dir)
-        # A dedicated spool folder holds only our files; before any association exists,
-        # whatever is there was left by an association aborted mid-transfer (pynetdicom
-        # does not delete those) or by a crash. None of it was ever answered Success.
-        for leftover in spool_dir.glob("tmp*.dcm"):
-            leftover.unlink(missing_ok=True)
+    scp = settings.scp
+    spool = Spool.open(scp.spool_dir, settings.spool_dir, scp.max_dataset_bytes)
+    spool.install()
+    log.info("received datasets are spooled in %s", spool.path)
+    return spool
 
 
 def build_ae(scp: ScpSettings) -> AE:
@@ -132,7 +130,21 @@ def start_servers(
 async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
     ae = build_ae(settings.scp)
     tls_context = build_tls(settings.scp)
-    receive_to_files(settings.spool_dir)
+    spool = receive_to_files(settings)
+    try:
+        await _serve(settings, stop, telemetry, ae, tls_context, spool)
+    finally:
+        spool.close()
+
+
+async def _serve(
+    settings: ScpGatewaySettings,
+    stop: asyncio.Event,
+    telemetry: Telemetry,
+    ae: AE,
+    tls_context: ssl.SSLContext | None,
+    spool: Spool,
+) -> None:
     reactors.install(settings.scp.reactor_delay)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
@@ -154,6 +166,7 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
             telemetry,
             None if scp.accept_any_calling_ae else frozenset(scp.allowed_calling_aes),
             max_dataset_bytes=scp.max_dataset_bytes,
+            size_of=spool.size_of,
         )
         handlers: list[Any] = [
             (
@@ -167,6 +180,7 @@ async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Te
             (evt.EVT_ACCEPTED, receiver.on_accepted),
             (evt.EVT_REJECTED, receiver.on_rejected),
             (evt.EVT_ABORTED, receiver.on_aborted),
+            *((event, spool.on_association_end) for event in ASSOCIATION_ENDS),
         ]
         servers = start_servers(ae, scp, tls_context, handlers, telemetry.metrics)
         telemetry.metrics.scp_associations_active.set_function(

@@ -34,25 +34,29 @@ UNCLAIMED_GRACE = 60.0  # seconds
 class SpoolFolder:
     """A private folder claimed for this process's life; ``close`` removes it."""
 
-    def __init__(self, parent: Path | None, name: str) -> None:
+    def __init__(
+        self, parent: Path | None, name: str, prefix: str = PREFIX, owner: str = "scu-gateway"
+    ) -> None:
+        """``prefix`` and ``owner`` name another process kind's folders (the scp-gateway's)."""
         where = parent or Path(tempfile.gettempdir())
         try:
             where.mkdir(parents=True, exist_ok=True)
-            removed = remove_orphans(where)
-            self.path = Path(tempfile.mkdtemp(dir=where, prefix=f"{PREFIX}{name}-"))
+            removed = remove_orphans(where, prefix)
+            self.path = Path(tempfile.mkdtemp(dir=where, prefix=f"{prefix}{name}-"))
             self._lock = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             raise ConfigError(
-                f"spool_dir {where} cannot hold the scu-gateway's private files: "
+                f"spool_dir {where} cannot hold the {owner}'s private files: "
                 f"{exc.strerror or exc}; point spool_dir at a writable folder"
             ) from exc
         if removed:
             log.warning(
-                "removed %d spool folder(s) in %s left by a stopped scu-gateway process "
-                "(instances it was sending when it died)",
+                "removed %d spool folder(s) in %s left by a stopped %s process "
+                "(instances it was handling when it died)",
                 removed,
                 where,
+                owner,
             )
 
     def close(self) -> None:
@@ -61,10 +65,10 @@ class SpoolFolder:
             os.close(self._lock)
 
 
-def remove_orphans(parent: Path) -> int:
-    """Remove the scu-gateway folders in ``parent`` no live process holds; how many."""
+def remove_orphans(parent: Path, prefix: str = PREFIX) -> int:
+    """Remove the folders named ``prefix*`` in ``parent`` no live process holds; how many."""
     removed = 0
-    for folder in parent.glob(f"{PREFIX}*"):
+    for folder in parent.glob(f"{prefix}*"):
         if not folder.is_dir() or folder.is_symlink():
             continue
         try:
