@@ -327,16 +327,20 @@ def keys_config(nats: NatsSettings) -> StreamConfig:
 
 
 async def _ensure_blobs(js: JetStreamContext, nats: NatsSettings, bucket: str) -> None:
-    if await _exists(js, subjects.blob_stream(bucket)):
-        return
-    await js.create_object_store(
-        bucket,
-        ObjectStoreConfig(
-            storage=StorageType.FILE,
-            replicas=nats.stream_replicas,
-            max_bytes=nats.blob_max_bytes,
-        ),
-    )
+    """A blob bucket, refusing rollups: the plaintext one holds instances already
+    answered Success, which one ``Nats-Rollup: all`` metadata publish by its putter
+    would erase. Puts write metadata without a rollup header (``transport``)."""
+    stream = subjects.blob_stream(bucket)
+    if not await _exists(js, stream):
+        await js.create_object_store(
+            bucket,
+            ObjectStoreConfig(
+                storage=StorageType.FILE,
+                replicas=nats.stream_replicas,
+                max_bytes=nats.blob_max_bytes,
+            ),
+        )
+    await _refuse_rollups(js, stream)
 
 
 def stream_names() -> Sequence[str]:

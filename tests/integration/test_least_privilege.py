@@ -59,6 +59,8 @@ OWN_DEAD_LETTERS = {
 # allowed to publish there (the others are refused by their permissions already).
 ROLLUP_TARGETS = {
     INDEX: (f"$KV.{subjects.INDEX_BUCKET}.1.2.3", "store-writer"),
+    INGEST_BLOBS: (f"$O.{subjects.INGEST_BLOB_BUCKET}.M.bmFtZQ==", "scp-gateway"),
+    SEALED_BLOBS: (f"$O.{subjects.SEALED_BLOB_BUCKET}.M.bmFtZQ==", "encryptor"),
 }
 
 
