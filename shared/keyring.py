@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from dicomflow.shared.keyfiles import read_key_file, write_new_key_file
 
 KEY_LEN = 32
 MAX_KEY_ID = 2**32 - 1
+CHECK_LABEL = b"dicomflow key check v1"
 
 _MAKE_ONE = "make one with `dicomflow keys new PATH` or `openssl rand -base64 32 > PATH`"
 
@@ -32,6 +35,7 @@ class MasterKey:
 
     key_id: int
     key: bytes = field(repr=False)
+    source: Path | None = field(default=None, compare=False)  # the key file, for errors
 
     def __post_init__(self) -> None:
         if (
@@ -49,6 +53,11 @@ class MasterKey:
             raise ConfigError(
                 f"master key {self.key_id} must be exactly {KEY_LEN} bytes, got {len(self.key)}"
             )
+
+    def check_value(self) -> str:
+        """A key check value: HMAC-SHA256 of a fixed label under the key, 8 bytes, hex.
+        It tells two keys apart and reveals nothing usable about the key."""
+        return hmac.new(self.key, CHECK_LABEL, hashlib.sha256).digest()[:8].hex()
 
     def __repr__(self) -> str:
         # Spelled out rather than trusting field(repr=False) alone: a future field or a
@@ -81,7 +90,7 @@ def load_master_key(key_id: int, path: Path) -> MasterKey:
             f"master key file {path} decodes to {len(key)} bytes; a master key must be "
             f"exactly {KEY_LEN} bytes of base64 ({_MAKE_ONE})"
         )
-    return MasterKey(key_id, key)
+    return MasterKey(key_id, key, path)
 
 
 class KeyRing:
@@ -104,6 +113,11 @@ class KeyRing:
     @property
     def current(self) -> MasterKey:
         return self._current
+
+    @property
+    def keys(self) -> tuple[MasterKey, ...]:
+        """The current key first, then the previous keys."""
+        return tuple(self._by_id.values())
 
     @property
     def key_ids(self) -> tuple[int, ...]:

@@ -3,10 +3,11 @@
 One user per service, identified by an NKey (the server config holds only public keys;
 each service holds its own seed). Permissions are allow-lists of exact subjects:
 
-- ``scp-gateway`` publishes INGEST messages and writes plaintext blobs; it reads
-  nothing from any stream.
+- ``scp-gateway`` publishes INGEST messages and puts plaintext blobs; it reads
+  nothing from any stream and cannot purge the blob bucket (a failed put's chunks are
+  left to the encryptor's orphan sweep).
 - ``encryptor`` drains INGEST through its durable, reads and deletes plaintext blobs,
-  publishes SEALED and writes sealed blobs; it sweeps orphaned blobs of both buckets,
+  publishes SEALED and puts sealed blobs; it sweeps orphaned blobs of both buckets,
   for which it reads message headers of INGEST, SEALED and the DLQ.
 - ``store-writer`` drains SEALED through its durable, reads and deletes sealed blobs,
   writes the index and publishes ``dicom.stored`` events. It has no right on INGEST,
@@ -15,6 +16,12 @@ each service holds its own seed). Permissions are allow-lists of exact subjects:
   destination), reads SEALED through its relay durable (sealed bytes only) and may
   delete that durable, publishes delivery requests.
 - ``admin`` (the operator's commands and topology setup) may do everything.
+
+Each stage publishes dead letters on its own subject(s) only. ``STREAM.INFO`` (which,
+with a subject filter, lists a stream's subjects: for the index, every SOP Instance
+UID) is granted per stream, to the users that bind or consume it; the topology check at
+start needs only ``STREAM.NAMES``. The users holding master keys (encryptor,
+scu-gateway) read and record key check values (``shared.keycheck``).
 
 Nobody but ``admin`` may create, update or delete a stream. Each user receives replies
 (API answers and fetched messages alike) on its own inbox ``_INBOX.<public key>.>``, so
@@ -33,7 +40,6 @@ API = "$JS.API"
 SERVICE_USERS = ("scp-gateway", "encryptor", "store-writer", "scu-gateway")
 ADMIN = "admin"
 USERS = (*SERVICE_USERS, ADMIN)
-STAGES_WITH_DLQ = ("scp-gateway", "encryptor", "store-writer")
 
 
 @dataclass(frozen=True)
@@ -50,15 +56,18 @@ def permissions(user: str, public_key: str) -> Permissions:
     if user not in SERVICE_USERS:
         raise ValueError(f"unknown NATS user {user!r}; known: {', '.join(USERS)}")
     inbox = (f"{inbox_prefix(public_key)}.>",)
-    common = (  # topology checks: stream configs and counts, and that SEALED has its
-        # store writer's durable (an interest stream keeps nothing without it)
-        f"{API}.STREAM.INFO.*",
+    common = (  # topology.verify: which streams exist (names only), and that SEALED has
+        # its store writer's durable (an interest stream keeps nothing without it)
+        f"{API}.STREAM.NAMES",
         f"{API}.CONSUMER.INFO.{subjects.SEALED_STREAM}.{subjects.STORE_WRITER_DURABLE}",
     )
+    ingest_blobs = subjects.INGEST_BLOB_BUCKET
+    sealed_blobs = subjects.SEALED_BLOB_BUCKET
     if user == "scp-gateway":
         publish = (
             f"{subjects.INGEST_PREFIX}.>",
-            *_blob_writer(subjects.INGEST_BLOB_BUCKET),
+            *_blob_putter(ingest_blobs),
+            _info(subjects.blob_stream(ingest_blobs)),  # binding the bucket
         )
         return Permissions(publish=(*common, *publish), subscribe=inbox)
     if user == "encryptor":
@@ -66,15 +75,28 @@ def permissions(user: str, public_key: str) -> Permissions:
             *_drain_work_queue(subjects.INGEST_STREAM, subjects.ENCRYPTOR_DURABLE),
             f"{subjects.SEALED_PREFIX}.>",
             subjects.dlq_subject("encryptor"),
-            *_blob_reader(subjects.INGEST_BLOB_BUCKET),
-            *_blob_writer(subjects.INGEST_BLOB_BUCKET),  # deletes consumed blobs
-            *_blob_writer(subjects.SEALED_BLOB_BUCKET),
-            *_blob_lister(subjects.INGEST_BLOB_BUCKET),  # the orphan sweep
-            *_blob_lister(subjects.SEALED_BLOB_BUCKET),
-            *(
+            *_blob_reader(ingest_blobs),
+            *_blob_deleter(ingest_blobs),  # consumed blobs, and the orphan sweep
+            *_blob_putter(sealed_blobs),
+            *_blob_deleter(sealed_blobs),  # a failed seal, and the orphan sweep
+            *_blob_lister(ingest_blobs),  # the orphan sweep
+            *_blob_lister(sealed_blobs),
+            f"{API}.STREAM.MSG.GET.{subjects.blob_stream(sealed_blobs)}",  # sweep: blob ages
+            *(  # the sweep's references (message headers), and its stream positions
                 f"{API}.STREAM.MSG.GET.{s}"
                 for s in (subjects.INGEST_STREAM, subjects.SEALED_STREAM, subjects.DLQ_STREAM)
             ),
+            *map(
+                _info,
+                (
+                    subjects.INGEST_STREAM,
+                    subjects.SEALED_STREAM,
+                    subjects.DLQ_STREAM,
+                    subjects.blob_stream(ingest_blobs),
+                    subjects.blob_stream(sealed_blobs),
+                ),
+            ),
+            *_key_checker(),
         )
         return Permissions(publish=(*common, *publish), subscribe=inbox)
     if user == "store-writer":
@@ -83,12 +105,15 @@ def permissions(user: str, public_key: str) -> Permissions:
             *_consume(subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE),
             f"{subjects.STORED_PREFIX}.>",
             subjects.dlq_subject("store-writer"),
-            *_blob_reader(subjects.SEALED_BLOB_BUCKET),
-            *_blob_writer(subjects.SEALED_BLOB_BUCKET),  # deletes consumed blobs
+            *_blob_reader(sealed_blobs),
+            *_blob_deleter(sealed_blobs),  # consumed blobs
             f"$KV.{subjects.INDEX_BUCKET}.>",
             f"{API}.STREAM.MSG.GET.{index}",
             f"{API}.DIRECT.GET.{index}",
             f"{API}.DIRECT.GET.{index}.>",
+            # INFO of the index lists every key (every SOP Instance UID) with a subject
+            # filter: the store writer owns the index; no other service user gets it.
+            *map(_info, (subjects.SEALED_STREAM, index, subjects.blob_stream(sealed_blobs))),
         )
         return Permissions(publish=(*common, *publish), subscribe=inbox)
     # scu-gateway: its delivery durables are named after configured destinations.
@@ -100,10 +125,21 @@ def permissions(user: str, public_key: str) -> Permissions:
         f"{API}.CONSUMER.DELETE.{subjects.SEALED_STREAM}.{subjects.RELAY_DURABLE}",
         *_drain_work_queue(subjects.DELIVERY_STREAM, "*"),
         f"{subjects.DELIVER_PREFIX}.>",
-        f"{subjects.DLQ_PREFIX}.*",  # scu-router and deliver-<destination>
+        # its own stages' dead letters only: the router, the relay, each destination
+        subjects.dlq_subject(subjects.ROUTER_DURABLE),
+        subjects.dlq_subject(subjects.RELAY_DURABLE),
+        f"{subjects.DLQ_DELIVER_PREFIX}.*",
+        *map(_info, (subjects.EVENTS_STREAM, subjects.SEALED_STREAM, subjects.DELIVERY_STREAM)),
+        *_key_checker(),
     )
-    deny = tuple(subjects.dlq_subject(stage) for stage in STAGES_WITH_DLQ)
-    return Permissions(publish=(*common, *publish), subscribe=inbox, publish_deny=deny)
+    return Permissions(publish=(*common, *publish), subscribe=inbox)
+
+
+def _info(stream: str) -> str:
+    """A stream's config and state. Binding a bucket (``js.key_value``,
+    ``js.object_store``) and a consumer's leftover check read it; with a subject filter
+    it also lists the stream's subjects, so it is granted per stream, never ``*``."""
+    return f"{API}.STREAM.INFO.{stream}"
 
 
 def _consume(stream: str, durable: str) -> tuple[str, ...]:
@@ -124,14 +160,19 @@ def _drain_work_queue(stream: str, durable: str) -> tuple[str, ...]:
     return (*_consume(stream, durable), f"{API}.STREAM.PURGE.{stream}")
 
 
-def _blob_writer(bucket: str) -> tuple[str, ...]:
-    """Put and delete objects (a put reads the object's metadata first)."""
-    stream = subjects.blob_stream(bucket)
-    return (
-        f"$O.{bucket}.>",
-        f"{API}.STREAM.MSG.GET.{stream}",
-        f"{API}.STREAM.PURGE.{stream}",
-    )
+def _blob_putter(bucket: str) -> tuple[str, ...]:
+    """Put objects: publish chunks, then the metadata. Nothing else: no read (MSG.GET,
+    DIRECT.GET) and no purge (JetStream takes a purge's subject filter from the request
+    body, so a purge right is a right to empty the whole bucket). The stream refuses
+    ``Nats-Rollup`` headers (``topology``), so a metadata publish cannot wipe it either.
+    A put that fails leaves its chunks to the encryptor's orphan sweep."""
+    return (f"$O.{bucket}.C.>", f"$O.{bucket}.M.>")
+
+
+def _blob_deleter(bucket: str) -> tuple[str, ...]:
+    """Delete objects: purge the chunk and metadata subjects (any subject of the stream:
+    see ``_blob_putter``)."""
+    return (f"{API}.STREAM.PURGE.{subjects.blob_stream(bucket)}",)
 
 
 def _blob_reader(bucket: str) -> tuple[str, ...]:
@@ -152,6 +193,18 @@ def _blob_lister(bucket: str) -> tuple[str, ...]:
         f"{API}.CONSUMER.CREATE.{stream}.>",
         f"{API}.CONSUMER.DELETE.{stream}.>",
         f"$JS.FC.{stream}.>",
+    )
+
+
+def _key_checker() -> tuple[str, ...]:
+    """Read and record master-key check values (``shared.keycheck``): the users that
+    hold master keys. The bucket keeps one value per key id and refuses a second."""
+    stream = f"KV_{subjects.KEYS_BUCKET}"
+    return (
+        f"$KV.{subjects.KEYS_BUCKET}.*",
+        _info(stream),
+        f"{API}.DIRECT.GET.{stream}",
+        f"{API}.DIRECT.GET.{stream}.>",
     )
 
 

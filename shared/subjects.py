@@ -20,6 +20,8 @@ SEALED_PREFIX = "dicomflow.sealed"
 STORED_PREFIX = "dicom.stored"
 DLQ_PREFIX = "dicomflow.dlq"
 DELIVER_PREFIX = "dicomflow.deliver"
+DLQ_DELIVER_PREFIX = f"{DLQ_PREFIX}.deliver"
+DELIVER_STAGE_PREFIX = "deliver-"
 
 ENCRYPTOR_DURABLE = "encryptor"
 STORE_WRITER_DURABLE = "store-writer"
@@ -27,6 +29,8 @@ ROUTER_DURABLE = "scu-router"
 RELAY_DURABLE = "scu-relay"  # on SEALED, only while relay rules are configured
 
 INDEX_BUCKET = "dicomflow-index"
+# Key check values of the master keys, by key id: written once, never replaced.
+KEYS_BUCKET = "dicomflow-keys"
 # Plaintext and sealed bodies live in separate object-store buckets: chunk subjects
 # ($O.<bucket>.C.<nuid>) do not carry the object's name, so only a bucket boundary lets
 # NATS permissions keep the store writer away from plaintext.
@@ -67,6 +71,13 @@ def stored_subject(called_ae: str, calling_ae: str) -> str:
 
 
 def dlq_subject(stage: str) -> str:
+    """Where ``stage`` dead-letters. A destination's delivery stage (``deliver-<dest>``)
+    has a token level of its own, ``dicomflow.dlq.deliver.<dest>``: NATS wildcards match
+    whole tokens only, so this is what lets a permission name every delivery stage's
+    dead letters (``dicomflow.dlq.deliver.*``) and nothing else."""
+    destination = stage.removeprefix(DELIVER_STAGE_PREFIX)
+    if destination != stage:
+        return f"{DLQ_DELIVER_PREFIX}.{destination}"
     return f"{DLQ_PREFIX}.{stage}"
 
 
@@ -77,7 +88,7 @@ def deliver_subject(destination: str) -> str:
 
 def deliver_durable(destination: str) -> str:
     """The durable consumer that delivers to one destination (names are token-safe)."""
-    return f"deliver-{encode_token(destination)}"
+    return f"{DELIVER_STAGE_PREFIX}{encode_token(destination)}"
 
 
 def blob_bucket(blob_name: str) -> str:

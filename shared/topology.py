@@ -60,6 +60,7 @@ from dicomflow.shared.settings import ConsumerSettings, NatsSettings
 log = logging.getLogger(__name__)
 
 WEEK = 7 * 24 * 3600.0
+KEYS_MAX_BYTES = 1024 * 1024  # key check values: some 100 bytes per key id
 
 
 def stream_configs(nats: NatsSettings) -> list[StreamConfig]:
@@ -159,13 +160,21 @@ async def _ensure_once(js: JetStreamContext, nats: NatsSettings, migrate: bool) 
         await _ensure_stream(js, config, migrate)
     await _ensure_interest(js)
     await _ensure_kv(js, nats)
+    await _ensure_stream(js, keys_config(nats), migrate)
     for bucket in subjects.BLOB_BUCKETS:
         await _ensure_blobs(js, nats, bucket)
 
 
 async def verify(js: JetStreamContext) -> None:
-    """Raise TopologyMissing naming every stream or bucket that does not exist."""
-    missing = [name for name in all_stream_names() if not await _exists(js, name)]
+    """Raise TopologyMissing naming every stream or bucket that does not exist.
+
+    Looked up by name (``STREAM.NAMES``, which every service user may ask), not by
+    ``STREAM.INFO``: that one is granted per stream to the users that need it, because
+    with a subject filter it lists a stream's subjects (the index's are SOP Instance
+    UIDs)."""
+    missing = [
+        name for name, subject in _stream_subjects().items() if not await _named(js, name, subject)
+    ]
     if not missing and not await _consumer_exists(
         js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE
     ):
@@ -271,32 +280,80 @@ async def _exists(js: JetStreamContext, stream: str) -> bool:
     return True
 
 
+async def _named(js: JetStreamContext, name: str, subject: str) -> bool:
+    try:
+        return await js.find_stream_name_by_subject(subject) == name
+    except NotFoundError:
+        return False
+
+
 async def _ensure_kv(js: JetStreamContext, nats: NatsSettings) -> None:
     # The server checks storage reservations before it notices that an identical
     # stream exists, so buckets are looked up first rather than re-created.
-    if await _exists(js, f"KV_{subjects.INDEX_BUCKET}"):
-        return
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=subjects.INDEX_BUCKET,
-            history=5,
-            storage=StorageType.FILE,
-            replicas=nats.stream_replicas,
+    stream = f"KV_{subjects.INDEX_BUCKET}"
+    if not await _exists(js, stream):
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=subjects.INDEX_BUCKET,
+                history=5,
+                storage=StorageType.FILE,
+                replicas=nats.stream_replicas,
+            )
         )
+    await _refuse_rollups(js, stream)
+
+
+async def _refuse_rollups(js: JetStreamContext, stream: str) -> None:
+    """Make ``stream`` refuse ``Nats-Rollup`` headers (nats-py creates buckets allowing
+    them): with ``Nats-Rollup: all`` one publish by any user allowed to write a key
+    would erase the whole bucket. KeyValue create/update/get/delete do not use them.
+    Changed in place on a stream made by an earlier version."""
+    config = (await js.stream_info(stream)).config
+    if config.allow_rollup_hdrs:
+        config.allow_rollup_hdrs = False
+        await js.update_stream(config)
+        log.info("stream %s now refuses rollup headers", stream)
+
+
+def keys_config(nats: NatsSettings) -> StreamConfig:
+    """The key check values (``keycheck``): a KV bucket whose keys are written once.
+
+    One message per key (``max_msgs_per_subject``), and discard-new per subject: the
+    server refuses a second write of a key id, whether create, put, update or delete, and
+    from any user, so a value once recorded cannot be replaced through NATS (only an
+    admin purge of that subject removes it)."""
+    bucket = subjects.KEYS_BUCKET
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=nats.stream_replicas,
+        max_msgs_per_subject=1,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        allow_direct=True,
+        allow_rollup_hdrs=False,
+        deny_delete=True,
+        max_bytes=KEYS_MAX_BYTES,
     )
 
 
 async def _ensure_blobs(js: JetStreamContext, nats: NatsSettings, bucket: str) -> None:
-    if await _exists(js, subjects.blob_stream(bucket)):
-        return
-    await js.create_object_store(
-        bucket,
-        ObjectStoreConfig(
-            storage=StorageType.FILE,
-            replicas=nats.stream_replicas,
-            max_bytes=nats.blob_max_bytes,
-        ),
-    )
+    """A blob bucket, refusing rollups: the plaintext one holds instances already
+    answered Success, which one ``Nats-Rollup: all`` metadata publish by its putter
+    would erase. Puts write metadata without a rollup header (``transport``)."""
+    stream = subjects.blob_stream(bucket)
+    if not await _exists(js, stream):
+        await js.create_object_store(
+            bucket,
+            ObjectStoreConfig(
+                storage=StorageType.FILE,
+                replicas=nats.stream_replicas,
+                max_bytes=nats.blob_max_bytes,
+            ),
+        )
+    await _refuse_rollups(js, stream)
 
 
 def stream_names() -> Sequence[str]:
@@ -311,8 +368,20 @@ def stream_names() -> Sequence[str]:
 
 def all_stream_names() -> Sequence[str]:
     """Every stream of the topology, buckets' streams included."""
-    return (
-        *stream_names(),
-        f"KV_{subjects.INDEX_BUCKET}",
-        *(subjects.blob_stream(b) for b in subjects.BLOB_BUCKETS),
-    )
+    return tuple(_stream_subjects())
+
+
+def _stream_subjects() -> dict[str, str]:
+    """Every stream of the topology, with a subject it alone holds."""
+    prefixes = {
+        subjects.INGEST_STREAM: subjects.INGEST_PREFIX,
+        subjects.SEALED_STREAM: subjects.SEALED_PREFIX,
+        subjects.EVENTS_STREAM: subjects.STORED_PREFIX,
+        subjects.DELIVERY_STREAM: subjects.DELIVER_PREFIX,
+        subjects.DLQ_STREAM: subjects.DLQ_PREFIX,
+    }
+    return {
+        **{name: f"{prefixes[name]}.>" for name in stream_names()},
+        **{f"KV_{b}": f"$KV.{b}.>" for b in (subjects.INDEX_BUCKET, subjects.KEYS_BUCKET)},
+        **{subjects.blob_stream(b): f"$O.{b}.M.>" for b in subjects.BLOB_BUCKETS},
+    }

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from dicomflow.encryptor.sealing import HashingSealer, seal_and_hash
-from dicomflow.shared import blobsweeper, messages, natsconn, subjects, topology
+from dicomflow.shared import blobsweeper, keycheck, messages, natsconn, subjects, topology
 from dicomflow.shared.consumer import H_DLQ_BODY, AfterAck, Consumer, Letter, dropped
 from dicomflow.shared.envelope import OVERHEAD
 from dicomflow.shared.errors import ContractViolation
@@ -190,6 +190,7 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Tel
     try:
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
+        await keycheck.check(js, keyring)  # refuses a key file that is not its id's key
         await topology.ensure_consumer(
             js, subjects.INGEST_STREAM, subjects.ENCRYPTOR_DURABLE, settings.consumer
         )

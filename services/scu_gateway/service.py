@@ -39,7 +39,7 @@ from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.routing import Router
-from dicomflow.shared import messages, natsconn, reactors, storage, subjects, topology
+from dicomflow.shared import keycheck, messages, natsconn, reactors, storage, subjects, topology
 from dicomflow.shared.consumer import AfterAck, Consumer, Handler
 from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
 from dicomflow.shared.messages import BodyKind
@@ -166,6 +166,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     try:
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
+        await keycheck.check(js, keyring)  # refuses a key file that is not its id's key
         consumers: list[Consumer] = []
         routing = Routing(js, router, settings.nats.publish_timeout, telemetry.tracing)
         if router.relays:

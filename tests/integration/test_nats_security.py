@@ -3,29 +3,26 @@ each service user is refused outside its permissions, and TLS verifies both ends
 
 from __future__ import annotations
 
-import asyncio
 import os
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
-from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StreamConfig
+from nats.js.object_store import ObjectStore
 
-from dicomflow.cli import topology as topology_cmd
 from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.cli.up import stage_credentials
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
 from dicomflow.shared import natsconn, subjects, topology
 from dicomflow.shared.errors import BrokerUnavailable
-from dicomflow.shared.settings import ConsumerSettings, NatsSettings, NatsTlsSettings
+from dicomflow.shared.settings import ConsumerSettings, NatsSettings
 from support.dicomfiles import ct_series
+from support.natsusers import connected_as, put_object, secured_server, settings_for, violation
 from support.pipeline import Pipeline
 from support.servers import free_port, wait_for, wait_for_port
 
@@ -33,71 +30,21 @@ STORESCP = "/usr/bin/storescp"  # DCMTK's
 
 pytestmark = pytest.mark.integration
 
-VIOLATION_WAIT = 5.0
 PLAIN = b"plaintext DICOM that only the gateway and the encryptor may see" * 20_000
 
 
 @pytest.fixture
 def secured(tmp_path: Path) -> Iterator[tuple[NatsServer, Bundle]]:
     """A nats-server running the generated config, topology set up by the admin user."""
-    bundle = Bundle(tmp_path / "nats-config")
-    write_bundle(bundle, max_payload=1024 * 1024)
-    with NatsServer(tmp_path / "js", config_file=bundle.server_config) as server:
-        asyncio.run(topology_cmd.setup(_settings(server, bundle, "admin")))
-        yield server, bundle
-
-
-def _settings(server: NatsServer, bundle: Bundle, user: str, **tls: Any) -> NatsSettings:
-    return NatsSettings(
-        servers=[server.url],
-        nkey_seed_file=bundle.seed(user),
-        manage_topology=False,
-        connect_timeout=3,
-        tls=NatsTlsSettings(**tls),
-    )
-
-
-@asynccontextmanager
-async def _as(
-    server: NatsServer, bundle: Bundle, user: str
-) -> AsyncIterator[tuple[Client, list[str]]]:
-    """Connected as ``user`` through natsconn's options; yields the async errors seen."""
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = await nats.connect(
-        servers=[server.url],
-        allow_reconnect=False,
-        error_cb=on_error,
-        **natsconn.security_options(_settings(server, bundle, user)),
-    )
-    try:
-        yield nc, errors
-    finally:
-        await nc.close()
-
-
-async def _violation(errors: list[str], subject: str) -> str:
-    """Wait for the server's permissions violation naming ``subject`` (nats-py reports
-    errors lower-cased)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + VIOLATION_WAIT
-    while loop.time() < deadline:
-        for error in errors:
-            if "permissions violation" in error.lower() and subject.lower() in error.lower():
-                return error
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no permissions violation for {subject}; errors seen: {errors}")
+    with secured_server(tmp_path) as running:
+        yield running
 
 
 async def _put_plaintext(server: NatsServer, bundle: Bundle) -> str:
     """The gateway publishes a large body the way it does in service: blob + message."""
-    async with _as(server, bundle, "scp-gateway") as (nc, errors):
+    async with connected_as(server, bundle, "scp-gateway") as (nc, errors):
         js = nc.jetstream()
-        store = await js.object_store(subjects.INGEST_BLOB_BUCKET)
-        await store.put("ingest.1.2.3.abcd", PLAIN)
+        await put_object(nc, subjects.INGEST_BLOB_BUCKET, "ingest.1.2.3.abcd", PLAIN, "N1")
         ack = await js.publish(
             subjects.ingest_subject("DICOMFLOW", "CT01"), b"inline plaintext", timeout=5
         )
@@ -109,34 +56,40 @@ async def _put_plaintext(server: NatsServer, bundle: Bundle) -> str:
 async def test_store_writer_cannot_read_plaintext(secured: tuple[NatsServer, Bundle]) -> None:
     server, bundle = secured
     blob = await _put_plaintext(server, bundle)
-    async with _as(server, bundle, "encryptor") as (nc, _):
+    async with connected_as(server, bundle, "encryptor") as (nc, _):
         await topology.ensure_consumer(
             nc.jetstream(),
             subjects.INGEST_STREAM,
             subjects.ENCRYPTOR_DURABLE,
             _consumer_settings(),
         )
-    async with _as(server, bundle, "store-writer") as (nc, errors):
+    async with connected_as(server, bundle, "store-writer") as (nc, errors):
         js = nc.jetstream()
         # Fetch from the encryptor's INGEST consumer.
         sub = await js.pull_subscribe_bind(subjects.ENCRYPTOR_DURABLE, subjects.INGEST_STREAM)
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
             await sub.fetch(1, timeout=1.5)
-        await _violation(errors, f"$JS.API.CONSUMER.MSG.NEXT.{subjects.INGEST_STREAM}.encryptor")
+        await violation(errors, f"$JS.API.CONSUMER.MSG.NEXT.{subjects.INGEST_STREAM}.encryptor")
         # Create its own consumer on INGEST.
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
             await js.add_consumer(
                 subjects.INGEST_STREAM, ConsumerConfig(durable_name="peek"), timeout=1.5
             )
-        await _violation(errors, f"$JS.API.CONSUMER.DURABLE.CREATE.{subjects.INGEST_STREAM}.peek")
+        await violation(errors, f"$JS.API.CONSUMER.DURABLE.CREATE.{subjects.INGEST_STREAM}.peek")
         # Read a message of INGEST directly, or the plaintext blob.
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
             await js.get_msg(subjects.INGEST_STREAM, 1)
-        await _violation(errors, f"$JS.API.STREAM.MSG.GET.{subjects.INGEST_STREAM}")
-        store = await js.object_store(subjects.INGEST_BLOB_BUCKET)
+        await violation(errors, f"$JS.API.STREAM.MSG.GET.{subjects.INGEST_STREAM}")
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
-            await store.get(blob)
-        await _violation(errors, f"$JS.API.STREAM.MSG.GET.OBJ_{subjects.INGEST_BLOB_BUCKET}")
+            await js.object_store(subjects.INGEST_BLOB_BUCKET)
+        await violation(errors, f"$JS.API.STREAM.INFO.OBJ_{subjects.INGEST_BLOB_BUCKET}")
+        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+            await ObjectStore(
+                name=subjects.INGEST_BLOB_BUCKET,
+                stream=f"OBJ_{subjects.INGEST_BLOB_BUCKET}",
+                js=js,
+            ).get(blob)
+        await violation(errors, f"$JS.API.STREAM.MSG.GET.OBJ_{subjects.INGEST_BLOB_BUCKET}")
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
             await js.get_msg(
                 f"OBJ_{subjects.INGEST_BLOB_BUCKET}",
@@ -145,17 +98,17 @@ async def test_store_writer_cannot_read_plaintext(secured: tuple[NatsServer, Bun
                 next=True,
                 direct=True,
             )
-        await _violation(errors, f"$JS.API.DIRECT.GET.OBJ_{subjects.INGEST_BLOB_BUCKET}")
+        await violation(errors, f"$JS.API.DIRECT.GET.OBJ_{subjects.INGEST_BLOB_BUCKET}")
         # Listen to ingest subjects, or to the encryptor's replies (its fetched messages).
         await nc.subscribe(f"{subjects.INGEST_PREFIX}.>")
-        await _violation(errors, f'Subscription to "{subjects.INGEST_PREFIX}.>"')
+        await violation(errors, f'Subscription to "{subjects.INGEST_PREFIX}.>"')
         await nc.subscribe("_INBOX.>")
-        await _violation(errors, 'Subscription to "_INBOX.>"')
+        await violation(errors, 'Subscription to "_INBOX.>"')
         # What it needs still works: its own consumer on SEALED.
         await topology.ensure_consumer(
             js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE, _consumer_settings()
         )
-    async with _as(server, bundle, "admin") as (nc, _):
+    async with connected_as(server, bundle, "admin") as (nc, _):
         info = await nc.jetstream().stream_info(subjects.INGEST_STREAM)
         assert info.state.messages == 1  # untouched
 
@@ -164,25 +117,25 @@ async def test_gateway_cannot_read_sealed_or_manage_streams(
     secured: tuple[NatsServer, Bundle],
 ) -> None:
     server, bundle = secured
-    async with _as(server, bundle, "scp-gateway") as (nc, errors):
+    async with connected_as(server, bundle, "scp-gateway") as (nc, errors):
         js = nc.jetstream()
         await nc.subscribe(f"{subjects.SEALED_PREFIX}.>")
-        await _violation(errors, f'Subscription to "{subjects.SEALED_PREFIX}.>"')
+        await violation(errors, f'Subscription to "{subjects.SEALED_PREFIX}.>"')
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
             await js.add_consumer(
                 subjects.SEALED_STREAM, ConsumerConfig(durable_name="peek"), timeout=1.5
             )
-        await _violation(errors, f"$JS.API.CONSUMER.DURABLE.CREATE.{subjects.SEALED_STREAM}")
+        await violation(errors, f"$JS.API.CONSUMER.DURABLE.CREATE.{subjects.SEALED_STREAM}")
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
             await js.add_stream(StreamConfig(name="ROGUE", subjects=["rogue.>"]))
-        await _violation(errors, "$JS.API.STREAM.CREATE.ROGUE")
+        await violation(errors, "$JS.API.STREAM.CREATE.ROGUE")
         with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
             await js.delete_stream(subjects.INGEST_STREAM)
-        await _violation(errors, f"$JS.API.STREAM.DELETE.{subjects.INGEST_STREAM}")
+        await violation(errors, f"$JS.API.STREAM.DELETE.{subjects.INGEST_STREAM}")
         # Publishing outside its ingest subjects is refused too.
         await nc.publish(subjects.sealed_subject("DICOMFLOW", "CT01"), b"forged")
-        await _violation(errors, f'Publish to "{subjects.SEALED_PREFIX}.')
-    async with _as(server, bundle, "admin") as (nc, _):
+        await violation(errors, f'Publish to "{subjects.SEALED_PREFIX}.')
+    async with connected_as(server, bundle, "admin") as (nc, _):
         js = nc.jetstream()
         names = {s.config.name for s in await js.streams_info()}
         assert "ROGUE" not in names
@@ -195,10 +148,10 @@ async def test_service_users_only_verify_the_topology(tmp_path: Path) -> None:
     bundle = Bundle(tmp_path / "nats-config")
     write_bundle(bundle)
     with NatsServer(tmp_path / "js", config_file=bundle.server_config) as server:
-        nc = await natsconn.connect_once(_settings(server, bundle, "encryptor"), "test")
+        nc = await natsconn.connect_once(settings_for(server, bundle, "encryptor"), "test")
         try:
             with pytest.raises(topology.TopologyMissing, match="dicomflow topology"):
-                await topology.ensure(nc.jetstream(), _settings(server, bundle, "encryptor"))
+                await topology.ensure(nc.jetstream(), settings_for(server, bundle, "encryptor"))
         finally:
             await nc.close()
 
@@ -246,20 +199,20 @@ async def test_tls_verifies_the_server(
     server, _, bundle, _ = tls_servers
     # Without our CA (the system's trust store only): verification fails.
     with pytest.raises(BrokerUnavailable) as refused:
-        await _connects(_settings(server, bundle, "admin", enabled=True))
+        await _connects(settings_for(server, bundle, "admin", enabled=True))
     assert any(isinstance(e, ssl.SSLCertVerificationError) for e in _cause_chain(refused.value))
     # A name the certificate does not carry: refused too.
     with pytest.raises(BrokerUnavailable) as misnamed:
         await _connects(
-            _settings(
+            settings_for(
                 server, bundle, "admin", enabled=True, ca_file=bundle.ca, server_name="nats.other"
             )
         )
     assert any(isinstance(e, ssl.SSLCertVerificationError) for e in _cause_chain(misnamed.value))
     # With it: connected (and a plaintext client is refused by handshake-first TLS).
-    await _connects(_settings(server, bundle, "admin", enabled=True, ca_file=bundle.ca))
+    await _connects(settings_for(server, bundle, "admin", enabled=True, ca_file=bundle.ca))
     with pytest.raises(BrokerUnavailable):
-        await _connects(_settings(server, bundle, "admin"))
+        await _connects(settings_for(server, bundle, "admin"))
 
 
 async def test_mutual_tls_requires_a_client_certificate(
@@ -267,9 +220,9 @@ async def test_mutual_tls_requires_a_client_certificate(
 ) -> None:
     _, server, _, bundle = tls_servers
     with pytest.raises(BrokerUnavailable):
-        await _connects(_settings(server, bundle, "encryptor", enabled=True, ca_file=bundle.ca))
+        await _connects(settings_for(server, bundle, "encryptor", enabled=True, ca_file=bundle.ca))
     await _connects(
-        _settings(
+        settings_for(
             server,
             bundle,
             "encryptor",

@@ -136,8 +136,12 @@ def test_encryptor_reads_ingest_and_writes_sealed_only() -> None:
 
 def test_scu_gateway_cannot_forge_other_stages_dead_letters() -> None:
     assert _may_publish("scu-gateway", subjects.dlq_subject("deliver-PACS"))
-    for stage in ("encryptor", "store-writer", "scp-gateway"):
+    assert _may_publish("scu-gateway", subjects.dlq_subject("scu-router"))
+    for stage in ("encryptor", "store-writer", "scp-gateway", "anything", "deliver-A.B"):
         assert not _may_publish("scu-gateway", subjects.dlq_subject(stage))
+    for user in ("scp-gateway", "encryptor", "store-writer"):
+        assert not _may_publish(user, subjects.dlq_subject("deliver-PACS"))
+        assert not _may_publish(user, subjects.dlq_subject("scu-router"))
     assert not _may_publish("scu-gateway", f"$JS.API.CONSUMER.MSG.NEXT.{subjects.SEALED_STREAM}.x")
 
 

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomflow.shared import natsconn, storage
+from dicomflow.shared import keycheck, natsconn, storage
 from dicomflow.shared.errors import StoreError
 from dicomflow.shared.index import Index, Record, State
 from dicomflow.shared.keyring import KeyRing
@@ -43,6 +43,8 @@ async def open_reader(settings: ReaderSettings, *, decrypt: bool = True) -> Asyn
     store = storage.build_store(settings.storage)
     nc = await natsconn.connect_once(settings.nats, "cli")
     try:
+        if keyring is not None:  # a wrong key file is refused before anything is read
+            await keycheck.check(nc.jetstream(), keyring, record=False)
         yield Reader(await Index.open(nc.jetstream()), store, keyring)
     finally:
         await nc.close()
