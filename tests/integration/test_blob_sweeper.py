@@ -11,6 +11,7 @@ from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.shared import blobsweeper, subjects, topology
 from dicomflow.shared.messages import H_BLOB
 from dicomflow.shared.settings import NatsSettings
+from support.natsusers import put_object
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +25,9 @@ async def test_sweep_keeps_referenced_and_young_blobs_and_removes_orphans(
         await topology.ensure(js, NatsSettings(servers=[nats_server.url]))
         blobs = await js.object_store(subjects.INGEST_BLOB_BUCKET)
         sealed = await js.object_store(subjects.SEALED_BLOB_BUCKET)
-        await blobs.put("ingest.1.2.3.aaaa", b"x" * 300_000)  # named by a message below
-        await blobs.put("ingest.1.2.4.bbbb", b"y" * 300_000)  # orphan
+        ingest = subjects.INGEST_BLOB_BUCKET
+        await put_object(nc, ingest, "ingest.1.2.3.aaaa", b"x" * 300_000, "nuida")  # named below
+        await put_object(nc, ingest, "ingest.1.2.4.bbbb", b"y" * 300_000, "nuidb")  # orphan
         await js.publish(
             f"{subjects.INGEST_PREFIX}.A.B", b"", headers={H_BLOB: "ingest.1.2.3.aaaa"}
         )
@@ -36,7 +38,8 @@ async def test_sweep_keeps_referenced_and_young_blobs_and_removes_orphans(
 
         await asyncio.sleep(1.2)
         young = "sealed.1.2.5.cccc"
-        await sealed.put(young, b"w" * 1000)  # orphan too, but younger than the grace
+        # orphan too, but younger than the grace
+        await put_object(nc, subjects.SEALED_BLOB_BUCKET, young, b"w" * 1000, "nuidc")
         assert await blobsweeper.sweep(js, grace=1.0) == 2
 
         names = {i.name for i in await blobs.list(ignore_deletes=True)}

@@ -31,6 +31,7 @@ from dicomflow.shared.messages import BodyKind, Instance
 from dicomflow.shared.sealsign import SealSigner, load_signing_key
 from dicomflow.shared.transport import blob_name
 from support.dicomfiles import ct_series
+from support.natsusers import put_object
 from support.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -235,7 +236,7 @@ async def _publish(url: str, forged: list[Forged]) -> None:
             data = f.data
             if f.blob:  # the body goes into the sealed blob bucket, as the encryptor's would
                 name = headers[messages.H_BLOB]
-                await (await js.object_store(subjects.blob_bucket(name))).put(name, data)
+                await put_object(nc, subjects.blob_bucket(name), name, data, f"forged{f.name}")
                 data = b""
             await js.publish(subject, data, headers=headers, timeout=10)
     finally:

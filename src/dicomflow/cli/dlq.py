@@ -64,7 +64,12 @@ class DeadLetter:
 
     @property
     def stage(self) -> str:
-        """The stage whose dead-letter subject this is ("" for any other subject)."""
+        """The stage whose dead-letter subject this is ("" for any other subject):
+        ``dicomflow.dlq.<stage>``, or ``dicomflow.dlq.deliver.<dest>`` for the delivery
+        stage ``deliver-<dest>`` (letters of earlier versions sit on the stage's name)."""
+        deliver = f"{subjects.DLQ_DELIVER_PREFIX}."
+        if self.subject.startswith(deliver):
+            return f"{DELIVER}{self.subject[len(deliver) :]}"
         prefix = f"{subjects.DLQ_PREFIX}."
         return self.subject[len(prefix) :] if self.subject.startswith(prefix) else ""
 
