@@ -37,6 +37,11 @@ def test_up_stores_reads_back_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         config = (data / "dicomflow.toml").read_text()
         assert "signing_key = " in config and "trusted_signing_keys = " in config
         assert "Received Store Response (Success)" in _send(port, first.path)
+        # received datasets are spooled in the data folder, privately, never in /tmp
+        assert (data / "spool").stat().st_mode & 0o777 == 0o700
+        folders = [p.name for p in (data / "spool").iterdir()]
+        assert folders, "the gateway made no folder of its own in the spool"
+        assert all(name.startswith("dicomflow-scp-gateway") for name in folders), folders
         assert "Association Rejected" in _send(port, first.path, calling="STORESCU")
         _wait_listed(data, first.sop_instance_uid)
         out = tmp_path / "first.dcm"

@@ -267,7 +267,8 @@ def _config(
             "host": args.host,
             "port": args.port,
             "allowed_calling_aes": allowed,
-            **_spool(data),
+            # received datasets stay in the data folder (the gateway makes it 0700)
+            "spool_dir": data.spool,
         },
         "storage": {"backend": "local", "local_path": data.objects, "layout": "flat"},
         "encryption": {
@@ -277,13 +278,6 @@ def _config(
         },
         "telemetry": {"metrics_host": "127.0.0.1"},
     }
-
-
-def _spool(data: DataDir) -> dict[str, object]:
-    """``scp.spool_dir``: received datasets stay in the data folder, not the system temp."""
-    if "spool_dir" not in ScpSettings.model_fields:  # a gateway without the setting
-        return {}
-    return {"spool_dir": data.spool}
 
 
 def forwarding(specs: list[str], calling_ae: str) -> dict[str, object] | None:
