@@ -33,9 +33,10 @@ Retention is chosen per stream:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from nats.errors import NoRespondersError
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 WEEK = 7 * 24 * 3600.0
 KEYS_MAX_BYTES = 1024 * 1024  # key check values: some 100 bytes per key id
+STREAM_NAME_IN_USE = 10058  # JetStream: "stream name already in use with a different config"
 
 
 def stream_configs(nats: NatsSettings) -> list[StreamConfig]:
@@ -292,15 +294,29 @@ async def _ensure_kv(js: JetStreamContext, nats: NatsSettings) -> None:
     # stream exists, so buckets are looked up first rather than re-created.
     stream = f"KV_{subjects.INDEX_BUCKET}"
     if not await _exists(js, stream):
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.INDEX_BUCKET,
-                history=5,
-                storage=StorageType.FILE,
-                replicas=nats.stream_replicas,
+        with _made_meanwhile():
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=subjects.INDEX_BUCKET,
+                    history=5,
+                    storage=StorageType.FILE,
+                    replicas=nats.stream_replicas,
+                )
             )
-        )
     await _refuse_rollups(js, stream)
+
+
+@contextlib.contextmanager
+def _made_meanwhile() -> Iterator[None]:
+    """A bucket create that lost a race: another stage starting at the same moment made
+    the bucket between our look-up and our create, and already made it refuse rollups, so
+    ours (as nats-py creates buckets, allowing them) differs from what is there. That is
+    the bucket existing; ``_refuse_rollups`` then finds it as it should be."""
+    try:
+        yield
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
 
 
 async def _refuse_rollups(js: JetStreamContext, stream: str) -> None:
@@ -345,14 +361,15 @@ async def _ensure_blobs(js: JetStreamContext, nats: NatsSettings, bucket: str) -
     would erase. Puts write metadata without a rollup header (``transport``)."""
     stream = subjects.blob_stream(bucket)
     if not await _exists(js, stream):
-        await js.create_object_store(
-            bucket,
-            ObjectStoreConfig(
-                storage=StorageType.FILE,
-                replicas=nats.stream_replicas,
-                max_bytes=nats.blob_max_bytes,
-            ),
-        )
+        with _made_meanwhile():
+            await js.create_object_store(
+                bucket,
+                ObjectStoreConfig(
+                    storage=StorageType.FILE,
+                    replicas=nats.stream_replicas,
+                    max_bytes=nats.blob_max_bytes,
+                ),
+            )
     await _refuse_rollups(js, stream)
 
 

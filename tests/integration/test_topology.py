@@ -3,9 +3,13 @@ writer's durable made with it, and the migration of a work-queue SEALED made ear
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import nats
 import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
+from nats.js.errors import NotFoundError
 
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.shared import subjects, topology
@@ -72,3 +76,25 @@ async def test_work_queue_sealed_from_an_earlier_version_is_migrated_only_when_e
         assert await js.consumer_info(SEALED, subjects.STORE_WRITER_DURABLE)
     finally:
         await nc.close()
+
+
+async def test_stages_starting_at_once_all_set_up_the_buckets(nats_server: NatsServer) -> None:
+    """Several stages start at the same moment on a fresh server (the fault suite starts
+    two store writers): each looks the buckets up, finds none and creates them. The one
+    that loses the race sees a bucket that already refuses rollups, unlike the one it
+    asked for: that is the bucket existing, not a failed start."""
+    settings = NatsSettings(servers=[nats_server.url])
+    buckets = (f"KV_{subjects.INDEX_BUCKET}", *map(subjects.blob_stream, subjects.BLOB_BUCKETS))
+    conns = [await nats.connect(nats_server.url) for _ in range(6)]
+    try:
+        for _ in range(5):
+            for name in buckets:
+                with contextlib.suppress(NotFoundError):
+                    await conns[0].jetstream().delete_stream(name)
+            await asyncio.gather(*(topology.ensure(nc.jetstream(), settings) for nc in conns))
+            for name in buckets:
+                info = await conns[0].jetstream().stream_info(name)
+                assert not info.config.allow_rollup_hdrs, name
+    finally:
+        for nc in conns:
+            await nc.close()
