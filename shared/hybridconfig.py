@@ -66,7 +66,8 @@ def sealed_encryptor_permissions(public_key: str) -> Permissions:
     (``hybridtopology.clear_uplinked``: consumer lists, purges below their ack floors)."""
     sealed_blobs = subjects.blob_stream(subjects.SEALED_BLOB_BUCKET)
     publish = (
-        f"{API}.STREAM.INFO.*",
+        f"{API}.STREAM.NAMES",  # the topology check at start
+        *(f"{API}.STREAM.INFO.{s}" for s in zones.UPLINKED),
         f"{subjects.SEALED_PREFIX}.>",
         f"$O.{subjects.SEALED_BLOB_BUCKET}.>",
         f"{API}.STREAM.MSG.GET.{sealed_blobs}",
