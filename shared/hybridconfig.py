@@ -138,6 +138,7 @@ def edge_config(
             f"  urls: {json.dumps(cloud_urls)}",
             f"  account: {EDGE_ACCOUNT}",
             f"  nkey: {json.dumps(leaf_seed)}",
+            "  ignore_discovered_servers: true",  # only the URLs the cloud's bundle names
             "  compression: off",  # ciphertext does not compress
             _indent(_tls(tls, verify=False), 2).rstrip("\n"),
             "}",

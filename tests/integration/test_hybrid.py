@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import nats
 import psutil
 import pytest
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
@@ -258,7 +260,11 @@ def test_no_plaintext_reaches_the_cloud(hybrid: Hybrid, tmp_path: Path) -> None:
         nc = await natsconn.connect_once(hybrid.settings("cloud").nats, "test")
         seen: list[str] = []
         try:
-            sub = await nc.subscribe(">", cb=lambda m: _append(seen, m.subject))
+
+            async def record(msg: Msg) -> None:
+                seen.append(msg.subject)
+
+            sub = await nc.subscribe(">", cb=record)
             await asyncio.to_thread(hybrid.send, [*inline, blob])
             await asyncio.to_thread(
                 wait_for, "stored", lambda: len(asyncio.run(_stored(hybrid))) == before + 3, 90
@@ -294,13 +300,6 @@ def test_no_plaintext_reaches_the_cloud(hybrid: Hybrid, tmp_path: Path) -> None:
         p for p in hybrid.cloud.rglob("*") if p.is_file() and MARKER.encode() in p.read_bytes()
     ]
     assert not found
-    hub_conf = (hybrid.cloud / "keys" / "nats" / "nats-server.conf").read_text()
-    for word in ("remotes", "routes", "cluster", "gateway"):
-        assert word not in hub_conf
-
-
-def _append(seen: list[str], subject: str) -> None:
-    seen.append(subject)
 
 
 def test_store_and_forward_through_a_cut_link(hybrid: Hybrid, tmp_path: Path) -> None:
@@ -370,16 +369,21 @@ def test_egress_only_the_edge_listens_on_loopback_and_the_cloud_never_calls_it(
     hybrid: Hybrid,
 ) -> None:
     assert hybrid.edge_proc is not None and hybrid.cloud_proc is not None
+    hub_conf = (hybrid.cloud / "keys" / "nats" / "nats-server.conf").read_text()
+    assert not re.search(r"^\s*(remotes|routes|cluster|gateway|hub)\s*[:{]", hub_conf, re.M)
+    assert re.search(r"^\s*listen\s*:", hub_conf.split("leafnodes {", 1)[1], re.M)
     edge_conf = (hybrid.edge / "keys" / "nats" / "nats-server.conf").read_text()
-    assert "remotes" in edge_conf and "listen" not in edge_conf.split("leafnodes", 1)[1]
+    leafnodes = edge_conf.split("leafnodes {", 1)[1].split("accounts {", 1)[0]
+    assert re.search(r"^\s*remotes\s*:", leafnodes, re.M)
+    assert not re.search(r"^\s*(listen|port)\s*:", leafnodes, re.M)
+    assert not re.search(r"^\s*(routes|cluster|gateway)\s*[:{]", edge_conf, re.M)
     leaf = psutil.Process(_nats_server_pid(hybrid.edge_proc))
     listening = [c.laddr for c in leaf.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
     url = hybrid.settings("edge").nats.servers[0]
     assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", int(url.rsplit(":", 1)[1]))]
-    outbound = [
-        c for c in leaf.net_connections("tcp") if c.raddr and c.raddr.port == hybrid.proxy.port
-    ]
-    assert outbound, "the leaf has no connection out to the cloud"
+    outbound = [c.raddr.port for c in leaf.net_connections("tcp") if c.raddr]
+    assert hybrid.proxy.port in outbound, "the leaf has no connection out to the cloud"
+    assert hybrid.leafnode_port not in outbound  # only through the URL of its bundle
 
     hub = psutil.Process(_nats_server_pid(hybrid.cloud_proc))
     hybrid.stop_edge()
