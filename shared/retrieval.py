@@ -15,6 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
 from dicomflow.shared import storage
 from dicomflow.shared.envelope import open_bytes, open_stream
 from dicomflow.shared.errors import DigestMismatch, ObjectMissing
@@ -101,3 +104,52 @@ def _open_into(keyring: KeyRing, sealed: IO[bytes], size: int, sha256: str, out:
         partial.unlink(missing_ok=True)
         raise
     return written
+
+
+NOT_THE_INSTANCE = "object decrypts, but to another SOP Instance UID than the one asked for"
+
+
+async def fetch_unindexed(
+    store: ObjectStore,
+    keyring: KeyRing,
+    *,
+    object_key: str,
+    sop_instance_uid: str,
+    out: Path,
+    scratch: Path | None = None,
+) -> int:
+    """``fetch_verified`` where no index gives the plaintext's SHA-256 (a hybrid edge, whose
+    index is in the cloud): the GCM tag proves the object was sealed under this site's
+    master key and not altered; the instance it holds must have ``sop_instance_uid``."""
+    with tempfile.TemporaryFile(dir=scratch) as sealed:
+        size = await download(store, object_key, sealed)
+        sealed.seek(0)
+        return await asyncio.to_thread(
+            _open_into_checked_uid, keyring, sealed, size, sop_instance_uid, out
+        )
+
+
+def _open_into_checked_uid(
+    keyring: KeyRing, sealed: IO[bytes], size: int, sop_instance_uid: str, out: Path
+) -> int:
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=".dicomflow-")
+    partial = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as plain:
+            written = open_stream(keyring, sealed, plain, size=size)  # type: ignore[arg-type]
+        _check_uid(partial, sop_instance_uid)
+        partial.replace(out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _check_uid(path: Path, sop_instance_uid: str) -> None:
+    try:
+        found = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        uid = str(found.get("SOPInstanceUID", ""))
+    except (InvalidDicomError, OSError, ValueError):
+        uid = ""
+    if uid != sop_instance_uid:
+        raise DigestMismatch(NOT_THE_INSTANCE)

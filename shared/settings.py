@@ -36,6 +36,7 @@ from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import KeyRing, MasterKey, load_master_key
 from dicomflow.shared.layout import Layout, normalize_root_path
 from dicomflow.shared.sealsign import SealSigner, SealVerifier, load_signing_key, load_trusted_keys
+from dicomflow.shared.zones import Zone
 
 CONFIG_ENV = "DICOMFLOW_CONFIG"
 
@@ -82,6 +83,12 @@ class NatsSettings(Section):
         default=True,
         description="create/update streams and buckets at start; false: only verify "
         "(least-privilege users cannot manage streams; run `dicomflow topology` as admin)",
+    )
+    zone: Zone = Field(
+        default=Zone.SINGLE,
+        description="which part of the topology this connection's account holds: single "
+        "(all of it), or in the hybrid edge edge-local, edge-sealed or cloud "
+        "(what a stage checks at start)",
     )
     connect_timeout: float = Field(default=5.0, gt=0)
     publish_timeout: float = Field(default=10.0, gt=0, description="seconds to await a PubAck")
@@ -165,6 +172,12 @@ class StorageBackend(StrEnum):
 class StorageSettings(Section):
     backend: StorageBackend = StorageBackend.LOCAL
     layout: Layout = Layout.FLAT
+    lookup: Literal["index", "layout"] = Field(
+        default="index",
+        description="how `get` finds an object: through the index (over NATS), or by the "
+        "name the layout computes from the SOP Instance UID (a hybrid edge, which has no "
+        "index; flat and legacy layouts)",
+    )
     root_path: str = ""
     local_path: Path | None = None
     s3_bucket: str | None = None
@@ -380,6 +393,10 @@ class ScpGatewaySettings(ServiceSettings):
 
 class EncryptorSettings(ServiceSettings):
     encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    # Hybrid edge: the sealed side's connection (EDGE account: publish SEALED, write sealed
+    # blobs); ``nats`` is then the plaintext side's (LOCAL: INGEST, plaintext blobs, DLQ).
+    # Absent: one connection for both, as in a single zone.
+    nats_sealed: NatsSettings | None = None
     consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
 
 

@@ -54,9 +54,10 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
-from dicomflow.shared import subjects
+from dicomflow.shared import subjects, zones
 from dicomflow.shared.errors import BrokerUnavailable, ConfigError
 from dicomflow.shared.settings import ConsumerSettings, NatsSettings
+from dicomflow.shared.zones import Zone
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ async def ensure(js: JetStreamContext, nats: NatsSettings, *, migrate: bool = Fa
 
 async def _ensure_once(js: JetStreamContext, nats: NatsSettings, migrate: bool) -> None:
     if not nats.manage_topology:
-        await verify(js)
+        await verify(js, nats.zone)
         return
     for config in stream_configs(nats):
         await _ensure_stream(js, config, migrate)
@@ -167,19 +168,21 @@ async def _ensure_once(js: JetStreamContext, nats: NatsSettings, migrate: bool) 
         await _ensure_blobs(js, nats, bucket)
 
 
-async def verify(js: JetStreamContext) -> None:
-    """Raise TopologyMissing naming every stream or bucket that does not exist.
+async def verify(js: JetStreamContext, zone: Zone = Zone.SINGLE) -> None:
+    """Raise TopologyMissing naming every stream or bucket of ``zone`` that does not exist.
 
     Looked up by name (``STREAM.NAMES``, which every service user may ask), not by
     ``STREAM.INFO``: that one is granted per stream to the users that need it, because
     with a subject filter it lists a stream's subjects (the index's are SOP Instance
     UIDs)."""
-    missing = [
-        name for name, subject in _stream_subjects().items() if not await _named(js, name, subject)
-    ]
-    if not missing and not await _consumer_exists(
-        js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE
-    ):
+    held = _stream_subjects()
+    missing = [name for name in zones.streams(zone) if not await _named(js, name, held[name])]
+    if missing or zone is Zone.EDGE_LOCAL:
+        pass
+    elif zone is Zone.EDGE_SEALED:  # SEALED's consumer there is the uplink durable
+        if not (await js.stream_info(subjects.SEALED_STREAM)).state.consumer_count:
+            missing.append(f"the uplink consumer of {subjects.SEALED_STREAM}")
+    elif not await _consumer_exists(js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE):
         missing.append(f"the {subjects.STORE_WRITER_DURABLE} consumer of {subjects.SEALED_STREAM}")
     if missing:
         raise TopologyMissing(
@@ -402,3 +405,19 @@ def _stream_subjects() -> dict[str, str]:
         **{f"KV_{b}": f"$KV.{b}.>" for b in (subjects.INDEX_BUCKET, subjects.KEYS_BUCKET)},
         **{subjects.blob_stream(b): f"$O.{b}.M.>" for b in subjects.BLOB_BUCKETS},
     }
+
+
+# Public entry points for the hybrid topology (``hybridtopology``), which lays the same
+# streams out over the accounts of an edge and the cloud.
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create ``config``'s stream, or update it in place (re-created if empty and its
+    retention changed)."""
+    await _ensure_stream(js, config, True)
+
+
+async def ensure_index(js: JetStreamContext, nats: NatsSettings) -> None:
+    await _ensure_kv(js, nats)
+
+
+async def ensure_blob_bucket(js: JetStreamContext, nats: NatsSettings, bucket: str) -> None:
+    await _ensure_blobs(js, nats, bucket)

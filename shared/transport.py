@@ -54,6 +54,10 @@ BLOB_WINDOW_BYTES = 16 * 1024 * 1024  # chunk bytes published and not yet acked,
 BLOB_READ_BYTES = 8 * 1024 * 1024  # chunk bytes asked for in one batched read
 
 
+class BlobMissing(ContractViolation):
+    """The blob a message names does not exist (in a hybrid cloud it may be on its way)."""
+
+
 class Transport:
     def __init__(
         self,
@@ -233,9 +237,7 @@ class Transport:
             spool.seek(0)
         except (NotFoundError, ObjectNotFoundError) as exc:
             spool.close()
-            raise ContractViolation(
-                f"blob {instance.blob} named by the message does not exist"
-            ) from exc
+            raise BlobMissing(f"blob {instance.blob} named by the message does not exist") from exc
         except (NatsError, TimeoutError) as exc:
             spool.close()
             raise BrokerUnavailable(f"could not read blob {instance.blob}: {exc!r}") from exc
@@ -275,9 +277,7 @@ class Transport:
                 async for data in chunks:
                     yield data
         except (NotFoundError, ObjectNotFoundError) as exc:
-            raise ContractViolation(
-                f"blob {instance.blob} named by the message does not exist"
-            ) from exc
+            raise BlobMissing(f"blob {instance.blob} named by the message does not exist") from exc
         except (NatsError, TimeoutError) as exc:
             raise BrokerUnavailable(f"could not read blob {instance.blob}: {exc!r}") from exc
 

@@ -25,7 +25,15 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from dicomflow.encryptor.sealing import HashingSealer, seal_and_hash
-from dicomflow.shared import blobsweeper, keycheck, messages, natsconn, subjects, topology
+from dicomflow.shared import (
+    blobsweeper,
+    hybridtopology,
+    keycheck,
+    messages,
+    natsconn,
+    subjects,
+    topology,
+)
 from dicomflow.shared.consumer import H_DLQ_BODY, AfterAck, Consumer, Letter, dropped
 from dicomflow.shared.envelope import OVERHEAD
 from dicomflow.shared.errors import ContractViolation
@@ -44,9 +52,18 @@ STAGE = "encryptor"
 
 class Encryptor:
     def __init__(
-        self, transport: Transport, keyring: KeyRing, signer: SealSigner, tracing: Tracing
+        self,
+        transport: Transport,
+        keyring: KeyRing,
+        signer: SealSigner,
+        tracing: Tracing,
+        sealed: Transport | None = None,
     ) -> None:
+        """``transport`` reads INGEST bodies and deletes plaintext blobs; ``sealed``
+        (default: the same) publishes SEALED and writes sealed blobs (a hybrid edge
+        keeps the two sides in separate NATS accounts)."""
         self._transport = transport
+        self._sealed = sealed or transport
         self._keyring = keyring
         self._signer = signer
         self._tracing = tracing
@@ -68,13 +85,13 @@ class Encryptor:
         key = self._keyring.current
         with (
             await self._transport.open_body(msg, instance) as plain,
-            self._transport.spool(instance.size + OVERHEAD) as sealed_file,
+            self._sealed.spool(instance.size + OVERHEAD) as sealed_file,
         ):
             sealed = await asyncio.to_thread(seal_and_hash, key, plain, sealed_file)
             _check_plaintext(instance, sealed.plaintext_size, sealed.plaintext_sha256)
             sealed_file.seek(0)
             out = self._signed(instance, key.key_id, sealed.sealed_size, sealed.sealed_sha256)
-            await self._transport.publish(
+            await self._sealed.publish(
                 subject, out, sealed_file, sealed.sealed_size, blob_prefix=SEALED_BLOB_PREFIX
             )
 
@@ -97,14 +114,14 @@ class Encryptor:
             yield sealer.finalize()
 
         name = blob_name(SEALED_BLOB_PREFIX, instance)
-        sealed_size, sealed_sha256 = await self._transport.put_blob(name, sealed_pieces())
+        sealed_size, sealed_sha256 = await self._sealed.put_blob(name, sealed_pieces())
         try:
             _check_plaintext(instance, sealer.size, sealer.plaintext_sha256)
         except ContractViolation:
-            await self._transport.delete_blob_named(name)
+            await self._sealed.delete_blob_named(name)
             raise
         out = self._signed(instance, key.key_id, sealed_size, sealed_sha256)
-        await self._transport.publish_blob(subject, out, name)
+        await self._sealed.publish_blob(subject, out, name)
 
     async def dead_letter(self, msg: Msg) -> Letter:
         """What the DLQ keeps of an INGEST message instead of its plaintext: the instance
@@ -154,13 +171,13 @@ class Encryptor:
 
         name = blob_name(SEALED_BLOB_PREFIX, instance)
         try:
-            sealed_size, sealed_sha256 = await self._transport.put_blob(name, sealed_pieces())
+            sealed_size, sealed_sha256 = await self._sealed.put_blob(name, sealed_pieces())
         except ContractViolation:
             raise _Unsealable("its plaintext blob is missing") from None
         try:
             _check_plaintext(instance, sealer.size, sealer.plaintext_sha256)
         except ContractViolation as exc:
-            await self._transport.delete_blob_named(name)
+            await self._sealed.delete_blob_named(name)
             raise _Unsealable(str(exc)) from None
         out = self._signed(instance, key.key_id, sealed_size, sealed_sha256)
         return out.with_body(BodyKind.BLOB, name)
@@ -187,6 +204,7 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Tel
     signer = settings.encryption.signer()  # and without its signing key
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
+    sealed_nc = None
     try:
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
@@ -197,7 +215,18 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Tel
         transport = Transport(
             nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
         )
-        encryptor = Encryptor(transport, keyring, signer, telemetry.tracing)
+        sealed: Transport | None = None
+        if settings.nats_sealed is not None:  # a hybrid edge: the sealed side's account
+            sealed_nc = await natsconn.connect(settings.nats_sealed, f"{STAGE}-sealed", stop)
+            telemetry.readiness.add_nats(sealed_nc)
+            await topology.ensure(sealed_nc.jetstream(), settings.nats_sealed)
+            sealed = Transport(
+                sealed_nc,
+                sealed_nc.jetstream(),
+                publish_timeout=settings.nats_sealed.publish_timeout,
+                spool_dir=settings.spool_dir,
+            )
+        encryptor = Encryptor(transport, keyring, signer, telemetry.tracing, sealed)
         log.info(
             "encryptor ready; current master key id %d, signing key %s",
             keyring.current.key_id,
@@ -214,6 +243,25 @@ async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Tel
             letter=encryptor.dead_letter,
         )
         telemetry.readiness.started()
-        await blobsweeper.consume_and_sweep(js, consumer, settings.nats, stop)
+        if sealed_nc is None:
+            await blobsweeper.consume_and_sweep(js, consumer, settings.nats, stop)
+        else:
+            # The edge's sealed blobs leave for the cloud (interest retention), so only
+            # the plaintext bucket is swept here; the janitor clears what the uplink
+            # left behind below its ack floor.
+            nats = settings.nats
+            await asyncio.gather(
+                consumer.run(stop),
+                blobsweeper.run_periodically(
+                    js,
+                    nats.blob_sweep_interval,
+                    nats.blob_orphan_grace,
+                    stop,
+                    (subjects.INGEST_BLOB_BUCKET,),
+                ),
+                hybridtopology.run_janitor(sealed_nc.jetstream(), stop),
+            )
     finally:
+        if sealed_nc is not None:
+            await sealed_nc.drain()
         await nc.drain()

@@ -42,7 +42,15 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
-from dicomflow.shared import blobsweeper, messages, natsconn, storage, subjects, topology
+from dicomflow.shared import (
+    blobsweeper,
+    hybridtopology,
+    messages,
+    natsconn,
+    storage,
+    subjects,
+    topology,
+)
 from dicomflow.shared.consumer import AfterAck, Consumer
 from dicomflow.shared.envelope import OVERHEAD, key_id_of
 from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict, EnvelopeError
@@ -54,7 +62,7 @@ from dicomflow.shared.sealsign import SealVerifier
 from dicomflow.shared.settings import DuplicatePolicy, StorageSettings, StoreWriterSettings
 from dicomflow.shared.storage import ObjectExists, ObjectStore
 from dicomflow.shared.telemetry import Telemetry
-from dicomflow.shared.transport import Transport
+from dicomflow.shared.transport import BlobMissing, Transport
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +101,17 @@ class StoreWriter:
     async def handle(self, msg: Msg) -> AfterAck:
         instance = messages.parse(msg.headers, sealed=True, signed=True)
         self._verifier.verify(instance)  # before a blob is fetched
-        body, sha256 = await self._transport.open_body_hashed(msg, instance)
+        try:
+            body, sha256 = await self._transport.open_body_hashed(msg, instance)
+        except BlobMissing:
+            # In the hybrid cloud the blob arrives through a source of its own, which can
+            # lag behind the message's: wait for it while it may still be on its way.
+            if await hybridtopology.blob_in_transit(self._js, _stored_at(msg)):
+                raise BlobInTransit(
+                    "the blob named by the message has not arrived from its site yet "
+                    "(the sealed-blob source is catching up or cut off)"
+                ) from None
+            raise
         with body:
             self._verifier.check_digest(instance, sha256)
             if instance.body is BodyKind.BLOB:  # inline bodies were checked on delivery
@@ -274,6 +292,18 @@ async def _timed(metrics: Metrics, operation: str, request: Callable[[], Awaitab
         raise
     finally:
         metrics.storage_seconds.labels(operation, outcome).observe(time.perf_counter() - start)
+
+
+class BlobInTransit(BrokerUnavailable):
+    """A sealed blob is still on its way from the site (ridden out as an outage)."""
+
+
+def _stored_at(msg: Msg) -> float | None:
+    """When JetStream stored ``msg`` (epoch seconds), if it says."""
+    try:
+        return float(msg.metadata.timestamp.timestamp())
+    except (AttributeError, ValueError, TypeError):
+        return None
 
 
 def _sha256_file(body: IO[bytes]) -> str:

@@ -11,14 +11,18 @@ from pathlib import Path
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.reading import Reader, open_reader
+from dicomflow.shared import storage
 from dicomflow.shared.errors import (
     ConfigError,
+    ContractViolation,
     DigestMismatch,
     EnvelopeError,
     ObjectMissing,
     StoreError,
 )
 from dicomflow.shared.index import Malformed, Record, State
+from dicomflow.shared.layout import Layout, object_key
+from dicomflow.shared.retrieval import fetch_unindexed
 from dicomflow.shared.settings import ReaderSettings
 
 
@@ -98,10 +102,46 @@ async def _get(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ConfigError(f"folder {out.parent} does not exist")
     settings = settings_from(args, ReaderSettings)
+    if settings.storage.lookup == "layout":
+        await _get_by_layout(settings, args.sop_instance_uid, out)
+        return 0
     async with open_reader(settings) as reader:
         record = await reader.record(args.sop_instance_uid)
         await reader.fetch(record, out)
     return 0
+
+
+async def _get_by_layout(settings: ReaderSettings, sop_instance_uid: str, out: Path) -> None:
+    """`get` without the index (storage.lookup = "layout", a hybrid edge): the object's
+    name follows from the SOP Instance UID under the flat and legacy layouts."""
+    layout = settings.storage.layout
+    if layout not in (Layout.FLAT, Layout.LEGACY):
+        raise ConfigError(
+            f"storage.lookup = layout needs the flat or legacy layout (not {layout}): "
+            "only their object names follow from the SOP Instance UID alone"
+        )
+    try:
+        key = object_key(
+            layout,
+            settings.storage.root_path,
+            sop_instance_uid=sop_instance_uid,
+            # Neither layout uses them; any valid UID passes their check.
+            study_uid=sop_instance_uid,
+            series_uid=sop_instance_uid,
+            encrypted=True,
+        )
+    except ContractViolation:
+        raise ConfigError("SOP_INSTANCE_UID is not a DICOM UID") from None
+    try:
+        await fetch_unindexed(
+            storage.build_store(settings.storage),
+            settings.encryption.keyring(),
+            object_key=key,
+            sop_instance_uid=sop_instance_uid,
+            out=out,
+        )
+    except ObjectMissing:
+        raise StoreError(f"no stored instance with SOP Instance UID {sop_instance_uid}") from None
 
 
 async def _verify(args: argparse.Namespace) -> int:

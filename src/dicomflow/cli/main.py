@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from dicomflow.cli import (
+    cloud,
     crypt,
     dlq,
+    edge,
     importer,
     instances,
     keys,
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (
         up,
+        cloud,
+        edge,
         stages,
         keys,
         instances,

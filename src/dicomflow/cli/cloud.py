@@ -1,0 +1,269 @@
+"""`dicomflow cloud`: the hub of the hybrid edge, and `dicomflow cloud add-site NAME`.
+
+`cloud` runs the hub nats-server (JetStream domain ``cloud``, a TLS leafnode listener
+verifying the sites' client certificates, no route, gateway or remote) and the
+store-writer, storing under ``DIR/objects``. It holds no master key and no plaintext.
+
+`cloud add-site NAME --out BUNDLE` registers a site (its leaf user's public NKey, its
+encryptor's public signing key) and writes the site bundle the operator carries to the
+hospital (``embedded.sites.SiteBundle``). Restart `cloud` to take a new site into use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from dicomflow.cli.natsconfig import Bundle, new_seed
+from dicomflow.cli.up import METRICS_PORT_ENV, StopFlag, stage_credentials
+from dicomflow.embedded.layout import to_toml
+from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
+from dicomflow.embedded.sites import CloudDir, SiteBundle
+from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.shared import hybridconfig, hybridtopology, natscerts, natsconn, zones
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.natsauth import ADMIN, ServerTls
+from dicomflow.shared.sealsign import PUBLIC_NAME, generate_signing_key_pair
+from dicomflow.shared.settings import NatsSettings
+
+STAGE = "store-writer"
+DEFAULT_LEAFNODE_PORT = 7422
+SERVER_CERT = "leafnode"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "cloud",
+        help="run the cloud of the hybrid edge: hub nats-server and store-writer",
+        description=(
+            "Run the hub nats-server of the hybrid topology (JetStream domain cloud; sites "
+            "connect to its TLS leafnode listener, it connects to none) and the store-writer, "
+            "storing encrypted objects under DIR/objects. Sites are added with "
+            "`dicomflow cloud add-site NAME --out BUNDLE`; restart to take new ones into use."
+        ),
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("dicomflow-cloud"),
+        metavar="DIR",
+        help="state folder (default: ./dicomflow-cloud)",
+    )
+    parser.add_argument(
+        "--leafnode-host",
+        default="0.0.0.0",  # noqa: S104 (sites connect from outside)
+        help="address of the leafnode listener (default: all interfaces)",
+    )
+    parser.add_argument(
+        "--leafnode-port",
+        type=int,
+        default=DEFAULT_LEAFNODE_PORT,
+        help=f"port of the leafnode listener (default: {DEFAULT_LEAFNODE_PORT})",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9190,
+        metavar="PORT",
+        help="loopback port of the store-writer's /metrics, /livez, /readyz (0: a free one)",
+    )
+    parser.set_defaults(func=run)
+    actions = parser.add_subparsers(dest="cloud_action", metavar="ACTION")
+    add = actions.add_parser(
+        "add-site",
+        help="register a site and write its bundle (credentials to carry to the site)",
+        description=(
+            "Register site NAME (its JetStream domain) and write its bundle to --out: the "
+            "leaf's NKey seed, its client certificate signed by the cloud's CA, the cloud's "
+            "CA certificate and leafnode URL, and the site encryptor's signing key pair "
+            "(the cloud keeps only the public key). Secret files are 0600: carry the folder "
+            "to the site and delete the copy."
+        ),
+    )
+    add.add_argument("name", metavar="NAME", help="site name: 2-32 of a-z 0-9 -")
+    add.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="output folder")
+    add.add_argument(
+        "--data-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="the cloud's state folder (default: ./dicomflow-cloud)",
+    )
+    add.add_argument(
+        "--cloud-url",
+        action="append",
+        metavar="URL",
+        help=f"leafnode URL the site connects to, repeat for more "
+        f"(default: tls://127.0.0.1:{DEFAULT_LEAFNODE_PORT})",
+    )
+    add.add_argument(
+        "--hosts",
+        nargs="+",
+        default=["localhost", "127.0.0.1"],
+        metavar="HOST",
+        help="names and addresses in the cloud's leafnode certificate, when it is first made "
+        "(default: localhost 127.0.0.1)",
+    )
+    add.set_defaults(func=add_site)
+
+
+def add_site(args: argparse.Namespace) -> int:
+    site = zones.check_site(args.name)
+    cloud = CloudDir(args.data_dir.resolve())
+    urls = args.cloud_url or [f"tls://127.0.0.1:{DEFAULT_LEAFNODE_PORT}"]
+    for url in urls:
+        if not url.startswith("tls://"):
+            raise ConfigError(f"--cloud-url {url}: the leafnode link is TLS only (tls://HOST:PORT)")
+    registration = cloud.sites / f"{site}.json"
+    if registration.exists():
+        raise ConfigError(f"site {site} is already registered ({registration})")
+    out = SiteBundle(args.out)
+    if out.root.exists() and any(out.root.iterdir()):
+        raise ConfigError(f"{out.root} exists and is not empty; choose a new folder")
+    ca = _credentials(cloud, args.hosts)
+    out.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    out.root.chmod(0o700)
+    seed = new_seed()
+    natscerts.write_private(out.seed, (seed + "\n").encode())
+    natscerts.issue(ca, f"dicomflow site {site}").write(out.cert, out.key)
+    out.ca.write_bytes(cloud.nats.ca.read_bytes())
+    generate_signing_key_pair(out.root)
+    out.write_manifest(site, urls)
+    cloud.trusted.mkdir(parents=True, exist_ok=True)
+    (cloud.trusted / f"{site}.pub.pem").write_bytes(out.signing_public.read_bytes())
+    cloud.sites.mkdir(parents=True, exist_ok=True)
+    registration.write_text(
+        json.dumps({"leaf_public_key": natsconn.public_key(seed), "cloud_urls": urls}) + "\n"
+    )
+    print(
+        f"site {site} registered; its bundle is {out.root} (secret: carry it to the site, "
+        f"then delete this copy). Start it there with:\n"
+        f"  dicomflow edge --join {out.root}\n"
+        "Restart `dicomflow cloud` to take the site into use.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _credentials(cloud: CloudDir, hosts: list[str]) -> natscerts.Issued:
+    """The cloud's CA, leafnode certificate and users' seeds: made once, then reused."""
+    bundle = cloud.nats
+    for folder in (cloud.root, cloud.keys, bundle.root, bundle.creds, bundle.tls):
+        folder.mkdir(parents=True, exist_ok=True)
+    for folder in (cloud.keys, bundle.creds, bundle.tls):
+        folder.chmod(0o700)
+    if bundle.ca.exists() and bundle.key("ca").exists():
+        ca = natscerts.load(bundle.ca, bundle.key("ca"))
+    else:
+        ca = natscerts.new_ca("dicomflow cloud CA")
+        ca.write(bundle.ca, bundle.key("ca"))
+    if not bundle.cert(SERVER_CERT).exists():
+        natscerts.issue(ca, hosts[0], hosts=hosts).write(
+            bundle.cert(SERVER_CERT), bundle.key(SERVER_CERT)
+        )
+    for user in hybridconfig.CLOUD_USERS:
+        if not bundle.seed(user).exists():
+            natscerts.write_private(bundle.seed(user), (new_seed() + "\n").encode())
+    return ca
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.leafnode_port < 65536:
+        raise ConfigError(f"--leafnode-port {args.leafnode_port} is not a TCP port (1-65535)")
+    cloud = CloudDir(args.data_dir.resolve())
+    sites = cloud.registered()
+    if not sites:
+        raise ConfigError(
+            f"no site is registered in {cloud.root}: add one first with "
+            f"`dicomflow cloud add-site NAME --out BUNDLE --data-dir {cloud.root}`"
+        )
+    _credentials(cloud, ["localhost", "127.0.0.1"])
+    for folder in (cloud.objects, cloud.logs):
+        folder.mkdir(parents=True, exist_ok=True)
+    bundle = cloud.nats
+    keys = {u: natsconn.public_key(bundle.seed(u).read_text()) for u in hybridconfig.CLOUD_USERS}
+    bundle.server_config.write_text(
+        hybridconfig.hub_config(
+            keys,
+            sites,
+            leafnode_host=args.leafnode_host,
+            leafnode_port=args.leafnode_port,
+            tls=ServerTls(
+                cert_file=str(bundle.cert(SERVER_CERT)),
+                key_file=str(bundle.key(SERVER_CERT)),
+                ca_file=str(bundle.ca),
+                verify_clients=True,
+            ),
+            max_payload=EMBEDDED_MAX_PAYLOAD,
+        )
+    )
+
+    stop = StopFlag()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    nats = NatsServer(cloud.nats_store, config_file=bundle.server_config).start()
+    stage: StageProcess | None = None
+    try:
+        admin = NatsSettings(servers=[nats.url], nkey_seed_file=bundle.seed(ADMIN))
+        asyncio.run(_topology(admin, sites))
+        cloud.config.write_text(to_toml(_config(cloud, nats.url, bundle)))
+        env = {
+            **stage_env(cloud.config),
+            **stage_credentials(bundle, STAGE, tls=False),
+            METRICS_PORT_ENV: str(args.metrics_port),
+        }
+        stage = StageProcess(STAGE, cloud.config, cloud.logs, env)
+        stage.start()
+        print(
+            f"\ndicomflow cloud is up.\n"
+            f"  Leafnode listener: {args.leafnode_host}:{args.leafnode_port} (TLS, client "
+            f"certificates of the cloud's CA)\n"
+            f"  Sites:             {', '.join(sorted(sites))}\n"
+            f"  Encrypted objects: {cloud.objects}\n"
+            f"  NATS (JetStream):  {nats.url}, domain cloud, state in {cloud.nats_store}\n"
+            f"  Logs:              {cloud.logs}\n"
+            f"  Listing:           dicomflow ls --config {cloud.config}\n"
+            "Press Ctrl-C to stop.",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            stage.supervise()
+        print("dicomflow: stopping...", file=sys.stderr)
+    finally:
+        if stage is not None:
+            stage.stop()
+        nats.stop()
+    print("dicomflow: stopped.", file=sys.stderr)
+    return 0
+
+
+async def _topology(admin: NatsSettings, sites: dict[str, str]) -> None:
+    nc = await natsconn.connect_once(admin, "topology")
+    try:
+        await hybridtopology.ensure_cloud(nc.jetstream(), admin, sites)
+    finally:
+        await nc.close()
+
+
+def _config(cloud: CloudDir, url: str, bundle: Bundle) -> dict[str, dict[str, object]]:
+    trusted = sorted(cloud.trusted.glob(f"*.{PUBLIC_NAME.split('.', 1)[1]}"))
+    return {
+        "nats": {
+            "servers": [url],
+            "nkey_seed_file": bundle.seed(ADMIN),
+            "zone": zones.Zone.CLOUD.value,
+        },
+        "storage": {"backend": "local", "local_path": cloud.objects, "layout": "flat"},
+        "encryption": {"trusted_signing_keys": trusted},
+        "telemetry": {"metrics_host": "127.0.0.1"},
+    }
