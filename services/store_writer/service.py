@@ -18,12 +18,12 @@ For each SEALED message, keyed by SOP Instance UID:
      never a silent overwrite); ``keep-both`` stores it beside the first under a key of
      its own; ``overwrite`` replaces it and records the digest it replaced.
    - Absent: a ``pending`` record is created first (create-if-absent).
-2. Write the object, create-if-absent (only policy ``overwrite`` replaces). An object
-   already there that the index does not know is compared byte for byte and never
-   overwritten. A ``pending`` record for the same digest means an earlier attempt of
-   this same plaintext may have written it, sealed under a data key of its own (and
-   perhaps another master key): an object found there is kept, not replaced by this
-   attempt's seal, and the record takes the key id of the object it describes.
+2. Write the object. A fresh name is written create-if-absent; an object already there
+   that the index does not know is compared byte for byte and never overwritten.
+   A ``pending`` record for the same digest means an earlier attempt of this same
+   plaintext may have written it, whole or (a store that died mid-upload) in part, and
+   perhaps sealed under another data key or master key: it is written again, and the
+   record then names the key id and size of the object written now.
 3. Mark the record ``stored``, publish ``dicom.stored``, then ack.
 """
 
@@ -52,8 +52,8 @@ from dicomflow.shared import (
     topology,
 )
 from dicomflow.shared.consumer import AfterAck, Consumer
-from dicomflow.shared.envelope import OVERHEAD, key_id_of
-from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict, EnvelopeError
+from dicomflow.shared.envelope import OVERHEAD
+from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
 from dicomflow.shared.index import Conflict, Index, Record, State
 from dicomflow.shared.layout import Layout, object_key
 from dicomflow.shared.messages import BodyKind, Instance
@@ -148,7 +148,7 @@ class StoreWriter:
                     log.info("instance already stored with identical bytes: no-op")
                     await self._emit(instance, existing)
                     return
-                record, key, fresh = existing, existing.object_key, True
+                record, key, fresh = existing, existing.object_key, False
                 adopted = True
                 break
             # Same SOP Instance UID, different bytes.
@@ -172,9 +172,11 @@ class StoreWriter:
             log.warning("overwriting instance with different bytes (policy overwrite)")
             break
 
-        kept = await self._write(key, body, instance.sealed_size or 0, fresh=fresh, adopt=adopted)
-        if adopted:
-            record = replace(record, key_id=(instance.key_id or 0) if kept is None else kept)
+        await self._write(key, body, instance.sealed_size or 0, fresh=fresh)
+        if adopted:  # the record describes the object written now
+            record = replace(
+                record, key_id=instance.key_id or 0, sealed_size=instance.sealed_size or 0
+            )
         done = record.stored(datetime.now(UTC).isoformat(timespec="milliseconds"))
         try:
             await self._index.update(index_key, done, revision)
@@ -183,11 +185,7 @@ class StoreWriter:
             log.info("index already updated by a concurrent delivery")
         await self._emit(instance, done)
 
-    async def _write(
-        self, key: str, body: IO[bytes], size: int, *, fresh: bool, adopt: bool = False
-    ) -> int | None:
-        """Write ``body`` at ``key``; return None, or, where ``adopt`` found another
-        attempt's seal of the same plaintext there (kept as it is), that object's key id."""
+    async def _write(self, key: str, body: IO[bytes], size: int, *, fresh: bool) -> None:
         try:
             await _timed(
                 self._metrics,
@@ -202,32 +200,12 @@ class StoreWriter:
             theirs = await _timed(
                 self._metrics, "compare", lambda: storage.sha256_of(self._store, key)
             )
-            if ours == theirs:
-                log.info("object already present with identical bytes")
-            elif adopt:
-                return await self._kept_seal(key, size)
-            else:
+            if ours != theirs:
                 raise DuplicateConflict(
                     "an object the index does not know already exists at the target key "
                     "with other bytes; it was not overwritten"
                 ) from None
-        return None
-
-    async def _kept_seal(self, key: str, size: int) -> int:
-        """The key id of the object an earlier attempt wrote at ``key``, which is kept:
-        it must be a whole A1 envelope of the same plaintext size."""
-        head = await storage.read_range(self._store, key, 0, OVERHEAD)
-        try:
-            key_id = key_id_of(head)
-        except EnvelopeError:
-            key_id = None
-        if key_id is None or await storage.size_of(self._store, key) != size:
-            raise DuplicateConflict(
-                "the object an earlier attempt of this instance wrote is not a whole A1 "
-                "envelope of its size; it was not overwritten"
-            )
-        log.info("object written by an earlier attempt of the same plaintext is kept")
-        return key_id
+            log.info("object already present with identical bytes")
 
     def _object_key(self, instance: Instance) -> str:
         return object_key(

@@ -24,9 +24,9 @@ from nats.js.client import JetStreamContext
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.encryptor.service import Encryptor
 from dicomflow.shared import messages, subjects, topology
-from dicomflow.shared.envelope import OVERHEAD, seal
+from dicomflow.shared.envelope import OVERHEAD, key_id_of, open_bytes, seal
 from dicomflow.shared.index import Index, Record, State
-from dicomflow.shared.keyring import MasterKey, load_master_key
+from dicomflow.shared.keyring import KeyRing, MasterKey, load_master_key
 from dicomflow.shared.layout import Layout, object_key
 from dicomflow.shared.messages import BodyKind, Instance
 from dicomflow.shared.sealsign import load_signing_key
@@ -171,13 +171,14 @@ async def _blobs_left(url: str) -> dict[str, Any]:
         await nc.close()
 
 
-def test_an_object_an_earlier_attempt_wrote_is_kept_not_resealed_over(
+def test_a_pending_instance_written_again_records_the_key_of_what_is_stored(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    """A store writer died after writing an instance's object and before marking its
-    ``pending`` record stored; another seal of the same plaintext (a resend after the
-    duplicate window, sealed under another data key and here another master key) then
-    arrives. The object is kept as it is, not replaced, and the record names its key."""
+    """A store writer died after writing an instance's object (or part of it: a store
+    killed mid-upload) and before marking its ``pending`` record stored; another seal of
+    the same plaintext (a resend after the duplicate window, here under another master
+    key) then arrives. It is written, and the record names the key id of the object now
+    stored, so `keys status` and a rotation never count it under a key it is not under."""
     objects = tmp_path / "objects"
     pipe = Pipeline(tmp_path / "pipe", nats_server, {"backend": "local", "local_path": objects})
     plaintext = os.urandom(50_000)
@@ -207,8 +208,10 @@ def test_an_object_an_earlier_attempt_wrote_is_kept_not_resealed_over(
     pipe.start("store-writer")
     try:
         stored = pipe.wait_stored(1, timeout=60)
-        assert stored[instance.sop_instance_uid]["key_id"] == 7
-        assert (objects / key).read_bytes() == earlier
+        assert stored[instance.sop_instance_uid]["key_id"] == 1
+        now = (objects / key).read_bytes()
+        assert key_id_of(now) == 1
+        assert open_bytes(KeyRing(load_master_key(1, pipe.key)), now) == plaintext
         assert pipe.dead_letters() == []
     finally:
         pipe.stop()

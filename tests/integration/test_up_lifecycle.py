@@ -64,6 +64,12 @@ def test_killed_up_takes_its_children_with_it_and_the_next_up_starts(tmp_path: P
 
     proc = start(data, port, log)
     try:
+        # This `up`'s own banner, not only something on the port (a full run has other
+        # servers on free ports of their own)
+        deadline = time.monotonic() + 90
+        while log.read_text().count("dicomflow is up.") < 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
         wait_for_port(port, timeout=90)
         assert "Received Store Response (Success)" in send(port, second.path)
         listed = wait_listed(data, second.sop_instance_uid)
