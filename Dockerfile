@@ -11,9 +11,10 @@ COPY requirements.lock pyproject.toml README.md ./
 COPY src ./src
 COPY shared ./shared
 COPY services ./services
-# The runtime dependencies only (no test extras), at the versions of the lock file.
+# The runtime lock only (requirements-test.lock is not copied), then dicomflow itself.
 RUN /opt/dicomflow/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/dicomflow/bin/pip install --no-cache-dir -c requirements.lock .
+ && /opt/dicomflow/bin/pip install --no-cache-dir -r requirements.lock \
+ && /opt/dicomflow/bin/pip install --no-cache-dir --no-deps .
 
 FROM python:3.11-slim-bookworm AS runtime
 COPY --from=build /opt/dicomflow /opt/dicomflow

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares this checkout to run dicomflow (and, with --test, its test suite) on a fresh
 # Debian/Ubuntu machine: the Debian packages it lacks, then a virtual environment in
-# .venv with the locked Python dependencies. Safe to run again: it only adds what is missing.
+# .venv with the locked Python dependencies (requirements.lock; --test adds
+# requirements-test.lock). Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,11 +39,16 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 stamp=".venv/.dicomflow-installed"
-inputs="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)-$want_test"
+# The runtime lock always; the test lock (test tools, linters) only with --test.
+inputs="$(cat requirements.lock requirements-test.lock pyproject.toml | sha256sum | cut -c1-16)-$want_test"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$inputs" ]]; then
   echo "bootstrap: installing Python dependencies into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -r requirements.lock
+  lock=requirements.lock
+  if (( want_test )); then
+    lock=requirements-test.lock  # it includes requirements.lock
+  fi
+  .venv/bin/python -m pip install -q -r "$lock"
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$inputs" > "$stamp"
 fi

@@ -10,9 +10,14 @@ created at zero, so that rates and error panels show 0 rather than no data.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from dicomflow.shared import patches
 
 NAMESPACE = "dicomflow"
 
@@ -28,6 +33,24 @@ SCU_ASSOCIATION_RESULTS = ("opened", "rejected", "failed")
 DELIVERY_OUTCOMES = ("delivered", "deferred", "refused")
 STORAGE_OPERATIONS = ("put", "compare", "probe")
 STORAGE_OUTCOMES = ("ok", "error")
+
+
+class FastpathGauge(Collector):
+    """``dicomflow_fastpath_active{patch}``: 1 for each patch of a dependency's internals
+    that is on in this process, 0 for one its fence turned off (another version than it
+    was verified on). Read from ``shared.patches`` at each scrape: the patches are the
+    process's, decided as the service starts; one the service never uses has no series."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            f"{NAMESPACE}_fastpath_active",
+            "1 while a patch of a dependency's internals is on; 0 when its version fence "
+            "turned it off.",
+            labels=["patch"],
+        )
+        for patch, active in sorted(patches.states().items()):
+            family.add_metric([patch], 1.0 if active else 0.0)
+        yield family
 
 
 class Metrics:
@@ -188,6 +211,8 @@ class Metrics:
             registry=r,
         )
         self.ready.labels(service)
+        # -- patches of dependencies' internals (shared.patches) --------------------------
+        r.register(FastpathGauge())
 
     # -- label sets created at zero ---------------------------------------------------------
     def consumer_stage(self, stage: str) -> None:

@@ -13,7 +13,8 @@
 
 ``install`` replaces nats-py's module-level functions and constant, which the client
 looks up at each publish and connection; it is idempotent and ``natsconn`` calls it
-before every connection.
+before every connection. On a nats-py it was not verified on (``FENCE``) it changes
+nothing, with a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from __future__ import annotations
 from nats.aio import client
 from nats.protocol import command
 
+from dicomflow.shared import patches
+
+FENCE = patches.NATS_IO  # the version gate of this module's patch
 _CRLF = b"\r\n"
 READ_BUFFER = 1024 * 1024
 
@@ -36,8 +40,13 @@ def hpub_cmd(subject: str, reply: str, hdr: bytes | bytearray, payload: bytes) -
     return b"".join((line, hdr, payload, _CRLF))
 
 
-def install() -> None:
-    """Make nats-py frame publishes with one copy of the payload and read 1 MiB at once."""
+def install() -> bool:
+    """Make nats-py frame publishes with one copy of the payload and read 1 MiB at once
+    (True), if this nats-py is one it was verified on."""
+    return FENCE.install(_apply)
+
+
+def _apply() -> None:
     command.pub_cmd = pub_cmd
     command.hpub_cmd = hpub_cmd
     client.DEFAULT_BUFFER_SIZE = READ_BUFFER

@@ -35,6 +35,9 @@ from typing import Any
 from pynetdicom import association as association_module
 from pynetdicom import dul as dul_module
 
+from dicomflow.shared import patches
+
+FENCE = patches.REACTORS  # the version gate of this module's patch
 REACTOR_SLEEP = 0.001  # pynetdicom 3.0's Association._run_reactor, fixed
 IDLE_TURN = 0.01  # dicomflow's idle turn for both loops (scp.reactor_delay's default)
 
@@ -245,9 +248,15 @@ def relax(assoc: Any, delay: float = IDLE_TURN) -> None:
         assoc.dul._run_loop_delay = delay
 
 
-def install(delay: float = IDLE_TURN) -> None:
+def install(delay: float = IDLE_TURN) -> bool:
     """Wake both loops of every association in this process; ``delay`` bounds the
-    association reactor's idle turn (the DUL's is its own ``_run_loop_delay``)."""
-    setattr(association_module, "time", AssociationClock(delay))  # noqa: B010 (untyped)
-    if not isinstance(getattr(dul_module, "time", None), DulClock):
-        setattr(dul_module, "time", DulClock())  # noqa: B010
+    association reactor's idle turn (the DUL's is its own ``_run_loop_delay``). On a
+    pynetdicom the wake-ups were not verified on (``FENCE``) the loops stay as shipped:
+    False, with a warning."""
+
+    def apply() -> None:
+        setattr(association_module, "time", AssociationClock(delay))  # noqa: B010 (untyped)
+        if not isinstance(getattr(dul_module, "time", None), DulClock):
+            setattr(dul_module, "time", DulClock())  # noqa: B010
+
+    return FENCE.install(apply)

@@ -28,6 +28,7 @@ from dicomflow.scp_gateway.tlslistener import CertificateAeMap, TlsAssociationSe
 from dicomflow.shared import dicomtls, natsconn, reactors, topology
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.metrics import Metrics
+from dicomflow.shared.patches import REACTORS, SCP_PDU_LIMIT, SCP_TLS_SERVER
 from dicomflow.shared.settings import ScpGatewaySettings, ScpSettings
 from dicomflow.shared.telemetry import Telemetry
 from dicomflow.shared.transport import Transport
@@ -112,6 +113,16 @@ def start_servers(
             tls_handlers.append(
                 (evt.EVT_REQUESTED, CertificateAeMap(scp.tls.client_aes).on_requested)
             )
+        if not SCP_TLS_SERVER.install():  # our server lives in pynetdicom's AE._servers
+            servers.append(
+                ae.start_server(
+                    (scp.host, scp.tls.port),
+                    block=False,
+                    ssl_context=context,
+                    evt_handlers=tls_handlers,
+                )
+            )
+            return servers
         server = ae.make_server(
             (scp.host, scp.tls.port),
             ssl_context=context,
@@ -146,6 +157,7 @@ async def _serve(
     spool: Spool,
 ) -> None:
     reactors.install(settings.scp.reactor_delay)
+    SCP_PDU_LIMIT.install()  # applied to each connection by ConnectionLimits
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
     try:
@@ -225,7 +237,9 @@ class ConnectionLimits:
     timeout, and one that sends a huge PDU would have it gathered in memory. Here a read
     fails after ``scp.network_timeout`` without data, and a PDU longer than
     ``scp.maximum_pdu_size`` (plus a small margin) is refused before it is read; either
-    way pynetdicom closes the connection.
+    way pynetdicom closes the connection. The size bound wraps pynetdicom's
+    ``AssociationSocket.recv`` and the idle turn is its DUL's ``_run_loop_delay``: each
+    only on the pynetdicom it was verified on (``SCP_PDU_LIMIT``, ``REACTORS``).
     """
 
     def __init__(
@@ -236,13 +250,15 @@ class ConnectionLimits:
         self._max_read = maximum_pdu_size + PDU_MARGIN if maximum_pdu_size else UNLIMITED_PDU_CAP
 
     def on_open(self, event: Any) -> None:
-        if self._reactor_delay is not None:
+        if self._reactor_delay is not None and REACTORS.active:
             event.assoc.dul._run_loop_delay = self._reactor_delay
         assoc_socket = event.assoc.dul.socket
         sock = getattr(assoc_socket, "socket", None)
         if sock is None:
             return
         sock.settimeout(self._seconds)
+        if not SCP_PDU_LIMIT.active:
+            return
         read = assoc_socket.recv
         limit = self._max_read
         peer = event.address[0] if getattr(event, "address", None) else "?"

@@ -18,10 +18,10 @@ all there. Here:
   connection closed), whatever state they are in.
 
 The counting and the per-association clean-up replace pynetdicom's file factory, an
-internal of the version it was checked against (``VERIFIED_PYNETDICOM``); on any other
-version they stay off, with a warning at start: sizes are then checked once a dataset is
-complete, and leftovers are removed with the folder when the gateway stops (after a
-crash: when the next one starts).
+internal of the version it was checked against (``FENCE``, ``VERIFIED_PYNETDICOM``); on
+any other version they stay off, with a warning at start: sizes are then checked once a
+dataset is complete, and leftovers are removed with the folder when the gateway stops
+(after a crash: when the next one starts).
 """
 
 from __future__ import annotations
@@ -36,15 +36,17 @@ import weakref
 from pathlib import Path
 from typing import IO, Any
 
-import pynetdicom
 from pynetdicom import dimse_messages
 
 from dicomflow.scu_gateway.spool import SpoolFolder
+from dicomflow.shared import patches
 from dicomflow.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-VERIFIED_PYNETDICOM = "3.0.4"
+FENCE = patches.SCP_SPOOL  # the version gate of the factory replacement
+
+VERIFIED_PYNETDICOM = FENCE.verified[0]
 FOLDER_PREFIX = "dicomflow-scp-"
 LEGACY_LEFTOVERS = "tmp*.dcm"  # what pynetdicom left directly in spool_dir before
 
@@ -167,18 +169,14 @@ class Spool:
         """Route pynetdicom's dataset files here: into this folder (always), counted and
         tracked per association (on the verified pynetdicom only). True when tracked."""
         tempfile.tempdir = str(self.path)  # where pynetdicom's own factory writes too
+        if not FENCE.install():
+            return False
         factory = getattr(dimse_messages, "NamedTemporaryFile", None)
-        if (
-            pynetdicom.__version__ != VERIFIED_PYNETDICOM
-            or factory is not tempfile.NamedTemporaryFile
-        ):
+        if factory is not tempfile.NamedTemporaryFile:
             log.warning(
-                "pynetdicom %s is not %s, the version the scp-gateway's spool was verified "
-                "on: datasets are measured against scp.max_dataset_bytes only once received "
-                "whole, and files of aborted transfers are removed only when the gateway "
-                "stops (after a crash: when the next one starts)",
-                pynetdicom.__version__,
-                VERIFIED_PYNETDICOM,
+                "pynetdicom's dataset file factory is not tempfile.NamedTemporaryFile: the "
+                "spool leaves it alone, so %s",
+                FENCE.off,
             )
             return False
         setattr(dimse_messages, "NamedTemporaryFile", self._create)  # noqa: B010

@@ -16,8 +16,9 @@ the request (``reactors.paused``: held in its sleep, or paused at pynetdicom's o
 checkpoint as ``send_c_store`` does it), the response (read by the DUL thread and decoded by its
 DIMSE provider) and its checks, the abort after a DIMSE timeout. That relies on
 pynetdicom internals (``_reactor_checkpoint``, ``_is_paused``, ``_get_valid_context``,
-``_check_received_status``, ``_handle_no_response``), present throughout 3.0.x, the
-version the lock file pins; ``usable`` checks for them.
+``_check_received_status``, ``_handle_no_response``), present throughout 3.0.x; it is
+used only on the pynetdicom it was verified on (``FENCE``, decided when the scu-gateway
+starts) and ``usable`` checks for them.
 
 TLS associations keep ``send_c_store``: an SSL socket must not be written by one thread
 while the DUL thread reads it.
@@ -40,8 +41,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import split_dataset
 
-from dicomflow.shared import reactors
+from dicomflow.shared import patches, reactors
 
+FENCE = patches.SCU_PDATA  # the version gate of this module's patch
 MESSAGE_ID = 1  # one request at a time per association, as send_c_store's default
 PRIORITY_LOW = 2  # send_c_store's default
 PDV_OVERHEAD = 6  # item length (4), context ID (1), control header (1)
@@ -52,8 +54,13 @@ _INTERNALS = ("_reactor_checkpoint", "_get_valid_context", "_check_received_stat
 
 
 def usable(assoc: Any) -> bool:
-    """Whether ``assoc`` has the pynetdicom internals this module relies on."""
-    return all(hasattr(assoc, name) for name in _INTERNALS) and hasattr(assoc, "_is_paused")
+    """Whether ``assoc`` is sent through here: a verified pynetdicom (``FENCE``) with the
+    internals this module relies on."""
+    return (
+        FENCE.active
+        and all(hasattr(assoc, name) for name in _INTERNALS)
+        and hasattr(assoc, "_is_paused")
+    )
 
 
 def store(

@@ -11,7 +11,8 @@ then queues the same ``C_STORE`` primitive pynetdicom would have queued. Everyth
 other message, a message that follows a partial one, an association with a handler bound
 to ``EVT_DIMSE_RECV``) goes to pynetdicom's own method, unchanged.
 
-The element layout is the one ``pdata`` encodes requests with.
+The element layout is the one ``pdata`` encodes requests with. On a pynetdicom this was
+not verified on (``FENCE``, decided when the scu-gateway starts) ``install`` does nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicomflow.scu_gateway.pdata import COMMAND_LAST, ELEMENT, UL, US
+from dicomflow.shared import patches
 
+FENCE = patches.SCU_RESPONSE  # the version gate of this module's patch
 C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101
 _GROUP_LENGTH, _SOP_CLASS, _FIELD, _RESPONDED_TO, _DATA_SET, _STATUS, _SOP_INSTANCE = (
@@ -40,13 +43,15 @@ _NUMBERS = {_FIELD, _RESPONDED_TO, _DATA_SET, _STATUS}
 
 
 def install(assoc: Any) -> None:
-    """Decode ``assoc``'s plain C-STORE responses here (a no-op on a pynetdicom without
-    the internals this relies on: the provider's ``receive_primitive``, ``message`` and
-    ``msg_queue``, the association's ``get_handlers``)."""
+    """Decode ``assoc``'s plain C-STORE responses here (a no-op on a pynetdicom not
+    verified, or without the internals this relies on: the provider's
+    ``receive_primitive``, ``message`` and ``msg_queue``, the association's
+    ``get_handlers``)."""
     dimse: Any = getattr(assoc, "dimse", None)
     original: Callable[[Any], None] | None = getattr(dimse, "receive_primitive", None)
     if (
-        original is None
+        not FENCE.active
+        or original is None
         or not all(hasattr(dimse, name) for name in ("message", "msg_queue"))
         or not hasattr(assoc, "get_handlers")
     ):

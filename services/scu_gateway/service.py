@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pynetdicom import _config as pynetdicom_config
 
-from dicomflow.scu_gateway import request
+from dicomflow.scu_gateway import pdata, request, response
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.health import DestinationHealth
@@ -142,6 +142,9 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     store = storage.build_store(settings.storage)
     router = Router.from_settings(scu)
     reactors.install()  # responses and pauses without waiting out pynetdicom's polls
+    # Requests written to the socket, responses decoded here: per association, when on.
+    pdata.FENCE.install()
+    response.FENCE.install()
     # Send each file's encoded dataset as stored, in PDU-sized chunks: no decoding,
     # byte-identical on the wire, memory independent of the object's size.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True

@@ -31,6 +31,7 @@ from dicomflow.cli import (
     up,
 )
 from dicomflow.cli.process import exit_process, forbid_core_dumps
+from dicomflow.cli.process import install as install_exit
 from dicomflow.shared.errors import ConfigError, DicomflowError
 
 EXIT_OK = 0
@@ -101,6 +102,7 @@ def run() -> NoReturn:
     command that loads a key starts here), ``main``, then ``exit_process``."""
     try:
         forbid_core_dumps()
+        install_exit()  # how it will end (exit_process), decided and reported at start
         code = main()
     except SystemExit as exc:  # argparse: --help, or a usage error already printed
         code = _exit_code(exc)

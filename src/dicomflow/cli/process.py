@@ -20,7 +20,10 @@ with ``obstore.get_range_async`` and returns.
 ``exit_process`` does everything Python's shutdown does that a program can observe
 (wait for non-daemon threads, run ``atexit`` callbacks: logging, tracing exporters,
 ``weakref.finalize``; flush stdout and stderr) and then ends the process with
-``os._exit``, so no finalization, and no abort, can follow.
+``os._exit``, so no finalization, and no abort, can follow. Those steps are CPython
+internals (``threading._shutdown``, ``atexit._run_exitfuncs``): on a minor version they
+were not verified on (``FENCE``) the process ends through Python's own shutdown instead,
+with a warning.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn
 
+from dicomflow.shared import patches
+
+FENCE = patches.PROCESS_EXIT  # the version gate of this module's patch
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
@@ -47,8 +53,15 @@ def forbid_core_dumps() -> None:
             raise OSError(errno, f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(errno)}")
 
 
+def install() -> bool:
+    """Decide, at start, whether ``exit_process`` ends the process itself (True)."""
+    return FENCE.install()
+
+
 def exit_process(code: int) -> NoReturn:
     """End the process with ``code`` once threads, ``atexit`` and the streams are done."""
+    if not FENCE.active:
+        sys.exit(code)  # Python's own shutdown, finalization included
     try:
         for step in (_private(threading, "_shutdown"), _private(atexit, "_run_exitfuncs")):
             if step is not None:
@@ -61,6 +74,6 @@ def exit_process(code: int) -> NoReturn:
 
 
 def _private(module: object, name: str) -> Callable[[], object] | None:
-    # CPython's own shutdown steps (3.11 to 3.13); without them only os._exit is skipped.
+    # CPython's own shutdown steps (3.11 to 3.13), used on FENCE's minor versions only.
     step = getattr(module, name, None)
     return step if callable(step) else None
