@@ -4,6 +4,12 @@
 verifying the sites' client certificates, no route, gateway or remote) and the
 store-writer, storing under ``DIR/objects``. It holds no master key and no plaintext.
 
+With ``--routing FILE`` (a TOML file with an ``[scu]`` table: destinations at sites,
+``site = NAME`` and no host, and routing rules) it also runs the scu-gateway as the
+router: stored instances the rules match are queued for those destinations, and the
+cloud's ``downlink-<site>`` durable carries them to the site's scu-gateway. `dicomflow
+send --config DIR/dicomflow.toml --to NAME` queues for them too, with or without it.
+
 `cloud add-site NAME --out BUNDLE` registers a site (its leaf user's public NKey, its
 encryptor's public signing key) and writes the site bundle the operator carries to the
 hospital (``embedded.sites.SiteBundle``). Restart `cloud` to take a new site into use.
@@ -16,8 +22,11 @@ import asyncio
 import json
 import signal
 import sys
+import tomllib
 from pathlib import Path
 from types import FrameType
+
+from pydantic import ValidationError
 
 from dicomflow.cli.natsconfig import Bundle, new_seed
 from dicomflow.cli.up import METRICS_PORT_ENV, StopFlag, stage_credentials
@@ -29,9 +38,10 @@ from dicomflow.shared import hybridconfig, hybridtopology, natscerts, natsconn, 
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.natsauth import ADMIN, ServerTls
 from dicomflow.shared.sealsign import PUBLIC_NAME, generate_signing_key_pair
-from dicomflow.shared.settings import NatsSettings
+from dicomflow.shared.settings import NatsSettings, ScuSettings, problems
 
 STAGE = "store-writer"
+ROUTER_STAGE = "scu-gateway"  # with --routing: the router, holding no key
 DEFAULT_LEAFNODE_PORT = 7422
 SERVER_CERT = "leafnode"
 
@@ -71,6 +81,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=9190,
         metavar="PORT",
         help="loopback port of the store-writer's /metrics, /livez, /readyz (0: a free one)",
+    )
+    parser.add_argument(
+        "--routing",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with an [scu] table: destinations at sites ([scu.destinations.NAME] "
+        "ae_title, site = SITE; no host) and [[scu.rules]]; runs the scu-gateway as router",
     )
     parser.set_defaults(func=run)
     actions = parser.add_subparsers(dest="cloud_action", metavar="ACTION")
@@ -183,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
             f"`dicomflow cloud add-site NAME --out BUNDLE --data-dir {cloud.root}`"
         )
     _credentials(cloud, ["localhost", "127.0.0.1"])
+    scu = _routing(args.routing, sites) if args.routing is not None else None
     for folder in (cloud.objects, cloud.logs):
         folder.mkdir(parents=True, exist_ok=True)
     bundle = cloud.nats
@@ -211,18 +229,23 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     nats = NatsServer(cloud.nats_store, config_file=bundle.server_config).start()
-    stage: StageProcess | None = None
+    stages: list[StageProcess] = []
     try:
         admin = NatsSettings(servers=[nats.url], nkey_seed_file=bundle.seed(ADMIN))
         asyncio.run(_topology(admin, sites))
-        cloud.config.write_text(to_toml(_config(cloud, nats.url, bundle)))
-        env = {
-            **stage_env(cloud.config),
-            **stage_credentials(bundle, STAGE, tls=False),
-            METRICS_PORT_ENV: str(args.metrics_port),
-        }
-        stage = StageProcess(STAGE, cloud.config, cloud.logs, env)
-        stage.start()
+        config = _config(cloud, nats.url, bundle)
+        if scu is not None:
+            config["scu"] = scu
+        cloud.config.write_text(to_toml(config))
+        for i, name in enumerate((STAGE, ROUTER_STAGE) if scu is not None else (STAGE,)):
+            env = {
+                **stage_env(cloud.config),
+                **stage_credentials(bundle, name, tls=False),
+                METRICS_PORT_ENV: str(0 if args.metrics_port == 0 else args.metrics_port + i),
+            }
+            stages.append(StageProcess(name, cloud.config, cloud.logs, env))
+        for stage in stages:
+            stage.start()
         print(
             f"\ndicomflow cloud is up.\n"
             f"  Leafnode listener: {args.leafnode_host}:{args.leafnode_port} (TLS, client "
@@ -237,14 +260,40 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         while not stop.wait(0.5):
-            stage.supervise()
+            for stage in stages:
+                stage.supervise()
         print("dicomflow: stopping...", file=sys.stderr)
     finally:
-        if stage is not None:
+        for stage in reversed(stages):
             stage.stop()
         nats.stop()
     print("dicomflow: stopped.", file=sys.stderr)
     return 0
+
+
+def _routing(path: Path, sites: dict[str, str]) -> dict[str, object]:
+    """The [scu] table of ``--routing``: every destination at a registered site, none
+    delivered here (the cloud holds no master key)."""
+    try:
+        table = tomllib.loads(path.read_text()).get("scu")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--routing {path}: cannot read it ({exc})") from exc
+    if not isinstance(table, dict):
+        raise ConfigError(f"--routing {path}: no [scu] table")
+    try:
+        scu = ScuSettings.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError(f"--routing {path}: {problems(exc)}") from exc
+    if not scu.destinations:
+        raise ConfigError(f"--routing {path}: no [scu.destinations.NAME]")
+    for name, dest in scu.destinations.items():
+        if dest.delivered_here or dest.site not in sites:
+            raise ConfigError(
+                f"--routing {path}: destination {name} must be at a registered site "
+                f"(site = one of {', '.join(sorted(sites))}; no host or port): the cloud "
+                "holds no master key, the site's scu-gateway delivers"
+            )
+    return table
 
 
 async def _topology(admin: NatsSettings, sites: dict[str, str]) -> None:
