@@ -12,7 +12,9 @@ send --config DIR/dicomflow.toml --to NAME` queues for them too, with or without
 
 `cloud add-site NAME --out BUNDLE` registers a site (its leaf user's public NKey, its
 encryptor's public signing key) and writes the site bundle the operator carries to the
-hospital (``embedded.sites.SiteBundle``). Restart `cloud` to take a new site into use.
+hospital (``embedded.sites.SiteBundle``). A running `cloud` notices a new site within
+seconds and takes it into use: the hub re-reads its config (SIGHUP), the site's sourcing
+and downlink durable are made, the store-writer restarts trusting its signing key.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
 from types import FrameType
@@ -42,6 +45,7 @@ from dicomflow.shared.settings import NatsSettings, ScuSettings, problems
 
 STAGE = "store-writer"
 ROUTER_STAGE = "scu-gateway"  # with --routing: the router, holding no key
+SITES_INTERVAL = 2.0  # seconds between looks for sites added while the cloud runs
 DEFAULT_LEAFNODE_PORT = 7422
 SERVER_CERT = "leafnode"
 
@@ -54,7 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Run the hub nats-server of the hybrid topology (JetStream domain cloud; sites "
             "connect to its TLS leafnode listener, it connects to none) and the store-writer, "
             "storing encrypted objects under DIR/objects. Sites are added with "
-            "`dicomflow cloud add-site NAME --out BUNDLE`; restart to take new ones into use."
+            "`dicomflow cloud add-site NAME --out BUNDLE`, also while it runs."
         ),
     )
     parser.add_argument(
@@ -161,7 +165,7 @@ def add_site(args: argparse.Namespace) -> int:
         f"site {site} registered; its bundle is {out.root} (secret: carry it to the site, "
         f"then delete this copy). Start it there with:\n"
         f"  dicomflow edge --join {out.root}\n"
-        "Restart `dicomflow cloud` to take the site into use.",
+        "A running `dicomflow cloud` takes the site into use within seconds.",
         file=sys.stderr,
     )
     return 0
@@ -204,22 +208,7 @@ def run(args: argparse.Namespace) -> int:
     for folder in (cloud.objects, cloud.logs):
         folder.mkdir(parents=True, exist_ok=True)
     bundle = cloud.nats
-    keys = {u: natsconn.public_key(bundle.seed(u).read_text()) for u in hybridconfig.CLOUD_USERS}
-    bundle.server_config.write_text(
-        hybridconfig.hub_config(
-            keys,
-            sites,
-            leafnode_host=args.leafnode_host,
-            leafnode_port=args.leafnode_port,
-            tls=ServerTls(
-                cert_file=str(bundle.cert(SERVER_CERT)),
-                key_file=str(bundle.key(SERVER_CERT)),
-                ca_file=str(bundle.ca),
-                verify_clients=True,
-            ),
-            max_payload=EMBEDDED_MAX_PAYLOAD,
-        )
-    )
+    _server_config(cloud, args, sites)
 
     stop = StopFlag()
 
@@ -228,7 +217,9 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    nats = NatsServer(cloud.nats_store, config_file=bundle.server_config).start()
+    nats = NatsServer(
+        cloud.nats_store, config_file=bundle.server_config, log_file=cloud.logs / "nats-server.log"
+    ).start()
     stages: list[StageProcess] = []
     try:
         admin = NatsSettings(servers=[nats.url], nkey_seed_file=bundle.seed(ADMIN))
@@ -259,9 +250,19 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        next_look = time.monotonic() + SITES_INTERVAL
         while not stop.wait(0.5):
             for stage in stages:
                 stage.supervise()
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + SITES_INTERVAL
+                try:
+                    added = cloud.registered()
+                except ValueError:  # a registration being written: next time
+                    continue
+                if added != sites:
+                    sites = added
+                    _take_into_use(cloud, args, sites, nats, admin, stages, scu)
         print("dicomflow: stopping...", file=sys.stderr)
     finally:
         for stage in reversed(stages):
@@ -269,6 +270,56 @@ def run(args: argparse.Namespace) -> int:
         nats.stop()
     print("dicomflow: stopped.", file=sys.stderr)
     return 0
+
+
+def _server_config(cloud: CloudDir, args: argparse.Namespace, sites: dict[str, str]) -> None:
+    bundle = cloud.nats
+    keys = {u: natsconn.public_key(bundle.seed(u).read_text()) for u in hybridconfig.CLOUD_USERS}
+    bundle.server_config.write_text(
+        hybridconfig.hub_config(
+            keys,
+            sites,
+            leafnode_host=args.leafnode_host,
+            leafnode_port=args.leafnode_port,
+            tls=ServerTls(
+                cert_file=str(bundle.cert(SERVER_CERT)),
+                key_file=str(bundle.key(SERVER_CERT)),
+                ca_file=str(bundle.ca),
+                verify_clients=True,
+            ),
+            max_payload=EMBEDDED_MAX_PAYLOAD,
+        )
+    )
+
+
+def _take_into_use(
+    cloud: CloudDir,
+    args: argparse.Namespace,
+    sites: dict[str, str],
+    nats: NatsServer,
+    admin: NatsSettings,
+    stages: list[StageProcess],
+    scu: dict[str, object] | None,
+) -> None:
+    """A site was added while the cloud runs (`cloud add-site`): the hub re-reads its
+    config (SIGHUP: the new leaf user; the links of the other sites stay up), the site's
+    sourcing and downlink durable are made, and the stages restart with the new site's
+    public signing key among the trusted ones."""
+    _server_config(cloud, args, sites)
+    nats.reload()
+    asyncio.run(_topology(admin, sites))
+    config = _config(cloud, nats.url, cloud.nats)
+    if scu is not None:
+        config["scu"] = scu
+    cloud.config.write_text(to_toml(config))
+    for stage in stages:
+        stage.stop()
+        stage.start()
+    print(
+        f"dicomflow cloud: sites now {', '.join(sorted(sites))} (config reloaded)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _routing(path: Path, sites: dict[str, str]) -> dict[str, object]:
@@ -287,11 +338,16 @@ def _routing(path: Path, sites: dict[str, str]) -> dict[str, object]:
     if not scu.destinations:
         raise ConfigError(f"--routing {path}: no [scu.destinations.NAME]")
     for name, dest in scu.destinations.items():
-        if dest.delivered_here or dest.site not in sites:
+        if dest.delivered_here:
             raise ConfigError(
-                f"--routing {path}: destination {name} must be at a registered site "
-                f"(site = one of {', '.join(sorted(sites))}; no host or port): the cloud "
-                "holds no master key, the site's scu-gateway delivers"
+                f"--routing {path}: destination {name} must be at a site (site = NAME, no "
+                "host or port): the cloud holds no master key, the site's scu-gateway delivers"
+            )
+        if dest.site not in sites:
+            print(
+                f"dicomflow cloud: destination {name} is at site {dest.site}, which is not "
+                "registered yet: its deliveries wait in the cloud until it is added",
+                file=sys.stderr,
             )
     return table
 
