@@ -65,6 +65,7 @@ class Hybrid:
     name: str = "edge"
     forward: list[str] = field(default_factory=list)
     routing: Path | None = None
+    calling_aes: tuple[str, ...] = ("CT01",)
     cloud_proc: subprocess.Popen[bytes] | None = None
     edge_proc: subprocess.Popen[bytes] | None = None
     sent: list[Made] = field(default_factory=list)
@@ -132,8 +133,7 @@ class Hybrid:
             str(self.dicom_port),
             "--host",
             "127.0.0.1",
-            "--allow-ae",
-            "CT01",
+            *(a for ae in self.calling_aes for a in ("--allow-ae", ae)),
             "--objects",
             str(self.cloud / "objects"),
             "--metrics-port",

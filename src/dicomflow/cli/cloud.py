@@ -252,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
         )
         next_look = time.monotonic() + SITES_INTERVAL
         while not stop.wait(0.5):
+            if nats.revive():
+                print("dicomflow: the hub nats-server died; restarted it", file=sys.stderr)
             for stage in stages:
                 stage.supervise()
             if time.monotonic() >= next_look:

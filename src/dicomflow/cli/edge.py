@@ -204,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         while not stop.wait(0.5):
+            if nats.revive():
+                print("dicomflow: the leaf nats-server died; restarted it", file=sys.stderr)
             for stage in stages:
                 stage.supervise()
         print("dicomflow: stopping (in-flight work finishes first)...", file=sys.stderr)

@@ -172,6 +172,16 @@ class NatsServer:
         if "Server is ready" in line:
             self._ready.set()
 
+    def revive(self) -> bool:
+        """Start the server again, on the same port and store, if it died (a crash, an
+        OOM kill); JetStream recovers from its files and clients reconnect. Whether it
+        had died."""
+        if self._proc is None or self._proc.poll() is None:
+            return False
+        self._release()
+        self.start()
+        return True
+
     def reload(self) -> None:
         """Have the server re-read its config file (SIGHUP): users, permissions and
         accounts change in place, connections stay up."""
