@@ -4,7 +4,10 @@ operator starts them, with a cuttable TCP proxy on the leafnode link between the
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,3 +368,47 @@ def test_a_routing_rule_in_the_cloud_delivers_at_the_site(
     # The cloud's router holds no key either.
     assert "scu-gateway ready" in (hybrid.cloud / "logs" / "scu-gateway.log").read_text()
     assert not list(hybrid.cloud.rglob("master-*.key"))
+
+
+def test_topology_command_makes_the_clouds_part_for_its_sites(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`dicomflow topology` with nats.zone = cloud (the Kubernetes Job of the cloud
+    overlay): the sourcing and downlink durable of each --site, and no plaintext stream."""
+    env = {
+        **os.environ,
+        "DICOMFLOW_NATS__SERVERS": f'["{nats_server.url}"]',
+        "DICOMFLOW_NATS__ZONE": "cloud",
+    }
+
+    def topology(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dicomflow", "topology", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+
+    missing = topology()
+    assert missing.returncode != 0 and "--site" in missing.stderr
+    made = topology("--site", "site-a", "--site", "site-b")
+    assert made.returncode == 0, made.stderr
+
+    async def look() -> tuple[list[str], list[str], str | None]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            names = [s.config.name or "" for s in await js.streams_info()]
+            sealed = await js.stream_info(subjects.SEALED_STREAM)
+            sources = [s.external.api for s in sealed.config.sources or [] if s.external]
+            down = await js.consumer_info(subjects.DELIVERY_STREAM, "downlink-site-b")
+            return names, sources, down.config.filter_subject
+        finally:
+            await nc.close()
+
+    names, sources, down = asyncio.run(look())
+    assert subjects.INGEST_STREAM not in names
+    assert sorted(sources) == ["$JS.site-a.API", "$JS.site-b.API"]
+    assert down == "dicomflow.deliver.site-b.>"
