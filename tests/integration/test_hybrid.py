@@ -228,6 +228,10 @@ def test_egress_only_the_edge_listens_on_loopback_and_the_cloud_never_calls_it(
     assert re.search(r"^\s*remotes\s*:", leafnodes, re.M)
     assert not re.search(r"^\s*(listen|port)\s*:", leafnodes, re.M)
     assert not re.search(r"^\s*(routes|cluster|gateway)\s*[:{]", edge_conf, re.M)
+    # A Success at the edge, and the cloud's acknowledgement of a sealed message, survive
+    # a power cut: both servers fsync before acknowledging.
+    for conf in (hub_conf, edge_conf):
+        assert re.search(r"^jetstream \{.*sync_interval: always", conf, re.M), conf[:400]
     leaf = psutil.Process(nats_server_pid(hybrid.edge_proc))
     listening = [c.laddr for c in leaf.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
     url = hybrid.settings("edge").nats.servers[0]
