@@ -104,6 +104,31 @@ async def _edge_delivery_total(site: Hybrid) -> int:
         await nc.close()
 
 
+async def _where(sites: Sites) -> str:
+    """Where the instances are, for a failure's message: the edges' streams, the cloud's
+    SEALED and its sources."""
+    out = [f"stored {len(await stored(sites.a))}"]
+    for site in (sites.a, sites.b):
+        for stream in (subjects.INGEST_STREAM,):
+            out.append(f"{site.site} {stream} {await messages(site, 'edge', stream)}")
+        sealed = site.edge_sealed().nats_sealed
+        assert sealed is not None
+        nc = await natsconn.connect_once(sealed, "test")
+        try:
+            info = await nc.jetstream().stream_info(subjects.SEALED_STREAM)
+            (up,) = await nc.jetstream().consumers_info(subjects.SEALED_STREAM)
+            out.append(f"{site.site} SEALED {info.state} uplink {up.delivered} {up.ack_floor}")
+        finally:
+            await nc.close()
+    nc = await natsconn.connect_once(sites.a.settings("cloud").nats, "test")
+    try:
+        info = await nc.jetstream().stream_info(subjects.SEALED_STREAM)
+        out.append(f"cloud SEALED {info.state} sources {info.sources}")
+    finally:
+        await nc.close()
+    return "; ".join(out)
+
+
 def _uids(files: list[Made]) -> set[str]:
     return {f.sop_instance_uid for f in files}
 
@@ -120,7 +145,10 @@ def test_two_sites_ingest_at_once_and_each_gets_only_its_deliveries(
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda s: s[0].send(s[1]), ((a, files_a), (b, files_b))))
     assert [r.count("Received Store Response (Success)") for r in answers] == [20, 20]
-    wait_for("both sites stored", lambda: len(asyncio.run(stored(a))) == 40, 120)
+    try:
+        wait_for("both sites stored", lambda: len(asyncio.run(stored(a))) == 40, 240)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {asyncio.run(_where(sites))}") from None
 
     cloud = str(a.cloud / "dicomflow.toml")
     for dest, files in (("PACS_A", files_a), ("PACS_B", files_b)):
@@ -188,8 +216,9 @@ def test_a_site_credential_is_refused_as_a_client_and_outside_its_permissions(
     hub_url = a.settings("cloud").nats.servers[0]
 
     async def as_plain_client() -> str:
+        nc = nats.NATS()
         try:
-            nc = await nats.connect(
+            await nc.connect(
                 hub_url,
                 nkeys_seed=str(a.bundle / "leaf.nk"),
                 allow_reconnect=False,
@@ -198,7 +227,8 @@ def test_a_site_credential_is_refused_as_a_client_and_outside_its_permissions(
             )
         except Exception as exc:  # noqa: BLE001 (whatever refusal the client raises)
             return repr(exc)
-        await nc.close()
+        finally:  # a refused connect leaves its transport open otherwise
+            await nc.close()
         return "connected"
 
     refused = asyncio.run(as_plain_client())

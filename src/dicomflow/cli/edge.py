@@ -169,8 +169,9 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(_topology(nats.url, bundle, site))
         env = stage_env(data.config)
         names = (SCU_STAGE, *STAGE_ORDER) if scu is not None else STAGE_ORDER
-        for i, name in enumerate(names):
-            port = 0 if args.metrics_port == 0 else args.metrics_port + i
+        offsets = {name: i for i, name in enumerate((*STAGE_ORDER, SCU_STAGE))}
+        for name in names:
+            port = 0 if args.metrics_port == 0 else args.metrics_port + offsets[name]
             extra = {SEALED_SEED_ENV: str(bundle.seed(hybridconfig.SEALED_SCU))}
             stages.append(
                 StageProcess(
