@@ -120,11 +120,15 @@ class Consumer:
         telemetry: Telemetry,
         gate: Gate | None = None,
         letter: LetterHook | None = None,
+        dead_letters: JetStreamContext | None = None,
     ) -> None:
         """``gate``, if given, is awaited (with the stop event) before every fetch: while
         it holds, messages stay in the stream, spending none of their deliveries.
-        ``letter``, if given, makes what is dead-lettered from each message (``Letter``)."""
+        ``letter``, if given, makes what is dead-lettered from each message (``Letter``).
+        ``dead_letters``: the JetStream holding the DLQ, if not ``js``'s (a hybrid edge's
+        scu-gateway consumes in the EDGE account, its DLQ is in LOCAL)."""
         self._js = js
+        self._dlq_js = dead_letters or js
         self._gate = gate
         self._letter = letter
         self._stage = stage
@@ -346,7 +350,7 @@ class Consumer:
             }
         )
         try:
-            await self._js.publish(
+            await self._dlq_js.publish(
                 subjects.dlq_subject(self._stage), data, headers=headers, timeout=10.0
             )
         except (NatsError, TimeoutError) as exc:

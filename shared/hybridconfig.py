@@ -11,11 +11,14 @@ bridged) with the cloud's service users and one leaf user per site. The leaf hol
 ``EDGE`` (sealed only; the remote binds it), so nothing the link carries, nor anyone
 on the hub side, can even name a plaintext stream: the edge's own config enforces it.
 
-The leaf user of a site may do exactly what sourcing through its uplink durables needs
-(``leaf_permissions``); permissions are written from the leaf's point of view:
-publish = leaf to hub, subscribe = hub to leaf. Both servers enable
+The leaf user of a site may do exactly what sourcing through its uplink durables, and
+the site's sourcing through its downlink durable, need (``leaf_permissions``);
+permissions are written from the leaf's point of view: publish = leaf to hub,
+subscribe = hub to leaf. Both servers enable
 ``js_api_reply_v2`` so that API replies carry the domain and are never shared between
-sites.
+sites, and fsync JetStream before every acknowledgement (``sync_interval: always``, as
+`dicomflow up` runs it): the edge answers Success on the leaf's acknowledgement, and the
+edge drops a sealed message on the cloud's.
 """
 
 from __future__ import annotations
@@ -32,21 +35,30 @@ HUB_ACCOUNT = "HOSP"
 LOCAL_ACCOUNT = "LOCAL"
 EDGE_ACCOUNT = "EDGE"
 CLOUD_USERS = ("store-writer", "scu-gateway", natsauth.ADMIN)  # in HOSP
-LOCAL_USERS = ("scp-gateway", "encryptor", natsauth.ADMIN)  # the edge's LOCAL
+LOCAL_USERS = ("scp-gateway", "encryptor", "scu-gateway", natsauth.ADMIN)  # the edge's LOCAL
 SEALED_ENCRYPTOR = "encryptor-sealed"  # the encryptor's second identity, in EDGE
+SEALED_SCU = "scu-gateway-sealed"  # the scu-gateway's second identity, in EDGE (DELIVERY)
 EDGE_ADMIN = "edge-admin"
-EDGE_USERS = (SEALED_ENCRYPTOR, EDGE_ADMIN)
+EDGE_USERS = (SEALED_ENCRYPTOR, SEALED_SCU, EDGE_ADMIN)
 RECONNECT_SECONDS = 2
 
 
 def leaf_permissions(site: str) -> Permissions:
-    """The hub's leaf user of ``site``: the uplink of its two sealed streams, nothing else.
+    """The hub's leaf user of ``site``: the uplink of its two sealed streams and the
+    downlink of its delivery requests, nothing else.
 
-    Hub to leaf: ``CONSUMER.RESET`` of the two uplink durables (no ``CONSUMER.CREATE``: a
-    create request carries a deliver subject the server does not check) and their
-    flow-control requests. Leaf to hub: the durables' deliver subjects and the replies
-    to those resets. Exact subjects, so the site's credential reaches no other API,
-    stream, subject or site.
+    Uplink (the cloud sources the site). Hub to leaf: ``CONSUMER.RESET`` of the two uplink
+    durables (no ``CONSUMER.CREATE``: a create request carries a deliver subject the
+    server does not check) and their flow-control replies. Leaf to hub: the durables'
+    deliver subjects and the replies to those resets.
+
+    Downlink (the site sources the cloud's ``downlink-<site>``, filtered to
+    ``dicomflow.deliver.<site>.>``). Leaf to hub: ``CONSUMER.RESET`` of that durable and
+    its flow-control replies (which remove the requests from the cloud's work queue).
+    Hub to leaf: the reset's reply and the durable's deliver subject.
+
+    Exact subjects, so the site's credential reaches no other API, stream, subject or
+    site.
     """
     durable = zones.uplink_durable(site)
     publish = [f"{zones.UPLINK_PREFIX}.{site}.>"]
@@ -57,6 +69,15 @@ def leaf_permissions(site: str) -> Permissions:
             f"{zones.site_api(site)}.CONSUMER.RESET.{stream}.{durable}",
             f"$JS.FC.{stream}.{durable}.>",
         ]
+    down, delivery = zones.downlink_durable(site), subjects.DELIVERY_STREAM
+    publish += [
+        f"{zones.site_api(zones.CLOUD_DOMAIN)}.CONSUMER.RESET.{delivery}.{down}",
+        f"$JS.FC.{delivery}.{down}.>",
+    ]
+    subscribe += [
+        f"$JSC.R.{zones.CLOUD_DOMAIN}.*.{delivery}.{down}.*",
+        f"{zones.DOWNLINK_PREFIX}.{site}.>",
+    ]
     return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
@@ -73,6 +94,23 @@ def sealed_encryptor_permissions(public_key: str) -> Permissions:
         f"{API}.STREAM.MSG.GET.{sealed_blobs}",
         *(f"{API}.STREAM.PURGE.{s}" for s in zones.UPLINKED),
         *(f"{API}.CONSUMER.LIST.{s}" for s in zones.UPLINKED),
+    )
+    return Permissions(publish=publish, subscribe=(f"{inbox_prefix(public_key)}.>",))
+
+
+def sealed_scu_permissions(public_key: str) -> Permissions:
+    """The scu-gateway's identity in the edge's EDGE account: drain the site's DELIVERY
+    (the delivery durables it makes, fetches and acks; purges below their ack floor, as
+    every work-queue consumer does), and the topology check at start."""
+    delivery = subjects.DELIVERY_STREAM
+    publish = (
+        f"{API}.STREAM.NAMES",
+        *(f"{API}.STREAM.INFO.{s}" for s in (subjects.SEALED_STREAM, delivery)),
+        f"{API}.CONSUMER.DURABLE.CREATE.{delivery}.*",
+        f"{API}.CONSUMER.INFO.{delivery}.*",
+        f"{API}.CONSUMER.MSG.NEXT.{delivery}.*",
+        f"$JS.ACK.{delivery}.*.>",
+        f"{API}.STREAM.PURGE.{delivery}",
     )
     return Permissions(publish=publish, subscribe=(f"{inbox_prefix(public_key)}.>",))
 
@@ -99,7 +137,7 @@ def hub_config(
             "# Generated by `dicomflow cloud`: the hub of the hybrid topology.\n",
             "server_name: dicomflow-cloud\n",
             f"max_payload: {max_payload}\n",
-            f"jetstream {{ domain: {zones.CLOUD_DOMAIN} }}\n",
+            f"jetstream {{ domain: {zones.CLOUD_DOMAIN}, sync_interval: always }}\n",
             "feature_flags { js_api_reply_v2: true }\n",
             "leafnodes {\n",
             f"  listen: {json.dumps(f'{leafnode_host}:{leafnode_port}')}\n",
@@ -130,6 +168,7 @@ def edge_config(
             edge_users[SEALED_ENCRYPTOR],
             sealed_encryptor_permissions(edge_users[SEALED_ENCRYPTOR]),
         ),
+        _user(SEALED_SCU, edge_users[SEALED_SCU], sealed_scu_permissions(edge_users[SEALED_SCU])),
         _user(EDGE_ADMIN, edge_users[EDGE_ADMIN], natsauth.permissions(natsauth.ADMIN, "")),
     ]
     remote = "\n".join(
@@ -149,7 +188,7 @@ def edge_config(
             f"# Generated by `dicomflow edge`: the leaf of site {site} (no leafnodes listener).\n",
             f"server_name: {json.dumps(f'dicomflow-edge-{site}')}\n",
             f"max_payload: {max_payload}\n",
-            f"jetstream {{ domain: {json.dumps(site)} }}\n",
+            f"jetstream {{ domain: {json.dumps(site)}, sync_interval: always }}\n",
             "feature_flags { js_api_reply_v2: true }\n",
             "leafnodes {\n",
             f"  reconnect: {RECONNECT_SECONDS}\n",

@@ -7,6 +7,11 @@ each made together with its uplink durable (a push consumer with ack policy
 consumer, and the site drops a sealed message only once the cloud has stored it (the
 cloud's flow-control reply acknowledges it).
 
+Downlink: the cloud's DELIVERY (work queue) has one durable ``downlink-<site>`` per site,
+filtered to ``dicomflow.deliver.<site>.>`` (push, ``flow_control``); the site's DELIVERY
+(work queue, in EDGE) sources it, so a request leaves the cloud only once the site has
+stored it, and waits in the cloud while the site is away.
+
 Cloud: SEALED is created *without* sources first, the store-writer's durable is added,
 and only then the sources of every site: a sourced message reaching an interest stream
 without a consumer is skipped, yet acknowledged to the site, so it would be lost. The
@@ -100,6 +105,41 @@ def uplink_consumer(site: str, stream: str) -> ConsumerConfig:
     )
 
 
+def downlink_consumer(site: str) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=zones.downlink_durable(site),
+        deliver_subject=zones.downlink_deliver_subject(site),
+        filter_subject=zones.downlink_filter(site),
+        ack_policy=AckPolicy.FLOW_CONTROL,
+        flow_control=True,
+        idle_heartbeat=UPLINK_HEARTBEAT,
+        max_ack_pending=UPLINK_MAX_ACK_PENDING,
+    )
+
+
+def edge_delivery(nats: NatsSettings, site: str) -> StreamConfig:
+    """The site's DELIVERY: its own subjects, and the cloud's requests for it sourced
+    through ``downlink-<site>``."""
+    return StreamConfig(
+        name=subjects.DELIVERY_STREAM,
+        subjects=[zones.downlink_filter(site)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=nats.stream_replicas,
+        duplicate_window=nats.duplicate_window,
+        sources=[
+            StreamSource(
+                name=subjects.DELIVERY_STREAM,
+                external=ExternalStream(api=zones.site_api(zones.CLOUD_DOMAIN)),
+                consumer=StreamConsumerSource(
+                    name=zones.downlink_durable(site),
+                    deliver_subject=zones.downlink_deliver_subject(site),
+                ),
+            )
+        ],
+    )
+
+
 async def ensure_edge_local(js: JetStreamContext, nats: NatsSettings) -> None:
     """The edge's LOCAL account (as its admin): INGEST, DLQ, plaintext blob bucket."""
     for config in topology.stream_configs(nats):
@@ -111,13 +151,15 @@ async def ensure_edge_local(js: JetStreamContext, nats: NatsSettings) -> None:
 
 async def ensure_edge_sealed(js: JetStreamContext, nats: NatsSettings, site: str) -> None:
     """The edge's EDGE account (as its admin): SEALED and the sealed blob bucket, each
-    with the uplink durable of ``site``, made before any encryptor can publish."""
+    with the uplink durable of ``site``, made before any encryptor can publish; DELIVERY
+    sourcing the cloud's requests for ``site``."""
     for config in (
         _sealed(nats, RetentionPolicy.INTEREST),
         _sealed_blobs(nats, RetentionPolicy.INTEREST),
     ):
         await topology.ensure_stream(js, config)
         await js.add_consumer(config.name or "", uplink_consumer(site, config.name or ""))
+    await topology.ensure_stream(js, edge_delivery(nats, site))
 
 
 async def ensure_cloud(js: JetStreamContext, nats: NatsSettings, sites: Iterable[str]) -> None:
@@ -141,6 +183,8 @@ async def ensure_cloud(js: JetStreamContext, nats: NatsSettings, sites: Iterable
             subjects.DLQ_STREAM,
         ):
             await topology.ensure_stream(js, config)
+    for site in sites:  # each site's requests wait here until its DELIVERY stored them
+        await js.add_consumer(subjects.DELIVERY_STREAM, downlink_consumer(site))
     await topology.ensure_index(js, nats)
     await topology.ensure_stream(
         js, _sealed_blobs(nats, RetentionPolicy.LIMITS, sources=_sources(sites, SEALED_BLOBS))

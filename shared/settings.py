@@ -36,7 +36,7 @@ from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.keyring import KeyRing, MasterKey, load_master_key
 from dicomflow.shared.layout import Layout, normalize_root_path
 from dicomflow.shared.sealsign import SealSigner, SealVerifier, load_signing_key, load_trusted_keys
-from dicomflow.shared.zones import Zone
+from dicomflow.shared.zones import Zone, check_site
 
 CONFIG_ENV = "DICOMFLOW_CONFIG"
 
@@ -479,11 +479,18 @@ class DestinationTlsSettings(Section):
 
 
 class DestinationSettings(Section):
-    """A remote AE the scu_gateway delivers to, over DICOM TLS when ``tls`` is set."""
+    """A remote AE the scu_gateway delivers to, over DICOM TLS when ``tls`` is set.
+
+    ``site``: the destination is at that site of the hybrid edge; its requests wait on
+    ``dicomflow.deliver.<site>.<name>``. In the cloud it is named without host and port
+    (the router and `send` queue for it; the site's scu-gateway delivers); at the site,
+    with them.
+    """
 
     ae_title: AETitle = Field(min_length=1, max_length=16)
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, lt=65536)
+    host: str = Field(default="", description="empty: delivered at its site, not here")
+    port: int = Field(default=0, ge=0, lt=65536)
+    site: str | None = Field(default=None, description="the hybrid edge's site it is at")
     max_associations: int = Field(default=2, ge=1, le=64)
     transfer_syntaxes: list[str] = Field(
         default_factory=list,
@@ -512,6 +519,32 @@ class DestinationSettings(Section):
             if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", value) or len(value) > 64:
                 raise ValueError(f"{value!r} is not a transfer syntax UID")
         return values
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_site(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @model_validator(mode="after")
+    def _where(self) -> DestinationSettings:
+        if self.delivered_here and self.port == 0:
+            raise ValueError("port: 1 to 65535 (a destination with a host)")
+        if not self.delivered_here and (self.port or self.site is None):
+            raise ValueError(
+                "host is required, unless the destination is at a site of the hybrid edge "
+                "(site = NAME, and no host or port: that site's scu-gateway delivers)"
+            )
+        return self
+
+    @property
+    def delivered_here(self) -> bool:
+        """Whether this scu-gateway sends to it (false: only queued, for its site)."""
+        return bool(self.host)
 
 
 class RuleSettings(Section):
@@ -564,6 +597,9 @@ class ScuSettings(Section):
 
 class ScuGatewaySettings(ServiceSettings):
     scu: ScuSettings = Field(default_factory=ScuSettings)
+    # Hybrid edge: the EDGE account's connection, where the site's DELIVERY (sourced from
+    # the cloud) is; ``nats`` is then the LOCAL one (key check values, dead letters).
+    nats_sealed: NatsSettings | None = None
     storage: StorageSettings = Field(default_factory=StorageSettings)
     encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)

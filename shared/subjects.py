@@ -81,9 +81,15 @@ def dlq_subject(stage: str) -> str:
     return f"{DLQ_PREFIX}.{stage}"
 
 
-def deliver_subject(destination: str) -> str:
-    """Where delivery requests for one scu_gateway destination wait."""
-    return f"{DELIVER_PREFIX}.{encode_token(destination)}"
+def deliver_subject(destination: str, site: str | None = None) -> str:
+    """Where delivery requests for one scu_gateway destination wait. A destination at a
+    site of the hybrid edge (``site``) has a token level of its own,
+    ``dicomflow.deliver.<site>.<destination>``: the cloud's ``downlink-<site>`` durable
+    filters ``dicomflow.deliver.<site>.>``, which matches no destination of the cloud
+    (one token fewer) nor of another site."""
+    if site is None:
+        return f"{DELIVER_PREFIX}.{encode_token(destination)}"
+    return f"{DELIVER_PREFIX}.{site}.{encode_token(destination)}"
 
 
 def deliver_durable(destination: str) -> str:

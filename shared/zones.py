@@ -7,7 +7,8 @@ hybrid topology the streams are split between three NATS accounts:
   nats-server): INGEST, the plaintext blob bucket and the DLQ. Never bound to the link.
 - ``edge-sealed``: the hospital's sealed side (EDGE account, bound to the leafnode link):
   SEALED and the sealed blob bucket, each with the uplink durable ``uplink-<site>``
-  through which the cloud sources them.
+  through which the cloud sources them; DELIVERY, which sources the site's delivery
+  requests from the cloud's DELIVERY through the cloud's durable ``downlink-<site>``.
 - ``cloud``: the hub (HOSP account of the cloud's nats-server): SEALED and the sealed blob
   bucket (sourced from every site), EVENTS, DELIVERY, the store-writer's DLQ and the
   index. No plaintext stream or bucket exists there.
@@ -26,6 +27,7 @@ from dicomflow.shared.errors import ConfigError
 
 CLOUD_DOMAIN = "cloud"
 UPLINK_PREFIX = "dicomflow-uplink"  # deliver subjects of the uplink durables: <prefix>.<site>.*
+DOWNLINK_PREFIX = "dicomflow-downlink"  # the downlink durable's: <prefix>.<site>.delivery
 # Both uplinked streams, and the token of each in its deliver subject.
 UPLINKED = {
     subjects.SEALED_STREAM: "sealed",
@@ -61,6 +63,21 @@ def uplink_deliver_subject(site: str, stream: str) -> str:
     return f"{UPLINK_PREFIX}.{site}.{UPLINKED[stream]}"
 
 
+def downlink_durable(site: str) -> str:
+    """The durable on the cloud's DELIVERY through which ``site``'s DELIVERY sources the
+    requests addressed to it (``dicomflow.deliver.<site>.>``)."""
+    return f"downlink-{site}"
+
+
+def downlink_deliver_subject(site: str) -> str:
+    return f"{DOWNLINK_PREFIX}.{site}.delivery"
+
+
+def downlink_filter(site: str) -> str:
+    """Every delivery request addressed to a destination at ``site``."""
+    return f"{subjects.DELIVER_PREFIX}.{site}.>"
+
+
 def site_api(site: str) -> str:
     """The JetStream API prefix of ``site``'s domain, as seen from the cloud."""
     return f"$JS.{site}.API"
@@ -75,7 +92,7 @@ def streams(zone: Zone) -> Sequence[str]:
     if zone is Zone.EDGE_LOCAL:
         return (subjects.INGEST_STREAM, subjects.DLQ_STREAM, ingest_blobs, keys)
     if zone is Zone.EDGE_SEALED:
-        return (subjects.SEALED_STREAM, sealed_blobs)
+        return (subjects.SEALED_STREAM, sealed_blobs, subjects.DELIVERY_STREAM)
     if zone is Zone.CLOUD:
         return (
             subjects.SEALED_STREAM,

@@ -113,13 +113,19 @@ def from_record(record: Record, destination: str) -> DeliveryRequest:
 
 
 async def publish(
-    js: JetStreamContext, req: DeliveryRequest, publish_timeout: float, body: bytes = b""
+    js: JetStreamContext,
+    req: DeliveryRequest,
+    publish_timeout: float,
+    body: bytes = b"",
+    *,
+    site: str | None = None,
 ) -> None:
     """Queue ``req`` (with ``body``, the sealed object, if relayed) on its destination's
-    subject; BrokerUnavailable unless acknowledged."""
+    subject (at ``site`` of the hybrid edge, if given); BrokerUnavailable unless
+    acknowledged."""
     try:
         await js.publish(
-            subjects.deliver_subject(req.destination),
+            subjects.deliver_subject(req.destination, site),
             body,
             headers=req.headers(),
             timeout=publish_timeout,

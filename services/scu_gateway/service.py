@@ -20,6 +20,15 @@ Three kinds of durable consumers run in one process:
 
 Queued requests survive rule changes and restarts: they wait on DELIVERY until their
 destination's consumer takes them.
+
+Hybrid edge. A destination at a site (``site = NAME``) is addressed as
+``dicomflow.deliver.<site>.<destination>``. In the cloud it has no host or port: the
+router and `send` only queue for it, and the cloud's ``downlink-<site>`` durable carries
+the requests over the site's leafnode link (the site's DELIVERY sources them). A cloud
+scu-gateway whose destinations are all at sites holds no master key and reads no storage.
+At the site (``nats_sealed`` set) the scu-gateway consumes the EDGE account's DELIVERY,
+reads storage directly, decrypts with the site's master key and dead-letters into the
+LOCAL account's DLQ; routing rules run in the cloud, never there.
 """
 
 from __future__ import annotations
@@ -60,12 +69,18 @@ class Routing:
     """The handlers of the router (stored instances) and relay (sealed) consumers."""
 
     def __init__(
-        self, js: JetStreamContext, router: Router, publish_timeout: float, tracing: Tracing
+        self,
+        js: JetStreamContext,
+        router: Router,
+        publish_timeout: float,
+        tracing: Tracing,
+        sites: dict[str, str | None] | None = None,
     ) -> None:
         self._js = js
         self._router = router
         self._timeout = publish_timeout
         self._tracing = tracing
+        self._sites = sites or {}  # destination -> its site of the hybrid edge, if any
 
     async def handle(self, msg: Msg) -> AfterAck | None:
         instance = self._tracing.propagate(messages.parse(msg.headers, sealed=True))
@@ -73,7 +88,7 @@ class Routing:
         relayed = (msg.headers or {}).get(messages.H_SEALED_BODY) == BodyKind.INLINE.value
         for destination in self._router.destinations(instance, relayed=relayed):
             req = request.DeliveryRequest(instance, object_key, destination)
-            await request.publish(self._js, req, self._timeout)
+            await request.publish(self._js, req, self._timeout, site=self._sites.get(destination))
         return None
 
     async def relay(self, msg: Msg) -> AfterAck | None:
@@ -84,7 +99,9 @@ class Routing:
             return None  # too large to travel inline: routed once stored (its event says so)
         for destination in self._router.relay_destinations(instance):
             req = request.DeliveryRequest(instance, "", destination, relayed=True)
-            await request.publish(self._js, req, self._timeout, body=msg.data)
+            await request.publish(
+                self._js, req, self._timeout, body=msg.data, site=self._sites.get(destination)
+            )
         return None
 
 
@@ -138,8 +155,16 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
             "scu.destinations is empty: configure at least one [scu.destinations.NAME] "
             "with ae_title, host and port"
         )
-    keyring = settings.encryption.keyring()
-    store = storage.build_store(settings.storage)
+    at_edge = settings.nats_sealed is not None
+    if at_edge and scu.rules:
+        raise ConfigError(
+            "scu.rules at a site of the hybrid edge: routing rules run in the cloud (its "
+            "scu-gateway queues for destinations with site = NAME); remove them here"
+        )
+    here = {name: dest for name, dest in scu.destinations.items() if dest.delivered_here}
+    # Only a scu-gateway that delivers holds a master key and reads storage.
+    keyring = settings.encryption.keyring() if here else None
+    store = storage.build_store(settings.storage) if here else None
     router = Router.from_settings(scu)
     reactors.install()  # responses and pauses without waiting out pynetdicom's polls
     # Requests written to the socket, responses decoded here: per association, when on.
@@ -150,7 +175,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     pools = {
         name: AssociationPool(name, dest, scu.ae_title, telemetry.metrics)
-        for name, dest in scu.destinations.items()
+        for name, dest in here.items()
     }
     health = {
         name: DestinationHealth(
@@ -161,18 +186,30 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
         )
         for name, pool in pools.items()
     }
-    telemetry.readiness.add_storage(store, settings.storage.root_path)
+    if store is not None:
+        telemetry.readiness.add_storage(store, settings.storage.root_path)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
+    sealed_nc = None
     tasks: list[asyncio.Task[None]] = []
     deliverers: list[Deliverer] = []
     try:
         js: JetStreamContext = nc.jetstream()
         await topology.ensure(js, settings.nats)
-        await keycheck.check(js, keyring)  # refuses a key file that is not its id's key
+        if keyring is not None:
+            await keycheck.check(js, keyring)  # refuses a key file that is not its id's key
+        delivery_js = js
+        if settings.nats_sealed is not None:  # the site's DELIVERY is in its EDGE account
+            sealed_nc = await natsconn.connect(settings.nats_sealed, f"{STAGE}-sealed", stop)
+            telemetry.readiness.add_nats(sealed_nc)
+            delivery_js = sealed_nc.jetstream()
+            await topology.ensure(delivery_js, settings.nats_sealed)
         consumers: list[Consumer] = []
-        routing = Routing(js, router, settings.nats.publish_timeout, telemetry.tracing)
-        if router.relays:
+        sites = {name: dest.site for name, dest in scu.destinations.items()}
+        routing = Routing(js, router, settings.nats.publish_timeout, telemetry.tracing, sites)
+        if at_edge:
+            pass  # no SEALED relay, no EVENTS at a site: the cloud routes
+        elif router.relays:
             await topology.ensure_consumer(
                 js, subjects.SEALED_STREAM, subjects.RELAY_DURABLE, settings.consumer
             )
@@ -208,43 +245,51 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
                     telemetry=telemetry,
                 )
             )
-        for name, dest in scu.destinations.items():
-            durable = subjects.deliver_durable(name)
-            consumer_settings = delivery_consumer(settings.consumer, dest)
-            await topology.ensure_filtered_consumer(
-                js,
-                subjects.DELIVERY_STREAM,
-                durable,
-                subjects.deliver_subject(name),
-                consumer_settings,
-            )
-            deliverer = Deliverer(
-                name, dest, pools[name], store, keyring, settings.spool_dir, health[name]
-            )
-            deliverers.append(deliverer)
-            consumers.append(
-                Consumer(
-                    js,
-                    stage=durable,
-                    stream=subjects.DELIVERY_STREAM,
-                    durable=durable,
-                    handler=counted(deliverer.handle, name, telemetry.metrics),
-                    settings=consumer_settings,
-                    telemetry=telemetry,
-                    gate=health[name].wait_up,
+        if keyring is not None and store is not None:  # ``here`` is not empty
+            for name, dest in here.items():
+                durable = subjects.deliver_durable(name)
+                consumer_settings = delivery_consumer(settings.consumer, dest)
+                await topology.ensure_filtered_consumer(
+                    delivery_js,
+                    subjects.DELIVERY_STREAM,
+                    durable,
+                    subjects.deliver_subject(name, dest.site),
+                    consumer_settings,
                 )
-            )
+                deliverer = Deliverer(
+                    name, dest, pools[name], store, keyring, settings.spool_dir, health[name]
+                )
+                deliverers.append(deliverer)
+                consumers.append(
+                    Consumer(
+                        delivery_js,
+                        stage=durable,
+                        stream=subjects.DELIVERY_STREAM,
+                        durable=durable,
+                        handler=counted(deliverer.handle, name, telemetry.metrics),
+                        settings=consumer_settings,
+                        telemetry=telemetry,
+                        gate=health[name].wait_up,
+                        dead_letters=js,
+                    )
+                )
         # The start-up C-ECHO: a destination that cannot be reached starts held.
         await asyncio.gather(*(h.check() for h in health.values()))
         tasks.append(asyncio.create_task(_reap(pools, stop)))
         telemetry.readiness.started()
         log.info(
             "scu-gateway ready: destinations %s; %d rule(s); calling AE %s",
-            ", ".join(pool.where for pool in pools.values()),
+            ", ".join(
+                [pool.where for pool in pools.values()]
+                + [f"{n} (at site {d.site})" for n, d in scu.destinations.items() if n not in here]
+            ),
             len(router),
             scu.ae_title,
         )
-        await asyncio.gather(*(consumer.run(stop) for consumer in consumers))
+        if consumers:
+            await asyncio.gather(*(consumer.run(stop) for consumer in consumers))
+        else:  # only `send` queues here (no rule, every destination at a site)
+            await stop.wait()
     finally:
         for task in tasks:
             task.cancel()
@@ -254,6 +299,8 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
             await asyncio.to_thread(deliverer.close)
         for pool in pools.values():
             await asyncio.to_thread(pool.close)
+        if sealed_nc is not None:
+            await sealed_nc.drain()
         await nc.drain()
 
 

@@ -105,6 +105,24 @@ class _Object:
     problem: str
 
 
+def new_report(
+    scenario: str, ledger: Ledger, faults: Counter[str], given_up: list[str] | None
+) -> Report:
+    """The ledger's figures, and the recovery check."""
+    report = Report(scenario, faults=Counter(faults), given_up=len(given_up or []))
+    rows = ledger.rows()
+    counts = Counter(r.status for r in rows)
+    report.sent, report.instances = len(rows), len({r.sop_instance_uid for r in rows})
+    report.success, report.failed, report.unknown = counts[SUCCESS], counts[FAILED], counts[UNKNOWN]
+    report.failure_codes = ledger.failure_codes()
+    if given_up:  # docs/reliability.md: services recover once the fault is gone
+        report.problems.append(
+            f"recovery: {len(given_up)} instance(s) never answered Success by the time the "
+            "sender gave up retrying, after the faults had stopped"
+        )
+    return report
+
+
 def check(
     scenario: str,
     pipeline: Pipeline,
@@ -115,21 +133,29 @@ def check(
 ) -> Report:
     """Compute the figures; ``report.problems`` lists every violated property (L1-L5)."""
     poisons = poisons or []
-    report = Report(scenario, faults=Counter(faults), given_up=len(given_up or []))
-    rows = ledger.rows()
-    counts = Counter(r.status for r in rows)
-    report.sent, report.instances = len(rows), len({r.sop_instance_uid for r in rows})
-    report.success, report.failed, report.unknown = counts[SUCCESS], counts[FAILED], counts[UNKNOWN]
-    report.failure_codes = ledger.failure_codes()
-
-    if given_up:  # docs/reliability.md: services recover once the fault is gone
-        report.problems.append(
-            f"recovery: {len(given_up)} instance(s) never answered Success by the time the "
-            "sender gave up retrying, after the faults had stopped"
-        )
+    report = new_report(scenario, ledger, faults, given_up)
     _check_drained(pipeline, report)  # L5, first part
     settings = load_settings(ReaderSettings, pipeline.config)
-    objects = _read_objects(settings)
+    by_uid = check_objects(report, read_objects(settings), ledger)
+
+    verify = pipeline.cli("verify")  # every index record: tag and the gateway's digest
+    summary = _last_json(verify.stdout)
+    if verify.returncode != 0 or summary.get("failed", 1) or summary.get("pending", 1):
+        report.problems.append(f"L1: dicomflow verify: {verify.stdout[-2000:]}{verify.stderr}")
+    elif summary.get("verified") != len(by_uid):
+        report.problems.append(
+            f"L1: verify checked {summary.get('verified')} records, storage holds "
+            f"{len(by_uid)} instances"
+        )
+
+    _check_dead_letters(pipeline, poisons, report)  # L5, second part
+    return report
+
+
+def check_objects(
+    report: Report, objects: list[_Object], ledger: Ledger
+) -> dict[str, list[_Object]]:
+    """L1, L2, L4 over what storage holds (every object decrypted); by SOP Instance UID."""
     report.stored_objects = len(objects)
     by_uid: dict[str, list[_Object]] = {}
     for obj in objects:
@@ -160,19 +186,7 @@ def check(
             report.problems.append(
                 f"L1: {uid} answered Success but {len(found)} object(s) hold its bytes"
             )
-
-    verify = pipeline.cli("verify")  # every index record: tag and the gateway's digest
-    summary = _last_json(verify.stdout)
-    if verify.returncode != 0 or summary.get("failed", 1) or summary.get("pending", 1):
-        report.problems.append(f"L1: dicomflow verify: {verify.stdout[-2000:]}{verify.stderr}")
-    elif summary.get("verified") != len(by_uid):
-        report.problems.append(
-            f"L1: verify checked {summary.get('verified')} records, storage holds "
-            f"{len(by_uid)} instances"
-        )
-
-    _check_dead_letters(pipeline, poisons, report)  # L5, second part
-    return report
+    return by_uid
 
 
 def _last_json(text: str) -> dict[str, Any]:
@@ -183,7 +197,7 @@ def _last_json(text: str) -> dict[str, Any]:
     return {}
 
 
-def _read_objects(settings: ReaderSettings) -> list[_Object]:
+def read_objects(settings: ReaderSettings) -> list[_Object]:
     store = storage.build_store(settings.storage)
     keyring = settings.encryption.keyring()
     out = []

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 import nats
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -93,9 +93,20 @@ def kill_and_restart(pipeline: Pipeline, name: str, down: float = 0.5) -> Callab
     return act
 
 
+class Target(Protocol):
+    """What a scenario loads and drains: a single-zone ``Pipeline``, or a hybrid edge."""
+
+    port: int  # the scp-gateway's DICOM port
+
+    def wait_drained(self, timeout: float = ...) -> None: ...
+
+
+Checker = Callable[[str, Any, Ledger, Counter[str], list[Poison], list[str]], Report]
+
+
 def run(
     scenario: str,
-    pipeline: Pipeline,
+    pipeline: Target,
     folder: Path,
     injector: Injector,
     *,
@@ -103,8 +114,10 @@ def run(
     rows: int = 128,
     poisons: list[Poison] | None = None,
     drain_timeout: float = 240.0,
+    checker: Checker = check,
 ) -> Report:
-    """Load for ``load_seconds()`` under faults, drain, check; fail on any violation."""
+    """Load for ``load_seconds()`` under faults, drain, check; fail on any violation.
+    ``checker``: the properties' check of ``pipeline`` (``checker.check`` by default)."""
     ledger = Ledger()
     sender = Sender(ledger, folder, pipeline.port, workers=workers, rows=rows, columns=rows)
     sender.start()
@@ -123,7 +136,7 @@ def run(
     with contextlib.suppress(TimeoutError):  # the checker names what is left (L5)
         pipeline.wait_drained(timeout=drain_timeout)
     poisons = poisons if poisons is not None else []  # the caller may still append
-    report = _settled_check(scenario, pipeline, ledger, faults, poisons, given_up)
+    report = _settled_check(scenario, pipeline, ledger, faults, poisons, given_up, checker)
     report.timeline = timeline
     print("\n" + report.line())
     target = os.environ.get(REPORT_ENV)
@@ -135,11 +148,12 @@ def run(
 
 def _settled_check(
     scenario: str,
-    pipeline: Pipeline,
+    pipeline: Target,
     ledger: Ledger,
     faults: Counter[str],
     poisons: list[Poison],
     given_up: list[str],
+    checker: Checker,
 ) -> Report:
     """Check; while only L5 in-flight leftovers remain, wait a little and check again.
 
@@ -148,7 +162,7 @@ def _settled_check(
     """
     deadline = time.monotonic() + 60
     while True:
-        report = check(scenario, pipeline, ledger, faults, poisons, given_up)
+        report = checker(scenario, pipeline, ledger, faults, poisons, given_up)
         transient = all(p.startswith("L5") for p in report.problems)
         if not report.problems or not transient or time.monotonic() > deadline:
             return report

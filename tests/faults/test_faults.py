@@ -11,16 +11,20 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dicomflow.embedded.natsserver import NatsServer
+from faults.hybrid import HybridTarget, check_hybrid
 from faults.scenario import Injector, PoisonMaker, kill_and_restart, run
+from support.hybrid import Hybrid, stop
+from support.linkproxy import LinkProxy
 from support.natscluster import NatsCluster
 from support.pipeline import Pipeline
 from support.s3rver import S3rver
-from support.servers import wait_for
+from support.servers import free_port, wait_for
 
 pytestmark = [
     pytest.mark.faults,
@@ -199,3 +203,53 @@ def test_sealed_poison_with_a_bad_tag_is_dead_lettered(
     assert [letter["Dicomflow-Dlq-Stage"] for letter in letters] == ["store-writer"]
     assert "SealNotTrusted: digest check failed" in letters[0]["Dicomflow-Dlq-Reason"]
     assert not [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
+
+
+def test_hybrid_link_flaps_and_kill9_of_leaf_and_hub_during_catch_up(tmp_path: Path) -> None:
+    """The hybrid edge (`dicomflow cloud`, `dicomflow edge`): load sent to the edge while
+    its link to the cloud is cut and restored, the leaf's and the hub's nats-server
+    killed (-9) a moment after each restore, while the cloud catches up. Nothing lost or
+    doubled; the edge's sealed streams end empty (the janitor clears what the uplink
+    left below its ack floor)."""
+    leafnode_port = free_port()
+    with LinkProxy(leafnode_port) as proxy:
+        hybrid = Hybrid(tmp_path, proxy, leafnode_port, free_port(), calling_aes=("STORESCU",))
+        hybrid.add_site()
+        target = HybridTarget(hybrid)
+
+        def restore_then_kill(side: str) -> Callable[[], None]:
+            def act() -> None:
+                proxy.restore()
+                time.sleep(0.7)  # the cloud is catching up
+                target.kill_server(side)
+
+            return act
+
+        injector = Injector(
+            [
+                ("link cut", proxy.cut),
+                ("link restored, then kill -9 of the leaf nats-server", restore_then_kill("edge")),
+                ("link cut", proxy.cut),
+                ("link restored, then kill -9 of the hub nats-server", restore_then_kill("cloud")),
+            ],
+            every=3.0,
+        )
+        try:
+            hybrid.start_cloud()
+            hybrid.start_edge()
+            report = run(
+                "hybrid",
+                target,
+                tmp_path / "send",
+                injector,
+                checker=check_hybrid,  # type: ignore[arg-type]
+                drain_timeout=180.0,
+            )
+        finally:
+            proxy.restore()
+            for proc in (hybrid.edge_proc, hybrid.cloud_proc):
+                if proc is not None:
+                    stop(proc)
+    assert not report.problems, report.line() + "\n" + "\n".join(report.problems[:30])
+    assert report.success > 0 and report.faults["link cut"] >= 1
+    assert sum(v for k, v in report.faults.items() if "kill -9" in k) >= 1

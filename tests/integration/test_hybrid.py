@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
@@ -25,12 +23,11 @@ from pydicom import dcmread
 
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.shared import hybridtopology, natsconn, storage, subjects
-from dicomflow.shared.index import Index, Record, State
 from dicomflow.shared.retrieval import fetch_verified
-from dicomflow.shared.settings import EncryptorSettings, ReaderSettings, load_settings
 from support.dicomfiles import Made, ct_series, dataset_bytes, made, with_pixel_bytes
+from support.hybrid import Hybrid, cli, messages, nats_server_pid, stop, stored
 from support.linkproxy import LinkProxy
-from support.pipeline import STORESCU
+from support.orthanc import Orthanc
 from support.servers import free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -38,165 +35,9 @@ pytestmark = pytest.mark.integration
 SITE = "site-a"
 MARKER = "Marker^Plaintext7QZ"  # put into every dataset: must never rest in the cloud
 SEALED_BLOBS = subjects.blob_stream(subjects.SEALED_BLOB_BUCKET)
+PACS = "PACS_A"  # the site's PACS, as the cloud names it
+ROUTED_STUDY = "1.2.826.0.1.3680043.10.1066.42"  # the cloud's routing rule matches it
 BLOB_SIZE = 9 * 1024 * 1024  # above the inline limit of an 8 MiB max_payload
-
-
-def _dicomflow(log: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dicomflow", *args], stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomflow", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=90)
-
-
-def _nats_server_pid(proc: subprocess.Popen[bytes]) -> int:
-    children = psutil.Process(proc.pid).children(recursive=True)
-    servers = [c.pid for c in children if c.name() == "nats-server"]
-    assert len(servers) == 1, children
-    return servers[0]
-
-
-@dataclass
-class Hybrid:
-    root: Path
-    proxy: LinkProxy
-    leafnode_port: int
-    dicom_port: int
-    cloud_proc: subprocess.Popen[bytes] | None = None
-    edge_proc: subprocess.Popen[bytes] | None = None
-    sent: list[Made] = field(default_factory=list)
-
-    @property
-    def cloud(self) -> Path:
-        return self.root / "cloud"
-
-    @property
-    def edge(self) -> Path:
-        return self.root / "edge"
-
-    @property
-    def bundle(self) -> Path:
-        return self.root / "bundle"
-
-    def start_cloud(self) -> None:
-        self.cloud_proc = _dicomflow(
-            self.root / "cloud.log",
-            "cloud",
-            "--data-dir",
-            str(self.cloud),
-            "--leafnode-host",
-            "127.0.0.1",
-            "--leafnode-port",
-            str(self.leafnode_port),
-            "--metrics-port",
-            "0",
-        )
-        wait_for("the cloud", lambda: "dicomflow cloud is up" in self._log("cloud"), 90)
-
-    def start_edge(self) -> None:
-        mark = self._log("edge").count("is up.")
-        self.edge_proc = _dicomflow(
-            self.root / "edge.log",
-            "edge",
-            "--join",
-            str(self.bundle),
-            "--data-dir",
-            str(self.edge),
-            "--port",
-            str(self.dicom_port),
-            "--host",
-            "127.0.0.1",
-            "--allow-ae",
-            "CT01",
-            "--objects",
-            str(self.cloud / "objects"),
-            "--metrics-port",
-            "0",
-        )
-        wait_for("the edge", lambda: self._log("edge").count("is up.") > mark, 90)
-
-    def stop_edge(self) -> None:
-        assert self.edge_proc is not None
-        assert _stop(self.edge_proc) == 0, self._log("edge")[-3000:]
-        self.edge_proc = None
-
-    def _log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text() if path.exists() else ""
-
-    def send(self, files: list[Made]) -> str:
-        done = subprocess.run(
-            [
-                STORESCU,
-                "-v",
-                "-aet",
-                "CT01",
-                "-aec",
-                "DICOMFLOW",
-                "127.0.0.1",
-                str(self.dicom_port),
-                *(str(f.path) for f in files),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-            env=dict(os.environ, TCP_NODELAY="1"),
-        )
-        self.sent += files
-        return done.stdout + done.stderr
-
-    def settings(self, side: str) -> ReaderSettings:
-        return load_settings(ReaderSettings, self.root / side / "dicomflow.toml")
-
-    def edge_sealed(self) -> EncryptorSettings:
-        settings = load_settings(EncryptorSettings, self.edge / "dicomflow.toml")
-        assert settings.nats_sealed is not None
-        sealed = settings.nats_sealed.model_copy(
-            update={"nkey_seed_file": self.edge / "keys" / "nats" / "creds" / "edge-admin.nk"}
-        )
-        return settings.model_copy(update={"nats_sealed": sealed})
-
-
-async def _messages(hybrid: Hybrid, side: str, stream: str) -> int:
-    if side == "edge-sealed":
-        nats_settings = hybrid.edge_sealed().nats_sealed
-        assert nats_settings is not None
-    else:
-        nats_settings = hybrid.settings(side).nats
-    nc = await natsconn.connect_once(nats_settings, "test")
-    try:
-        return int((await nc.jetstream().stream_info(stream)).state.messages)
-    finally:
-        await nc.close()
-
-
-async def _stored(hybrid: Hybrid) -> dict[str, tuple[str, str]]:
-    """``{SOP Instance UID: (object key, sha256)}`` of every stored record in the cloud."""
-    nc = await natsconn.connect_once(hybrid.settings("cloud").nats, "test")
-    try:
-        index = await Index.open(nc.jetstream())
-        return {
-            r.sop_instance_uid: (r.object_key, r.sha256)
-            async for r in index.entries()
-            if isinstance(r, Record) and r.state is State.STORED
-        }
-    finally:
-        await nc.close()
 
 
 def _marked(path: Path) -> Made:
@@ -207,23 +48,33 @@ def _marked(path: Path) -> Made:
 
 
 @pytest.fixture(scope="module")
-def hybrid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hybrid]:
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """The site's PACS: a real Orthanc the edge's scu-gateway delivers to."""
+    with Orthanc(tmp_path_factory.mktemp("pacs"), ae_title="SITE_PACS") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc) -> Iterator[Hybrid]:
     root = tmp_path_factory.mktemp("hybrid")
     leafnode_port = free_port()
+    routing = root / "routing.toml"
+    # The cloud's router: instances of ROUTED_STUDY go to the site's PACS.
+    routing.write_text(
+        f'[scu.destinations.{PACS}]\nae_title = "SITE_PACS"\nsite = "{SITE}"\n\n'
+        f'[[scu.rules]]\ndestinations = ["{PACS}"]\nstudy_uid = "{ROUTED_STUDY}"\n'
+    )
     with LinkProxy(leafnode_port) as proxy:
-        setup = Hybrid(root, proxy, leafnode_port, free_port())
-        added = _cli(
-            "cloud",
-            "add-site",
-            SITE,
-            "--data-dir",
-            str(setup.cloud),
-            "--out",
-            str(setup.bundle),
-            "--cloud-url",
-            f"tls://127.0.0.1:{proxy.port}",
+        setup = Hybrid(
+            root,
+            proxy,
+            leafnode_port,
+            free_port(),
+            site=SITE,
+            forward=[f"{PACS}=SITE_PACS@127.0.0.1:{pacs.dicom_port}"],
+            routing=routing,
         )
-        assert added.returncode == 0, added.stderr
+        setup.add_site()
         try:
             setup.start_cloud()
             setup.start_edge()
@@ -231,7 +82,7 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hybrid]:
         finally:
             for proc in (setup.edge_proc, setup.cloud_proc):
                 if proc is not None:
-                    _stop(proc)
+                    stop(proc)
 
 
 def test_storescu_to_the_edge_stored_in_the_cloud_and_read_back_at_the_edge(
@@ -239,13 +90,13 @@ def test_storescu_to_the_edge_stored_in_the_cloud_and_read_back_at_the_edge(
 ) -> None:
     files = [_marked(f.path) for f in ct_series(tmp_path / "in", 3)]
     assert hybrid.send(files).count("Received Store Response (Success)") == 3
-    wait_for("all stored", lambda: len(asyncio.run(_stored(hybrid))) == 3, 90)
+    wait_for("all stored", lambda: len(asyncio.run(stored(hybrid))) == 3, 90)
     for f in files:
         out = tmp_path / f"{f.sop_instance_uid}.dcm"
-        got = _cli("get", "--data-dir", str(hybrid.edge), f.sop_instance_uid, "-o", str(out))
+        got = cli("get", "--data-dir", str(hybrid.edge), f.sop_instance_uid, "-o", str(out))
         assert got.returncode == 0, got.stderr
         assert dataset_bytes(out) == dataset_bytes(f.path)
-    unknown = _cli("get", "--data-dir", str(hybrid.edge), "1.2.3.4", "-o", str(tmp_path / "x"))
+    unknown = cli("get", "--data-dir", str(hybrid.edge), "1.2.3.4", "-o", str(tmp_path / "x"))
     assert unknown.returncode == 1 and "no stored instance" in unknown.stderr
     # The cloud runs no stage holding a master key, and has no key file.
     assert not list(hybrid.cloud.rglob("master-*.key"))
@@ -267,7 +118,7 @@ def test_no_plaintext_reaches_the_cloud(hybrid: Hybrid, tmp_path: Path) -> None:
             sub = await nc.subscribe(">", cb=record)
             await asyncio.to_thread(hybrid.send, [*inline, blob])
             await asyncio.to_thread(
-                wait_for, "stored", lambda: len(asyncio.run(_stored(hybrid))) == before + 3, 90
+                wait_for, "stored", lambda: len(asyncio.run(stored(hybrid))) == before + 3, 90
             )
             await sub.unsubscribe()
             names = [s.config.name for s in await nc.jetstream().streams_info()]
@@ -303,7 +154,7 @@ def test_no_plaintext_reaches_the_cloud(hybrid: Hybrid, tmp_path: Path) -> None:
 
 
 def test_store_and_forward_through_a_cut_link(hybrid: Hybrid, tmp_path: Path) -> None:
-    stored_before = len(asyncio.run(_stored(hybrid)))
+    stored_before = len(asyncio.run(stored(hybrid)))
     inline = ct_series(tmp_path / "in", 200)
     blobs = [with_pixel_bytes(tmp_path / f"b{i}.dcm", BLOB_SIZE, seed=10 + i) for i in range(3)]
     files = [*inline, *blobs]
@@ -314,23 +165,23 @@ def test_store_and_forward_through_a_cut_link(hybrid: Hybrid, tmp_path: Path) ->
         wait_for(
             "sealed at the edge",
             lambda: (
-                asyncio.run(_messages(hybrid, "edge-sealed", subjects.SEALED_STREAM)) == len(files)
+                asyncio.run(messages(hybrid, "edge-sealed", subjects.SEALED_STREAM)) == len(files)
             ),
             120,
         )
-        assert asyncio.run(_messages(hybrid, "edge", subjects.INGEST_STREAM)) == 0
+        assert asyncio.run(messages(hybrid, "edge", subjects.INGEST_STREAM)) == 0
         time.sleep(12)  # past the sources' 10 s stall detection
-        assert len(asyncio.run(_stored(hybrid))) == stored_before
+        assert len(asyncio.run(stored(hybrid))) == stored_before
     finally:
         hybrid.proxy.restore()
     start = time.monotonic()
     wait_for(
         "caught up",
-        lambda: len(asyncio.run(_stored(hybrid))) == stored_before + len(files),
+        lambda: len(asyncio.run(stored(hybrid))) == stored_before + len(files),
         180,
     )
     caught_up = time.monotonic() - start
-    records = asyncio.run(_stored(hybrid))
+    records = asyncio.run(stored(hybrid))
 
     async def decrypt_all() -> None:
         settings = hybrid.settings("edge")
@@ -358,7 +209,7 @@ def test_store_and_forward_through_a_cut_link(hybrid: Hybrid, tmp_path: Path) ->
     for stream in (subjects.SEALED_STREAM, SEALED_BLOBS):
         wait_for(
             f"the edge's {stream} empty",
-            lambda s=stream: asyncio.run(_messages(hybrid, "edge-sealed", s)) == 0,  # type: ignore[misc]
+            lambda s=stream: asyncio.run(messages(hybrid, "edge-sealed", s)) == 0,  # type: ignore[misc]
             60,
         )
     assert "dead-lettering" not in (hybrid.cloud / "logs" / "store-writer.log").read_text()
@@ -377,7 +228,11 @@ def test_egress_only_the_edge_listens_on_loopback_and_the_cloud_never_calls_it(
     assert re.search(r"^\s*remotes\s*:", leafnodes, re.M)
     assert not re.search(r"^\s*(listen|port)\s*:", leafnodes, re.M)
     assert not re.search(r"^\s*(routes|cluster|gateway)\s*[:{]", edge_conf, re.M)
-    leaf = psutil.Process(_nats_server_pid(hybrid.edge_proc))
+    # A Success at the edge, and the cloud's acknowledgement of a sealed message, survive
+    # a power cut: both servers fsync before acknowledging.
+    for conf in (hub_conf, edge_conf):
+        assert re.search(r"^jetstream \{.*sync_interval: always", conf, re.M), conf[:400]
+    leaf = psutil.Process(nats_server_pid(hybrid.edge_proc))
     listening = [c.laddr for c in leaf.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
     url = hybrid.settings("edge").nats.servers[0]
     assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", int(url.rsplit(":", 1)[1]))]
@@ -385,7 +240,7 @@ def test_egress_only_the_edge_listens_on_loopback_and_the_cloud_never_calls_it(
     assert hybrid.proxy.port in outbound, "the leaf has no connection out to the cloud"
     assert hybrid.leafnode_port not in outbound  # only through the URL of its bundle
 
-    hub = psutil.Process(_nats_server_pid(hybrid.cloud_proc))
+    hub = psutil.Process(nats_server_pid(hybrid.cloud_proc))
     hybrid.stop_edge()
     accepted = hybrid.proxy.accepted
     deadline = time.monotonic() + 6
@@ -430,3 +285,134 @@ async def test_janitor_keeps_whatever_a_consumer_has_not_acknowledged(
         assert (state.messages, state.first_seq) == (15, 6)
     finally:
         await nc.close()
+
+
+def _study(files: list[Made], study_uid: str) -> list[Made]:
+    for f in files:
+        ds = dcmread(f.path)
+        ds.StudyInstanceUID = study_uid
+        ds.save_as(f.path, enforce_file_format=True)
+    return [made(f.path) for f in files]
+
+
+async def _downlink(hybrid: Hybrid) -> tuple[int, int]:
+    """The edge's DELIVERY: how many requests ever reached it, and how many times its
+    scu-gateway was handed one again (0: each request went to the PACS once)."""
+    settings = hybrid.edge_sealed().nats_sealed
+    assert settings is not None
+    nc = await natsconn.connect_once(settings, "test")
+    try:
+        js = nc.jetstream()
+        info = await js.consumer_info(subjects.DELIVERY_STREAM, subjects.deliver_durable(PACS))
+        last = (await js.stream_info(subjects.DELIVERY_STREAM)).state.last_seq
+        return int(last), int(info.num_redelivered or 0)
+    finally:
+        await nc.close()
+
+
+def test_a_send_in_the_cloud_while_the_site_is_cut_off_reaches_its_pacs_once(
+    hybrid: Hybrid, pacs: Orthanc, tmp_path: Path
+) -> None:
+    files = ct_series(tmp_path / "in", 3)
+    before = len(asyncio.run(stored(hybrid)))
+    assert hybrid.send(files).count("Received Store Response (Success)") == 3
+    wait_for("stored", lambda: len(asyncio.run(stored(hybrid))) == before + 3, 90)
+    reached_edge, _ = asyncio.run(_downlink(hybrid))
+    cloud = hybrid.cloud / "dicomflow.toml"
+    hybrid.proxy.cut()
+    try:
+        queued = cli("send", "--config", str(cloud), "--to", PACS, "--series", files[0].series_uid)
+        assert queued.returncode == 0, queued.stderr
+        assert "queued 3 instance(s)" in queued.stderr
+        # It waits in the cloud, for this site only.
+        assert asyncio.run(messages(hybrid, "cloud", subjects.DELIVERY_STREAM)) == 3
+        time.sleep(3)
+        assert not set(pacs.instances()) & {f.sop_instance_uid for f in files}
+    finally:
+        hybrid.proxy.restore()
+    wait_for(
+        "delivered at the site",
+        lambda: {f.sop_instance_uid for f in files} <= set(pacs.instances()),
+        90,
+    )
+    arrived = pacs.instances()
+    for f in files:
+        assert pacs.dataset_bytes(arrived[f.sop_instance_uid]) == dataset_bytes(f.path)
+    wait_for(
+        "the cloud's DELIVERY empty",
+        lambda: asyncio.run(messages(hybrid, "cloud", subjects.DELIVERY_STREAM)) == 0,
+        30,
+    )
+    wait_for(
+        "the edge's DELIVERY empty",
+        lambda: asyncio.run(messages(hybrid, "edge-sealed", subjects.DELIVERY_STREAM)) == 0,
+        30,
+    )
+    # Exactly once: three requests came down, none was handed to the scu-gateway twice.
+    assert asyncio.run(_downlink(hybrid)) == (reached_edge + 3, 0)
+
+
+def test_a_routing_rule_in_the_cloud_delivers_at_the_site(
+    hybrid: Hybrid, pacs: Orthanc, tmp_path: Path
+) -> None:
+    routed = _study(ct_series(tmp_path / "routed", 2), ROUTED_STUDY)
+    other = ct_series(tmp_path / "other", 1)
+    assert hybrid.send([*routed, *other]).count("Received Store Response (Success)") == 3
+    wait_for(
+        "routed to the site's PACS",
+        lambda: {f.sop_instance_uid for f in routed} <= set(pacs.instances()),
+        90,
+    )
+    wait_for(
+        "the cloud's DELIVERY empty",
+        lambda: asyncio.run(messages(hybrid, "cloud", subjects.DELIVERY_STREAM)) == 0,
+        30,
+    )
+    assert other[0].sop_instance_uid not in pacs.instances()
+    # The cloud's router holds no key either.
+    assert "scu-gateway ready" in (hybrid.cloud / "logs" / "scu-gateway.log").read_text()
+    assert not list(hybrid.cloud.rglob("master-*.key"))
+
+
+def test_topology_command_makes_the_clouds_part_for_its_sites(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`dicomflow topology` with nats.zone = cloud (the Kubernetes Job of the cloud
+    overlay): the sourcing and downlink durable of each --site, and no plaintext stream."""
+    env = {
+        **os.environ,
+        "DICOMFLOW_NATS__SERVERS": f'["{nats_server.url}"]',
+        "DICOMFLOW_NATS__ZONE": "cloud",
+    }
+
+    def topology(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dicomflow", "topology", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+
+    missing = topology()
+    assert missing.returncode != 0 and "--site" in missing.stderr
+    made = topology("--site", "site-a", "--site", "site-b")
+    assert made.returncode == 0, made.stderr
+
+    async def look() -> tuple[list[str], list[str], str | None]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            names = [s.config.name or "" for s in await js.streams_info()]
+            sealed = await js.stream_info(subjects.SEALED_STREAM)
+            sources = [s.external.api for s in sealed.config.sources or [] if s.external]
+            down = await js.consumer_info(subjects.DELIVERY_STREAM, "downlink-site-b")
+            return names, sources, down.config.filter_subject
+        finally:
+            await nc.close()
+
+    names, sources, down = asyncio.run(look())
+    assert subjects.INGEST_STREAM not in names
+    assert sorted(sources) == ["$JS.site-a.API", "$JS.site-b.API"]
+    assert down == "dicomflow.deliver.site-b.>"

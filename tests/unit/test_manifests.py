@@ -18,9 +18,10 @@ import yaml
 
 from dicomflow.cli.stages import STAGES
 from dicomflow.shared.settings import load_settings
+from dicomflow.shared.zones import Zone
 
 K8S = Path(__file__).parents[2] / "deploy" / "k8s"
-OVERLAYS = ("base", "overlays/dev", "overlays/single-zone")
+OVERLAYS = ("base", "overlays/dev", "overlays/single-zone", "overlays/cloud", "overlays/edge")
 KUBERNETES_VERSION = "1.32.0"
 # Custom resources: no schema in kubernetes-validate; checked by shape below.
 CUSTOM = {"ServiceMonitor", "ScaledObject"}
@@ -49,7 +50,7 @@ def render(overlay: str) -> list[dict[str, Any]]:
 def test_overlay_renders_and_validates(overlay: str) -> None:
     objects = render(overlay)
     kinds = {obj["kind"] for obj in objects}
-    assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"} <= kinds
+    assert {"Deployment", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"} <= kinds
     for obj in objects:
         if obj["kind"] in CUSTOM:
             assert obj["spec"], obj
@@ -152,3 +153,86 @@ def test_topology_job_runs_as_admin() -> None:
     (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
     nats = tomllib.loads(config_map["data"]["dicomflow.toml"])["nats"]
     assert _secret_at(job, Path(nats["nkey_seed_file"]).parent) == "dicomflow-nats-admin"
+
+
+def _config_of(objects: list[dict[str, Any]], tmp_path: Path) -> Path:
+    (config_map,) = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("dicomflow-config")
+    ]
+    config = tmp_path / "dicomflow.toml"
+    config.write_text(config_map["data"]["dicomflow.toml"])
+    return config
+
+
+def _load_stage(deployment: dict[str, Any], config: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for key in [k for k in os.environ if k.startswith("DICOMFLOW_")]:
+        monkeypatch.delenv(key)
+    for env in container.get("env", []):
+        monkeypatch.setenv(env["name"], env.get("value", "from-a-secret"))
+    return load_settings(STAGES[container["args"][0]][0], config)
+
+
+def test_the_cloud_holds_no_master_key_and_runs_no_plaintext_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render("overlays/cloud")
+    deployments = _deployments(objects)
+    assert set(deployments) == {"store-writer", "scu-gateway"}
+    secrets = {
+        v["secret"]["secretName"]
+        for d in deployments.values()
+        for v in d["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
+    assert "dicomflow-master-keys" not in secrets and "dicomflow-signing-key" not in secrets
+    config = _config_of(objects, tmp_path)
+    for deployment in deployments.values():
+        settings = _load_stage(deployment, config, monkeypatch)
+        assert settings.nats.zone == Zone.CLOUD
+        assert settings.encryption.master_key is None
+    router = _load_stage(deployments["scu-gateway"], config, monkeypatch)
+    assert router.scu.rules and all(
+        d.site and not d.delivered_here for d in router.scu.destinations.values()
+    )
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    sites = [args[i + 1] for i, a in enumerate(args) if a == "--site"]
+    assert sites and {d.site for d in router.scu.destinations.values()} <= set(sites)
+    hub = yaml.safe_load((K8S / "nats" / "hub-values.yaml").read_text())["config"]
+    assert hub["leafnodes"]["enabled"] and hub["leafnodes"]["tls"]["merge"]["verify"] is True
+    assert hub["jetstream"]["merge"]["domain"] == "cloud"
+    assert "remotes" not in hub.get("merge", {}).get("leafnodes", {})
+
+
+def test_the_edge_runs_the_plaintext_side_with_two_accounts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render("overlays/edge")
+    deployments = _deployments(objects)
+    assert set(deployments) == {"scp-gateway", "encryptor", "scu-gateway"}
+    config = _config_of(objects, tmp_path)
+    for name in ("encryptor", "scu-gateway"):
+        settings = _load_stage(deployments[name], config, monkeypatch)
+        assert settings.nats.zone == Zone.EDGE_LOCAL
+        sealed = settings.nats_sealed
+        assert sealed is not None and sealed.zone == Zone.EDGE_SEALED
+        assert sealed.nkey_seed_file is not None
+        assert (
+            _secret_at(deployments[name], sealed.nkey_seed_file.parent)
+            == f"dicomflow-nats-{name}-sealed"
+        )
+        assert settings.encryption.master_key is not None
+    scu = _load_stage(deployments["scu-gateway"], config, monkeypatch).scu
+    assert not scu.rules and all(d.site and d.delivered_here for d in scu.destinations.values())
+    jobs = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Job"}
+    sealed_job = jobs["dicomflow-topology-sealed"]
+    assert _secret_at(sealed_job, Path("/run/secrets/dicomflow-nats")) == (
+        "dicomflow-nats-edge-admin"
+    )
+    leaf = yaml.safe_load((K8S / "nats" / "edge-values.yaml").read_text())["config"]
+    assert leaf["leafnodes"]["enabled"] is False  # no listener: nothing connects in
+    (remote,) = leaf["merge"]["leafnodes"]["remotes"]
+    assert remote["account"] == "EDGE" and remote["urls"][0].startswith("tls://")

@@ -16,6 +16,7 @@ from dicomflow.scu_gateway.status import (
     classify,
     error_for,
 )
+from dicomflow.shared import subjects
 from dicomflow.shared.errors import ConfigError, ContractViolation
 from dicomflow.shared.index import Record, State
 from dicomflow.shared.messages import Instance
@@ -111,6 +112,23 @@ def test_destination_names_and_syntaxes_are_checked() -> None:
         ScuSettings(destinations={"a.b": DestinationSettings(**DEST)})
     with pytest.raises(ValueError, match="not a transfer syntax UID"):
         DestinationSettings(**DEST, transfer_syntaxes=["explicit"])
+
+
+def test_a_destination_at_a_site_is_queued_for_it_without_host_or_port() -> None:
+    remote = DestinationSettings(ae_title="PACS", site="site-a")
+    assert not remote.delivered_here
+    assert subjects.deliver_subject("PACS", remote.site) == "dicomflow.deliver.site-a.PACS"
+    assert subjects.deliver_subject("PACS") == "dicomflow.deliver.PACS"
+    at_site = DestinationSettings(**DEST, site="site-a")  # the site's own scu-gateway
+    assert at_site.delivered_here
+    with pytest.raises(ValueError, match="host is required"):
+        DestinationSettings(ae_title="PACS")
+    with pytest.raises(ValueError, match="host is required"):
+        DestinationSettings(ae_title="PACS", site="site-a", port=104)
+    with pytest.raises(ValueError, match="port: 1 to 65535"):
+        DestinationSettings(ae_title="PACS", host="pacs")
+    with pytest.raises(ValueError, match="site name"):
+        DestinationSettings(ae_title="PACS", site="Site A")
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,17 @@
 verifying the sites' client certificates, no route, gateway or remote) and the
 store-writer, storing under ``DIR/objects``. It holds no master key and no plaintext.
 
+With ``--routing FILE`` (a TOML file with an ``[scu]`` table: destinations at sites,
+``site = NAME`` and no host, and routing rules) it also runs the scu-gateway as the
+router: stored instances the rules match are queued for those destinations, and the
+cloud's ``downlink-<site>`` durable carries them to the site's scu-gateway. `dicomflow
+send --config DIR/dicomflow.toml --to NAME` queues for them too, with or without it.
+
 `cloud add-site NAME --out BUNDLE` registers a site (its leaf user's public NKey, its
 encryptor's public signing key) and writes the site bundle the operator carries to the
-hospital (``embedded.sites.SiteBundle``). Restart `cloud` to take a new site into use.
+hospital (``embedded.sites.SiteBundle``). A running `cloud` notices a new site within
+seconds and takes it into use: the hub re-reads its config (SIGHUP), the site's sourcing
+and downlink durable are made, the store-writer restarts trusting its signing key.
 """
 
 from __future__ import annotations
@@ -16,8 +24,12 @@ import asyncio
 import json
 import signal
 import sys
+import time
+import tomllib
 from pathlib import Path
 from types import FrameType
+
+from pydantic import ValidationError
 
 from dicomflow.cli.natsconfig import Bundle, new_seed
 from dicomflow.cli.up import METRICS_PORT_ENV, StopFlag, stage_credentials
@@ -29,9 +41,11 @@ from dicomflow.shared import hybridconfig, hybridtopology, natscerts, natsconn, 
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.natsauth import ADMIN, ServerTls
 from dicomflow.shared.sealsign import PUBLIC_NAME, generate_signing_key_pair
-from dicomflow.shared.settings import NatsSettings
+from dicomflow.shared.settings import NatsSettings, ScuSettings, problems
 
 STAGE = "store-writer"
+ROUTER_STAGE = "scu-gateway"  # with --routing: the router, holding no key
+SITES_INTERVAL = 2.0  # seconds between looks for sites added while the cloud runs
 DEFAULT_LEAFNODE_PORT = 7422
 SERVER_CERT = "leafnode"
 
@@ -44,7 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Run the hub nats-server of the hybrid topology (JetStream domain cloud; sites "
             "connect to its TLS leafnode listener, it connects to none) and the store-writer, "
             "storing encrypted objects under DIR/objects. Sites are added with "
-            "`dicomflow cloud add-site NAME --out BUNDLE`; restart to take new ones into use."
+            "`dicomflow cloud add-site NAME --out BUNDLE`, also while it runs."
         ),
     )
     parser.add_argument(
@@ -71,6 +85,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=9190,
         metavar="PORT",
         help="loopback port of the store-writer's /metrics, /livez, /readyz (0: a free one)",
+    )
+    parser.add_argument(
+        "--routing",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with an [scu] table: destinations at sites ([scu.destinations.NAME] "
+        "ae_title, site = SITE; no host) and [[scu.rules]]; runs the scu-gateway as router",
     )
     parser.set_defaults(func=run)
     actions = parser.add_subparsers(dest="cloud_action", metavar="ACTION")
@@ -144,7 +165,7 @@ def add_site(args: argparse.Namespace) -> int:
         f"site {site} registered; its bundle is {out.root} (secret: carry it to the site, "
         f"then delete this copy). Start it there with:\n"
         f"  dicomflow edge --join {out.root}\n"
-        "Restart `dicomflow cloud` to take the site into use.",
+        "A running `dicomflow cloud` takes the site into use within seconds.",
         file=sys.stderr,
     )
     return 0
@@ -183,8 +204,77 @@ def run(args: argparse.Namespace) -> int:
             f"`dicomflow cloud add-site NAME --out BUNDLE --data-dir {cloud.root}`"
         )
     _credentials(cloud, ["localhost", "127.0.0.1"])
+    scu = _routing(args.routing, sites) if args.routing is not None else None
     for folder in (cloud.objects, cloud.logs):
         folder.mkdir(parents=True, exist_ok=True)
+    bundle = cloud.nats
+    _server_config(cloud, args, sites)
+
+    stop = StopFlag()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    nats = NatsServer(
+        cloud.nats_store, config_file=bundle.server_config, log_file=cloud.logs / "nats-server.log"
+    ).start()
+    stages: list[StageProcess] = []
+    try:
+        admin = NatsSettings(servers=[nats.url], nkey_seed_file=bundle.seed(ADMIN))
+        asyncio.run(_topology(admin, sites))
+        config = _config(cloud, nats.url, bundle)
+        if scu is not None:
+            config["scu"] = scu
+        cloud.config.write_text(to_toml(config))
+        for i, name in enumerate((STAGE, ROUTER_STAGE) if scu is not None else (STAGE,)):
+            env = {
+                **stage_env(cloud.config),
+                **stage_credentials(bundle, name, tls=False),
+                METRICS_PORT_ENV: str(0 if args.metrics_port == 0 else args.metrics_port + i),
+            }
+            stages.append(StageProcess(name, cloud.config, cloud.logs, env))
+        for stage in stages:
+            stage.start()
+        print(
+            f"\ndicomflow cloud is up.\n"
+            f"  Leafnode listener: {args.leafnode_host}:{args.leafnode_port} (TLS, client "
+            f"certificates of the cloud's CA)\n"
+            f"  Sites:             {', '.join(sorted(sites))}\n"
+            f"  Encrypted objects: {cloud.objects}\n"
+            f"  NATS (JetStream):  {nats.url}, domain cloud, state in {cloud.nats_store}\n"
+            f"  Logs:              {cloud.logs}\n"
+            f"  Listing:           dicomflow ls --config {cloud.config}\n"
+            "Press Ctrl-C to stop.",
+            file=sys.stderr,
+            flush=True,
+        )
+        next_look = time.monotonic() + SITES_INTERVAL
+        while not stop.wait(0.5):
+            if nats.revive():
+                print("dicomflow: the hub nats-server died; restarted it", file=sys.stderr)
+            for stage in stages:
+                stage.supervise()
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + SITES_INTERVAL
+                try:
+                    added = cloud.registered()
+                except ValueError:  # a registration being written: next time
+                    continue
+                if added != sites:
+                    sites = added
+                    _take_into_use(cloud, args, sites, nats, admin, stages, scu)
+        print("dicomflow: stopping...", file=sys.stderr)
+    finally:
+        for stage in reversed(stages):
+            stage.stop()
+        nats.stop()
+    print("dicomflow: stopped.", file=sys.stderr)
+    return 0
+
+
+def _server_config(cloud: CloudDir, args: argparse.Namespace, sites: dict[str, str]) -> None:
     bundle = cloud.nats
     keys = {u: natsconn.public_key(bundle.seed(u).read_text()) for u in hybridconfig.CLOUD_USERS}
     bundle.server_config.write_text(
@@ -203,48 +293,65 @@ def run(args: argparse.Namespace) -> int:
         )
     )
 
-    stop = StopFlag()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    nats = NatsServer(cloud.nats_store, config_file=bundle.server_config).start()
-    stage: StageProcess | None = None
-    try:
-        admin = NatsSettings(servers=[nats.url], nkey_seed_file=bundle.seed(ADMIN))
-        asyncio.run(_topology(admin, sites))
-        cloud.config.write_text(to_toml(_config(cloud, nats.url, bundle)))
-        env = {
-            **stage_env(cloud.config),
-            **stage_credentials(bundle, STAGE, tls=False),
-            METRICS_PORT_ENV: str(args.metrics_port),
-        }
-        stage = StageProcess(STAGE, cloud.config, cloud.logs, env)
+def _take_into_use(
+    cloud: CloudDir,
+    args: argparse.Namespace,
+    sites: dict[str, str],
+    nats: NatsServer,
+    admin: NatsSettings,
+    stages: list[StageProcess],
+    scu: dict[str, object] | None,
+) -> None:
+    """A site was added while the cloud runs (`cloud add-site`): the hub re-reads its
+    config (SIGHUP: the new leaf user; the links of the other sites stay up), the site's
+    sourcing and downlink durable are made, and the stages restart with the new site's
+    public signing key among the trusted ones."""
+    _server_config(cloud, args, sites)
+    nats.reload()
+    asyncio.run(_topology(admin, sites))
+    config = _config(cloud, nats.url, cloud.nats)
+    if scu is not None:
+        config["scu"] = scu
+    cloud.config.write_text(to_toml(config))
+    for stage in stages:
+        stage.stop()
         stage.start()
-        print(
-            f"\ndicomflow cloud is up.\n"
-            f"  Leafnode listener: {args.leafnode_host}:{args.leafnode_port} (TLS, client "
-            f"certificates of the cloud's CA)\n"
-            f"  Sites:             {', '.join(sorted(sites))}\n"
-            f"  Encrypted objects: {cloud.objects}\n"
-            f"  NATS (JetStream):  {nats.url}, domain cloud, state in {cloud.nats_store}\n"
-            f"  Logs:              {cloud.logs}\n"
-            f"  Listing:           dicomflow ls --config {cloud.config}\n"
-            "Press Ctrl-C to stop.",
-            file=sys.stderr,
-            flush=True,
-        )
-        while not stop.wait(0.5):
-            stage.supervise()
-        print("dicomflow: stopping...", file=sys.stderr)
-    finally:
-        if stage is not None:
-            stage.stop()
-        nats.stop()
-    print("dicomflow: stopped.", file=sys.stderr)
-    return 0
+    print(
+        f"dicomflow cloud: sites now {', '.join(sorted(sites))} (config reloaded)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _routing(path: Path, sites: dict[str, str]) -> dict[str, object]:
+    """The [scu] table of ``--routing``: every destination at a registered site, none
+    delivered here (the cloud holds no master key)."""
+    try:
+        table = tomllib.loads(path.read_text()).get("scu")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--routing {path}: cannot read it ({exc})") from exc
+    if not isinstance(table, dict):
+        raise ConfigError(f"--routing {path}: no [scu] table")
+    try:
+        scu = ScuSettings.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError(f"--routing {path}: {problems(exc)}") from exc
+    if not scu.destinations:
+        raise ConfigError(f"--routing {path}: no [scu.destinations.NAME]")
+    for name, dest in scu.destinations.items():
+        if dest.delivered_here:
+            raise ConfigError(
+                f"--routing {path}: destination {name} must be at a site (site = NAME, no "
+                "host or port): the cloud holds no master key, the site's scu-gateway delivers"
+            )
+        if dest.site not in sites:
+            print(
+                f"dicomflow cloud: destination {name} is at site {dest.site}, which is not "
+                "registered yet: its deliveries wait in the cloud until it is added",
+                file=sys.stderr,
+            )
+    return table
 
 
 async def _topology(admin: NatsSettings, sites: dict[str, str]) -> None:

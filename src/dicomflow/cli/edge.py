@@ -7,6 +7,12 @@ the edge's data folder. Plaintext stays in the leaf's LOCAL account; only sealed
 messages and blobs, in its EDGE account, are sourced by the cloud. While the link is
 down the edge keeps accepting (store and forward, within ``nats.ingest_max_bytes``).
 
+With ``--forward NAME=AET@HOST:PORT`` it also runs the scu-gateway, delivering to that
+local PACS what the cloud queues for destination NAME at this site (`dicomflow send --to
+NAME` or a routing rule in the cloud, with ``site`` = this site): the requests come down
+the same outbound link (the site's DELIVERY sources the cloud's ``downlink-<site>``), the
+objects are read from storage directly and decrypted here.
+
 `get` at the edge (``--data-dir`` of the edge) decrypts with the site's master key and
 reads storage directly (``--objects``), finding an object by the name the flat layout
 computes from the SOP Instance UID: the index is in the cloud.
@@ -20,6 +26,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 from dicomflow.cli.natsconfig import Bundle, new_seed
 from dicomflow.cli.up import (
@@ -28,6 +35,7 @@ from dicomflow.cli.up import (
     WARNING,
     StopFlag,
     _wait_for_port,
+    forwarding,
     stage_credentials,
 )
 from dicomflow.embedded.layout import to_toml
@@ -42,6 +50,8 @@ from dicomflow.shared.settings import NatsSettings, ScpSettings
 from dicomflow.shared.zones import Zone
 
 STAGE_ORDER = ("encryptor", "scp-gateway")  # downstream first
+SCU_STAGE = "scu-gateway"  # with --forward, started first
+SEALED_SEED_ENV = "DICOMFLOW_NATS_SEALED__NKEY_SEED_FILE"  # its EDGE identity
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,12 +98,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "cloud's DIR/objects)",
     )
     parser.add_argument(
+        "--forward",
+        action="append",
+        metavar="NAME=AET@HOST:PORT",
+        default=[],
+        help="also run the scu-gateway, delivering to this PACS at the site what the cloud "
+        "queues for destination NAME at this site (`send --to NAME`, routing rules in the "
+        "cloud); needs --objects; repeat for more",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=9290,
         metavar="PORT",
-        help="first of two loopback ports for the encryptor's and scp-gateway's /metrics "
-        "(0: free ports)",
+        help="first of the loopback ports for the encryptor's, scp-gateway's (and "
+        "scu-gateway's) /metrics (0: free ports)",
     )
     parser.set_defaults(func=run)
 
@@ -108,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     data.keys.chmod(0o700)
     site, cloud_urls = _join(data, args.join)
+    scu = _forwarding(args, site)
     if not data.dev_key.exists():
         generate_master_key_file(data.dev_key)
         print(WARNING.format(path=data.dev_key), file=sys.stderr)
@@ -143,11 +163,16 @@ def run(args: argparse.Namespace) -> int:
     stages: list[StageProcess] = []
     try:
         config = _config(data, nats.url, args, allowed, bundle)
+        if scu is not None:
+            config["scu"] = scu
         data.config.write_text(to_toml(config))
         asyncio.run(_topology(nats.url, bundle, site))
         env = stage_env(data.config)
-        for i, name in enumerate(STAGE_ORDER):
-            port = 0 if args.metrics_port == 0 else args.metrics_port + i
+        names = (SCU_STAGE, *STAGE_ORDER) if scu is not None else STAGE_ORDER
+        offsets = {name: i for i, name in enumerate((*STAGE_ORDER, SCU_STAGE))}
+        for name in names:
+            port = 0 if args.metrics_port == 0 else args.metrics_port + offsets[name]
+            extra = {SEALED_SEED_ENV: str(bundle.seed(hybridconfig.SEALED_SCU))}
             stages.append(
                 StageProcess(
                     name,
@@ -156,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
                     {
                         **env,
                         **stage_credentials(bundle, name, tls=False),
+                        **(extra if name == SCU_STAGE else {}),
                         METRICS_PORT_ENV: str(port),
                     },
                 )
@@ -170,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
                 f"  Cloud:             {', '.join(cloud_urls)} (outbound TLS leafnode link)\n"
                 f"  NATS (JetStream):  {nats.url}, domain {site}, state in {data.nats_store}\n"
                 f"  Master key:        {data.dev_key}\n"
+                f"{_forwards(args, site)}"
                 f"  Logs:              {data.logs}\n"
                 f"  Read back:         dicomflow get --data-dir {data.root} "
                 "SOP_INSTANCE_UID -o FILE.dcm\n"
@@ -178,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         while not stop.wait(0.5):
+            if nats.revive():
+                print("dicomflow: the leaf nats-server died; restarted it", file=sys.stderr)
             for stage in stages:
                 stage.supervise()
         print("dicomflow: stopping (in-flight work finishes first)...", file=sys.stderr)
@@ -187,6 +216,36 @@ def run(args: argparse.Namespace) -> int:
         nats.stop()
     print("dicomflow: stopped.", file=sys.stderr)
     return 0
+
+
+def _forwarding(args: argparse.Namespace, site: str) -> dict[str, object] | None:
+    """The [scu] table of ``--forward``: destinations at this site, no rule (the cloud
+    routes); None without any."""
+    table = forwarding(args.forward, args.ae_title)
+    if table is None:
+        return None
+    if args.objects is None:
+        raise ConfigError(
+            "--forward needs --objects DIR: the scu-gateway reads the stored objects there"
+        )
+    for spec in args.forward:
+        if "=" not in spec:
+            raise ConfigError(
+                f"--forward {spec!r}: name the destination (NAME=AET@HOST:PORT), the name "
+                "the cloud queues for (`send --to NAME`)"
+            )
+    made = cast(dict[str, dict[str, object]], table["destinations"])
+    destinations = {name: {**dest, "site": site} for name, dest in made.items()}
+    return {"ae_title": table["ae_title"], "destinations": destinations}
+
+
+def _forwards(args: argparse.Namespace, site: str) -> str:
+    if not args.forward:
+        return ""
+    return (
+        f"  Delivers to:       {', '.join(args.forward)} (what the cloud queues for these "
+        f"names at site {site})\n"
+    )
 
 
 def _join(data: EdgeDir, join: Path | None) -> tuple[str, list[str]]:

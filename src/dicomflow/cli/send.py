@@ -72,9 +72,11 @@ async def _send(args: argparse.Namespace) -> int:
         records = [r for r in records if r.state is State.STORED]
         if not records:
             raise StoreError("no stored instance matches")
+        dest = settings.scu.destinations.get(args.to)
+        site = dest.site if dest is not None else None  # at a site of the hybrid edge
         for record in records:
             req = request.from_record(record, args.to)
-            await request.publish(js, req, settings.nats.publish_timeout)
+            await request.publish(js, req, settings.nats.publish_timeout, site=site)
     finally:
         await nc.close()
     print(f"queued {len(records)} instance(s) for {args.to}", file=sys.stderr)

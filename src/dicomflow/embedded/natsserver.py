@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -64,11 +65,14 @@ class NatsServer:
         extra_args: list[str] | None = None,
         sync_interval: str | None = None,
         owned: bool = False,
+        log_file: Path | None = None,
     ) -> None:
         """``sync_interval`` (e.g. ``"always"``) applies without ``config_file`` only (a
         config file states its own); ``owned``: the server is SIGKILLed when this process
-        ends, however it ends (``process.die_with_parent``; start it from the main thread).
+        ends, however it ends (``process.die_with_parent``; start it from the main thread);
+        ``log_file``: the server's log lines are appended there too.
         """
+        self._log_file = log_file
         self.store_dir = store_dir
         self.host = host
         self.port = port
@@ -149,13 +153,41 @@ class NatsServer:
         proc = self._proc
         if proc is None or proc.stderr is None:
             return
-        for line in proc.stderr:
-            self._lines.append(line.rstrip())
-            match = _LISTEN.search(line)
-            if match:
-                self.port = int(match.group(2))
-            if "Server is ready" in line:
-                self._ready.set()
+        log = self._log_file.open("a", encoding="utf-8") if self._log_file else None
+        try:
+            for line in proc.stderr:
+                self._line(line)
+                if log is not None:
+                    log.write(line)
+                    log.flush()
+        finally:
+            if log is not None:
+                log.close()
+
+    def _line(self, line: str) -> None:
+        self._lines.append(line.rstrip())
+        match = _LISTEN.search(line)
+        if match:
+            self.port = int(match.group(2))
+        if "Server is ready" in line:
+            self._ready.set()
+
+    def revive(self) -> bool:
+        """Start the server again, on the same port and store, if it died (a crash, an
+        OOM kill); JetStream recovers from its files and clients reconnect. Whether it
+        had died."""
+        if self._proc is None or self._proc.poll() is None:
+            return False
+        self._release()
+        self.start()
+        return True
+
+    def reload(self) -> None:
+        """Have the server re-read its config file (SIGHUP): users, permissions and
+        accounts change in place, connections stay up."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise NatsServerError("nats-server is not running")
+        self._proc.send_signal(signal.SIGHUP)
 
     def stop(self, timeout: float = 10.0) -> None:
         proc = self._proc
