@@ -217,4 +217,5 @@ def test_kubernetes_secret_volumes_produce_files_the_check_accepts(overlay: str)
             assert mode == 0o400, f"{where}: defaultMode {mode:04o}"
             made = mode | 0o440 if fs_group is not None else mode
             refuse_shared(_stat(made, 0), Path(where), "Secret file")
-    assert secret_volumes >= 6
+    # every overlay mounts its stages' keys (the cloud's, holding no master key, fewest: 3)
+    assert secret_volumes >= 3, f"{overlay}: only {secret_volumes} Secret volumes checked"
