@@ -49,7 +49,6 @@ from nats.js.api import (
     StreamConsumerSource,
     StreamSource,
 )
-from nats.js.errors import NotFoundError
 
 from dicomflow.shared import subjects, topology, zones
 from dicomflow.shared.settings import ConsumerSettings, NatsSettings
@@ -169,9 +168,11 @@ async def ensure_cloud(js: JetStreamContext, nats: NatsSettings, sites: Iterable
     sources after. An existing SEALED keeps its sources until the last step sets them.
     """
     sites = sorted(sites)
-    if not await _exists(js, subjects.SEALED_STREAM):
+    if not await topology.stream_exists(js, subjects.SEALED_STREAM):
         await topology.ensure_stream(js, _sealed(nats, RetentionPolicy.INTEREST))
-    if not await _has_consumer(js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE):
+    if not await topology.consumer_exists(
+        js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE
+    ):
         await js.add_consumer(
             subjects.SEALED_STREAM,
             topology.consumer_config(subjects.STORE_WRITER_DURABLE, ConsumerSettings()),
@@ -207,22 +208,6 @@ def _sources(sites: list[str], stream: str) -> list[StreamSource]:
         )
         for site in sites
     ]
-
-
-async def _exists(js: JetStreamContext, stream: str) -> bool:
-    try:
-        await js.stream_info(stream)
-    except NotFoundError:
-        return False
-    return True
-
-
-async def _has_consumer(js: JetStreamContext, stream: str, durable: str) -> bool:
-    try:
-        await js.consumer_info(stream, durable)
-    except NotFoundError:
-        return False
-    return True
 
 
 async def blob_in_transit(js: JetStreamContext, arrived: float | None) -> bool:

@@ -177,19 +177,28 @@ async def verify(js: JetStreamContext, zone: Zone = Zone.SINGLE) -> None:
     UIDs)."""
     held = _stream_subjects()
     missing = [name for name in zones.streams(zone) if not await _named(js, name, held[name])]
-    if missing or zone is Zone.EDGE_LOCAL:
-        pass
-    elif zone is Zone.EDGE_SEALED:  # SEALED's consumer there is the uplink durable
-        if not (await js.stream_info(subjects.SEALED_STREAM)).state.consumer_count:
-            missing.append(f"the uplink consumer of {subjects.SEALED_STREAM}")
-    elif not await _consumer_exists(js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE):
-        missing.append(f"the {subjects.STORE_WRITER_DURABLE} consumer of {subjects.SEALED_STREAM}")
+    if not missing:
+        missing = await _missing_sealed_consumer(js, zone)
     if missing:
         raise TopologyMissing(
             f"JetStream streams/buckets missing: {', '.join(missing)}; this service may not "
             "create them (nats.manage_topology = false): run `dicomflow topology` with the "
             "admin credentials first"
         )
+
+
+async def _missing_sealed_consumer(js: JetStreamContext, zone: Zone) -> list[str]:
+    """SEALED keeps nothing without a consumer (interest retention): the store writer's
+    durable, or at an edge the uplink durable. The edge's plaintext side has no SEALED."""
+    if zone is Zone.EDGE_LOCAL:
+        return []
+    if zone is Zone.EDGE_SEALED:
+        if (await js.stream_info(subjects.SEALED_STREAM)).state.consumer_count:
+            return []
+        return [f"the uplink consumer of {subjects.SEALED_STREAM}"]
+    if await consumer_exists(js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE):
+        return []
+    return [f"the {subjects.STORE_WRITER_DURABLE} consumer of {subjects.SEALED_STREAM}"]
 
 
 async def ensure_consumer(
@@ -216,7 +225,7 @@ async def _ensure_interest(js: JetStreamContext) -> None:
     """The store writer's durable on SEALED, made before anything is published there:
     an interest stream keeps a message only for the consumers that exist when it
     arrives. Made with default settings; the store writer updates them at its start."""
-    if not await _consumer_exists(js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE):
+    if not await consumer_exists(js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE):
         await js.add_consumer(
             subjects.SEALED_STREAM,
             consumer_config(subjects.STORE_WRITER_DURABLE, ConsumerSettings()),
@@ -226,7 +235,7 @@ async def _ensure_interest(js: JetStreamContext) -> None:
         )
 
 
-async def _consumer_exists(js: JetStreamContext, stream: str, durable: str) -> bool:
+async def consumer_exists(js: JetStreamContext, stream: str, durable: str) -> bool:
     try:
         await js.consumer_info(stream, durable)
     except NotFoundError:
@@ -236,7 +245,7 @@ async def _consumer_exists(js: JetStreamContext, stream: str, durable: str) -> b
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig, migrate: bool) -> None:
     name = config.name or ""
-    if await _exists(js, name):
+    if await stream_exists(js, name):
         current = (await js.stream_info(name)).config.retention
         if current != config.retention:
             await _recreate(js, config, migrate)
@@ -277,7 +286,7 @@ async def _recreate(js: JetStreamContext, config: StreamConfig, migrate: bool) -
     log.warning("re-created the empty stream %s with %s retention (was %s)", name, wanted, was)
 
 
-async def _exists(js: JetStreamContext, stream: str) -> bool:
+async def stream_exists(js: JetStreamContext, stream: str) -> bool:
     try:
         await js.stream_info(stream)
     except NotFoundError:
@@ -296,7 +305,7 @@ async def _ensure_kv(js: JetStreamContext, nats: NatsSettings) -> None:
     # The server checks storage reservations before it notices that an identical
     # stream exists, so buckets are looked up first rather than re-created.
     stream = f"KV_{subjects.INDEX_BUCKET}"
-    if not await _exists(js, stream):
+    if not await stream_exists(js, stream):
         with _made_meanwhile():
             await js.create_key_value(
                 KeyValueConfig(
@@ -363,7 +372,7 @@ async def _ensure_blobs(js: JetStreamContext, nats: NatsSettings, bucket: str) -
     answered Success, which one ``Nats-Rollup: all`` metadata publish by its putter
     would erase. Puts write metadata without a rollup header (``transport``)."""
     stream = subjects.blob_stream(bucket)
-    if not await _exists(js, stream):
+    if not await stream_exists(js, stream):
         with _made_meanwhile():
             await js.create_object_store(
                 bucket,

@@ -105,16 +105,10 @@ class Encryptor:
         key = self._keyring.current
         sealer = HashingSealer(key)
 
-        async def sealed_pieces() -> AsyncGenerator[bytes, None]:
-            yield sealer.prefix
-            chunks = self._transport.blob_chunks(instance)
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    yield await asyncio.to_thread(sealer.update, chunk)
-            yield sealer.finalize()
-
         name = blob_name(SEALED_BLOB_PREFIX, instance)
-        sealed_size, sealed_sha256 = await self._sealed.put_blob(name, sealed_pieces())
+        sealed_size, sealed_sha256 = await self._sealed.put_blob(
+            name, self._sealed_pieces(instance, sealer)
+        )
         try:
             _check_plaintext(instance, sealer.size, sealer.plaintext_sha256)
         except ContractViolation:
@@ -122,6 +116,18 @@ class Encryptor:
             raise
         out = self._signed(instance, key.key_id, sealed_size, sealed_sha256)
         await self._sealed.publish_blob(subject, out, name)
+
+    async def _sealed_pieces(
+        self, instance: Instance, sealer: HashingSealer
+    ) -> AsyncGenerator[bytes, None]:
+        """The A1 envelope of ``instance``'s plaintext blob, piece by piece: read from the
+        plaintext bucket, sealed (and hashed) in a worker thread."""
+        yield sealer.prefix
+        chunks = self._transport.blob_chunks(instance)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield await asyncio.to_thread(sealer.update, chunk)
+        yield sealer.finalize()
 
     async def dead_letter(self, msg: Msg) -> Letter:
         """What the DLQ keeps of an INGEST message instead of its plaintext: the instance
@@ -161,17 +167,11 @@ class Encryptor:
     async def _seal_blob_for_letter(self, instance: Instance, key: MasterKey) -> Instance:
         sealer = HashingSealer(key)
 
-        async def sealed_pieces() -> AsyncGenerator[bytes, None]:
-            yield sealer.prefix
-            chunks = self._transport.blob_chunks(instance)
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    yield await asyncio.to_thread(sealer.update, chunk)
-            yield sealer.finalize()
-
         name = blob_name(SEALED_BLOB_PREFIX, instance)
         try:
-            sealed_size, sealed_sha256 = await self._sealed.put_blob(name, sealed_pieces())
+            sealed_size, sealed_sha256 = await self._sealed.put_blob(
+                name, self._sealed_pieces(instance, sealer)
+            )
         except ContractViolation:
             raise _Unsealable("its plaintext blob is missing") from None
         try:
