@@ -27,8 +27,8 @@ if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
 import nats  # noqa: E402
+from dicomflow.shared.contracts import messages  # noqa: E402
 
-from dicomflow.shared import messages  # noqa: E402
 from support.dicomfiles import Made  # noqa: E402
 from support.pipeline import Pipeline  # noqa: E402
 

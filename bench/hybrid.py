@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nats
 from common import MIB, NATS_SYNC_INTERVAL, REPO, send, wait_log
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.nats import natsconn
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import natsconn, subjects
 from support.dicomfiles import Made, ct_series
 from support.hybrid import Hybrid, messages, stop
 from support.linkproxy import LinkProxy

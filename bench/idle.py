@@ -4,7 +4,7 @@ For each delay a fresh pipeline (embedded nats-server, local storage) is started
 pynetdicom associations are opened to the gateway and held idle, and the gateway's CPU
 time (user + system, from /proc) over ``--seconds`` is printed as a share of one core,
 then again with the associations released. Messages wake the loops whatever the delay
-(shared/reactors.py); the delay is an idle turn's length, and shorter costs this.
+(shared/patches/reactors.py); the delay is an idle turn's length, and shorter costs this.
 Not run in CI.
 """
 

@@ -14,9 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dicomflow.shared import messages
-from dicomflow.shared.messages import Instance
-from dicomflow.shared.sealsign import generate_signing_key_pair, load_signing_key, load_trusted_keys
+from dicomflow.shared.contracts import messages
+from dicomflow.shared.contracts.messages import Instance
+from dicomflow.shared.crypto.sealsign import (
+    generate_signing_key_pair,
+    load_signing_key,
+    load_trusted_keys,
+)
 
 
 def _best_of(rounds: int, n: int, work: Callable[[], object]) -> float:

@@ -21,7 +21,7 @@
     └── StoreError                  a CLI read of a stored instance failed (not found, ...)
 
 How a ProcessingError (and any other exception) becomes ack / nak / dead-letter is
-decided in exactly one place: ``dicomflow.shared.disposition``.
+decided in exactly one place: ``dicomflow.shared.stage.disposition``.
 
 Messages never contain keys, IVs, DEKs or patient data: they name what failed and
 what to do about it.

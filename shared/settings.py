@@ -15,6 +15,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+from dicomflow.shared.crypto.keyring import KeyRing, MasterKey, load_master_key
+from dicomflow.shared.crypto.sealsign import (
+    SealSigner,
+    SealVerifier,
+    load_signing_key,
+    load_trusted_keys,
+)
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.nats.zones import Zone, check_site
+from dicomflow.shared.storage.layout import Layout, normalize_root_path
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -31,12 +41,6 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-
-from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.keyring import KeyRing, MasterKey, load_master_key
-from dicomflow.shared.layout import Layout, normalize_root_path
-from dicomflow.shared.sealsign import SealSigner, SealVerifier, load_signing_key, load_trusted_keys
-from dicomflow.shared.zones import Zone, check_site
 
 CONFIG_ENV = "DICOMFLOW_CONFIG"
 

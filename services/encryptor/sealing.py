@@ -6,8 +6,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import IO
 
-from dicomflow.shared.envelope import OVERHEAD, Sealer
-from dicomflow.shared.keyring import MasterKey
+from dicomflow.shared.crypto.envelope import OVERHEAD, Sealer
+from dicomflow.shared.crypto.keyring import MasterKey
 
 CHUNK = 1024 * 1024
 

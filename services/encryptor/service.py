@@ -21,29 +21,22 @@ import io
 import logging
 from collections.abc import AsyncGenerator
 
+from dicomflow.encryptor.sealing import HashingSealer, seal_and_hash
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import SEALED_BLOB_PREFIX, BodyKind, Instance
+from dicomflow.shared.crypto import keycheck
+from dicomflow.shared.crypto.envelope import OVERHEAD
+from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
+from dicomflow.shared.crypto.sealsign import SealSigner
+from dicomflow.shared.errors import ContractViolation
+from dicomflow.shared.nats import blobsweeper, hybridtopology, natsconn, topology
+from dicomflow.shared.nats.transport import Transport, blob_name
+from dicomflow.shared.settings import EncryptorSettings
+from dicomflow.shared.stage.consumer import H_DLQ_BODY, AfterAck, Consumer, Letter, dropped
+from dicomflow.shared.telemetry.bundle import Telemetry
+from dicomflow.shared.telemetry.tracing import Tracing
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-
-from dicomflow.encryptor.sealing import HashingSealer, seal_and_hash
-from dicomflow.shared import (
-    blobsweeper,
-    hybridtopology,
-    keycheck,
-    messages,
-    natsconn,
-    subjects,
-    topology,
-)
-from dicomflow.shared.consumer import H_DLQ_BODY, AfterAck, Consumer, Letter, dropped
-from dicomflow.shared.envelope import OVERHEAD
-from dicomflow.shared.errors import ContractViolation
-from dicomflow.shared.keyring import KeyRing, MasterKey
-from dicomflow.shared.messages import SEALED_BLOB_PREFIX, BodyKind, Instance
-from dicomflow.shared.sealsign import SealSigner
-from dicomflow.shared.settings import EncryptorSettings
-from dicomflow.shared.telemetry import Telemetry
-from dicomflow.shared.tracing import Tracing
-from dicomflow.shared.transport import Transport, blob_name
 
 log = logging.getLogger(__name__)
 

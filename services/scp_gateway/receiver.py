@@ -35,15 +35,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from opentelemetry.trace import SpanKind, StatusCode
-
 from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
-from dicomflow.shared import messages, subjects
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
-from dicomflow.shared.messages import Instance
+from dicomflow.shared.nats.transport import Transport
 from dicomflow.shared.settings import ScpSettings
-from dicomflow.shared.telemetry import Telemetry
-from dicomflow.shared.transport import Transport
+from dicomflow.shared.telemetry.bundle import Telemetry
+from opentelemetry.trace import SpanKind, StatusCode
 
 log = logging.getLogger(__name__)
 

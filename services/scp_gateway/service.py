@@ -19,19 +19,19 @@ import threading
 import time
 from typing import Any
 
-from pynetdicom import AE, _config, evt
-
 from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from dicomflow.scp_gateway.receiver import Receiver
 from dicomflow.scp_gateway.spool import Spool
 from dicomflow.scp_gateway.tlslistener import CertificateAeMap, TlsAssociationServer
-from dicomflow.shared import dicomtls, natsconn, reactors, topology
+from dicomflow.shared.dicom import dicomtls
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.metrics import Metrics
-from dicomflow.shared.patches import REACTORS, SCP_PDU_LIMIT, SCP_TLS_SERVER
+from dicomflow.shared.nats import natsconn, topology
+from dicomflow.shared.nats.transport import Transport
+from dicomflow.shared.patches import REACTORS, SCP_PDU_LIMIT, SCP_TLS_SERVER, reactors
 from dicomflow.shared.settings import ScpGatewaySettings, ScpSettings
-from dicomflow.shared.telemetry import Telemetry
-from dicomflow.shared.transport import Transport
+from dicomflow.shared.telemetry.bundle import Telemetry
+from dicomflow.shared.telemetry.metrics import Metrics
+from pynetdicom import AE, _config, evt
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,10 @@ import weakref
 from pathlib import Path
 from typing import IO, Any
 
-from pynetdicom import dimse_messages
-
-from dicomflow.scu_gateway.spool import SpoolFolder
 from dicomflow.shared import patches
 from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.spoolfolder import SpoolFolder
+from pynetdicom import dimse_messages
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,9 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from dicomflow.shared.dicom.dicomtls import certificate_identities, refusal
 from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
-
-from dicomflow.shared.dicomtls import certificate_identities, refusal
 
 log = logging.getLogger(__name__)
 

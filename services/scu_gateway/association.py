@@ -39,18 +39,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, build_context
-from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
 from dicomflow.scu_gateway import pdata, response
 from dicomflow.scu_gateway.status import (
     DeliveryRefused,
     DestinationUnreachable,
 )
-from dicomflow.shared import dicomtls, reactors
-from dicomflow.shared.metrics import Metrics
+from dicomflow.shared.dicom import dicomtls
+from dicomflow.shared.patches import reactors
 from dicomflow.shared.settings import DestinationSettings
+from dicomflow.shared.telemetry.metrics import Metrics
+from pynetdicom import AE, build_context
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 

@@ -24,28 +24,29 @@ import logging
 import os
 from pathlib import Path
 
-from nats.aio.msg import Msg
-
 from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.sender import Senders
-from dicomflow.scu_gateway.spool import SpoolFolder
 from dicomflow.scu_gateway.status import DeliveryRefused, DestinationUnreachable, error_for
-from dicomflow.shared import retrieval, storage
-from dicomflow.shared.consumer import AfterAck
+from dicomflow.shared.contracts.messages import Instance
+from dicomflow.shared.crypto.keyring import KeyRing
 from dicomflow.shared.errors import (
     ContractViolation,
     DigestMismatch,
     IntegrityError,
     ObjectMissing,
 )
-from dicomflow.shared.keyring import KeyRing
-from dicomflow.shared.messages import Instance
 from dicomflow.shared.settings import DestinationSettings
-from dicomflow.shared.storage import ObjectStore
+from dicomflow.shared.spoolfolder import SpoolFolder
+from dicomflow.shared.stage.consumer import AfterAck
+from dicomflow.shared.storage import objectstore, retrieval
+from dicomflow.shared.storage.objectstore import ObjectStore
+from nats.aio.msg import Msg
 
 log = logging.getLogger(__name__)
+
+SPOOL_PREFIX = "dicomflow-scu-"  # the scu-gateway's folders under spool_dir
 
 IN_MEMORY_MAX = 8 * 1024**2  # sealed bytes
 
@@ -73,7 +74,8 @@ class Deliverer:
         # sender threads send them (started last: nothing to stop if the spool fails).
         self._store = store
         self._keyring = keyring
-        self._spool_folder = SpoolFolder(spool_dir, name)  # sweeps dead processes' folders
+        # sweeps the folders of scu-gateway processes that died
+        self._spool_folder = SpoolFolder(spool_dir, name, SPOOL_PREFIX, "scu-gateway")
         self._spool = self._spool_folder.path
         self._names = itertools.count()
         self._senders = Senders(pool, destination.max_associations)
@@ -133,7 +135,7 @@ class Deliverer:
             try:
                 # One ranged GET, never more than the record names (plus one byte, to
                 # notice a longer object): memory stays bounded whatever is stored.
-                sealed = await storage.read_range(self._store, object_key, 0, sealed_size + 1)
+                sealed = await objectstore.read_range(self._store, object_key, 0, sealed_size + 1)
             except FileNotFoundError as exc:
                 raise ObjectMissing(f"object {object_key} is missing from storage") from exc
             if len(sealed) != sealed_size:

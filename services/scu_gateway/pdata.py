@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomflow.shared import patches
+from dicomflow.shared.patches import reactors
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import split_dataset
-
-from dicomflow.shared import patches, reactors
 
 FENCE = patches.SCU_PDATA  # the version gate of this module's patch
 MESSAGE_ID = 1  # one request at a time per association, as send_c_store's default

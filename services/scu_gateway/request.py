@@ -14,13 +14,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import H_OBJECT_KEY, BodyKind, Instance
+from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
+from dicomflow.shared.storage.index import Record
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-
-from dicomflow.shared import messages, subjects
-from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
-from dicomflow.shared.index import Record
-from dicomflow.shared.messages import H_OBJECT_KEY, BodyKind, Instance
 
 H_DESTINATION = "Dicomflow-Destination"
 H_RELAY = "Dicomflow-Relay"

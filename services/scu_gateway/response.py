@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_STORE
-
 from dicomflow.scu_gateway.pdata import COMMAND_LAST, ELEMENT, UL, US
 from dicomflow.shared import patches
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 
 FENCE = patches.SCU_RESPONSE  # the version gate of this module's patch
 C_STORE_RSP = 0x8001

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from dicomflow.shared.messages import Instance
+from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.settings import RuleSettings, ScuSettings
 
 

@@ -38,24 +38,27 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
-from pynetdicom import _config as pynetdicom_config
-
 from dicomflow.scu_gateway import pdata, request, response
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.routing import Router
-from dicomflow.shared import keycheck, messages, natsconn, reactors, storage, subjects, topology
-from dicomflow.shared.consumer import AfterAck, Consumer, Handler
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import BodyKind
+from dicomflow.shared.crypto import keycheck
 from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
-from dicomflow.shared.messages import BodyKind
-from dicomflow.shared.metrics import Metrics
+from dicomflow.shared.nats import natsconn, topology
+from dicomflow.shared.patches import reactors
 from dicomflow.shared.settings import ConsumerSettings, DestinationSettings, ScuGatewaySettings
-from dicomflow.shared.telemetry import Telemetry
-from dicomflow.shared.tracing import Tracing
+from dicomflow.shared.stage.consumer import AfterAck, Consumer, Handler
+from dicomflow.shared.storage import objectstore
+from dicomflow.shared.telemetry.bundle import Telemetry
+from dicomflow.shared.telemetry.metrics import Metrics
+from dicomflow.shared.telemetry.tracing import Tracing
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from pynetdicom import _config as pynetdicom_config
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     here = {name: dest for name, dest in scu.destinations.items() if dest.delivered_here}
     # Only a scu-gateway that delivers holds a master key and reads storage.
     keyring = settings.encryption.keyring() if here else None
-    store = storage.build_store(settings.storage) if here else None
+    store = objectstore.build_store(settings.storage) if here else None
     router = Router.from_settings(scu)
     reactors.install()  # responses and pauses without waiting out pynetdicom's polls
     # Requests written to the socket, responses decoded here: per association, when on.

@@ -38,31 +38,24 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import IO, TypeVar
 
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import BodyKind, Instance
+from dicomflow.shared.crypto.envelope import OVERHEAD
+from dicomflow.shared.crypto.sealsign import SealVerifier
+from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
+from dicomflow.shared.nats import blobsweeper, hybridtopology, natsconn, topology
+from dicomflow.shared.nats.transport import BlobMissing, Transport
+from dicomflow.shared.settings import DuplicatePolicy, StorageSettings, StoreWriterSettings
+from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.storage import objectstore
+from dicomflow.shared.storage.index import Conflict, Index, Record, State
+from dicomflow.shared.storage.layout import Layout, object_key
+from dicomflow.shared.storage.objectstore import ObjectExists, ObjectStore
+from dicomflow.shared.telemetry.bundle import Telemetry
+from dicomflow.shared.telemetry.metrics import Metrics
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-
-from dicomflow.shared import (
-    blobsweeper,
-    hybridtopology,
-    messages,
-    natsconn,
-    storage,
-    subjects,
-    topology,
-)
-from dicomflow.shared.consumer import AfterAck, Consumer
-from dicomflow.shared.envelope import OVERHEAD
-from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
-from dicomflow.shared.index import Conflict, Index, Record, State
-from dicomflow.shared.layout import Layout, object_key
-from dicomflow.shared.messages import BodyKind, Instance
-from dicomflow.shared.metrics import Metrics
-from dicomflow.shared.sealsign import SealVerifier
-from dicomflow.shared.settings import DuplicatePolicy, StorageSettings, StoreWriterSettings
-from dicomflow.shared.storage import ObjectExists, ObjectStore
-from dicomflow.shared.telemetry import Telemetry
-from dicomflow.shared.transport import BlobMissing, Transport
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +183,7 @@ class StoreWriter:
             await _timed(
                 self._metrics,
                 "put",
-                lambda: storage.put(
+                lambda: objectstore.put(
                     self._store, key, body, size=size, create=fresh, settings=self._settings
                 ),
             )
@@ -198,7 +191,7 @@ class StoreWriter:
             body.seek(0)
             ours = await asyncio.to_thread(_sha256_file, body)
             theirs = await _timed(
-                self._metrics, "compare", lambda: storage.sha256_of(self._store, key)
+                self._metrics, "compare", lambda: objectstore.sha256_of(self._store, key)
             )
             if ours != theirs:
                 raise DuplicateConflict(
@@ -286,14 +279,14 @@ def _stored_at(msg: Msg) -> float | None:
 
 def _sha256_file(body: IO[bytes]) -> str:
     digest = hashlib.sha256()
-    while chunk := body.read(storage.CHUNK):
+    while chunk := body.read(objectstore.CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
 
 
 async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
     verifier = settings.encryption.verifier()  # refuses to start without a trusted key
-    store = storage.build_store(settings.storage)
+    store = objectstore.build_store(settings.storage)
     if settings.storage.layout is Layout.LEGACY:
         log.info("legacy layout: object names carry no extension, as the Orthanc plugins write")
     telemetry.readiness.add_storage(store, settings.storage.root_path)

@@ -30,7 +30,7 @@ __all__ = [
 
 _PYNETDICOM = ("3.0.4",)
 
-# shared/reactors.py: the DUL and association reactors woken by their work.
+# shared/patches/reactors.py: the DUL and association reactors woken by their work.
 REACTORS = Fence(
     "reactors",
     PYNETDICOM,
@@ -76,7 +76,7 @@ SCP_SPOOL = Fence(
     "files of aborted transfers are removed only when the gateway stops (after a crash: "
     "when the next one starts)",
 )
-# shared/natsio.py: publishes framed with one copy, 1 MiB socket reads.
+# shared/patches/natsio.py: publishes framed with one copy, 1 MiB socket reads.
 NATS_IO = Fence(
     "nats_io",
     NATS_PY,

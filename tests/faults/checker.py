@@ -17,12 +17,13 @@ from typing import Any
 
 import nats
 import obstore
-from pydicom import dcmread
-
-from dicomflow.shared import storage, subjects
-from dicomflow.shared.envelope import open_bytes
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.crypto.envelope import open_bytes
 from dicomflow.shared.errors import DicomflowError
 from dicomflow.shared.settings import ReaderSettings, load_settings
+from dicomflow.shared.storage import objectstore
+from pydicom import dcmread
+
 from support.ledger import FAILED, SUCCESS, UNKNOWN, Ledger, dataset_digest
 from support.pipeline import Pipeline
 
@@ -198,7 +199,7 @@ def _last_json(text: str) -> dict[str, Any]:
 
 
 def read_objects(settings: ReaderSettings) -> list[_Object]:
-    store = storage.build_store(settings.storage)
+    store = objectstore.build_store(settings.storage)
     keyring = settings.encryption.keyring()
     out = []
     for batch in obstore.list(store):

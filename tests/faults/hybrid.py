@@ -9,9 +9,10 @@ import time
 from collections import Counter
 
 import psutil
-
-from dicomflow.shared import natsconn, subjects
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.nats import natsconn
 from dicomflow.shared.settings import NatsSettings
+
 from faults.checker import Poison, Report, check_objects, new_report, read_objects
 from support.hybrid import Hybrid, nats_server_pid, stored
 from support.ledger import Ledger

@@ -22,13 +22,13 @@ from typing import Any, ClassVar, Protocol
 
 import nats
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts.messages import Instance
+from dicomflow.shared.crypto.envelope import seal
+from dicomflow.shared.crypto.keyring import generate_master_key_file, load_master_key
+from dicomflow.shared.crypto.sealsign import SealSigner, load_signing_key
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicomflow.shared import subjects
-from dicomflow.shared.envelope import seal
-from dicomflow.shared.keyring import generate_master_key_file, load_master_key
-from dicomflow.shared.messages import Instance
-from dicomflow.shared.sealsign import SealSigner, load_signing_key
 from faults.checker import POISON_HEADER, Poison, Report, check
 from support.ledger import Ledger, Sender
 from support.pipeline import Pipeline

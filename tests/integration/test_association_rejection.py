@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.status import DeliveryRefused
+from dicomflow.shared.settings import DestinationSettings
+from dicomflow.shared.telemetry.metrics import Metrics
 from pynetdicom import evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
-from dicomflow.scu_gateway.association import AssociationPool
-from dicomflow.scu_gateway.status import DeliveryRefused
-from dicomflow.shared.metrics import Metrics
-from dicomflow.shared.settings import DestinationSettings
 from support.dicomfiles import with_pixel_bytes
 from support.orthanc import Orthanc
 

@@ -19,20 +19,21 @@ from typing import Any
 
 import nats
 import pytest
+from dicomflow.encryptor.service import Encryptor
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import BodyKind, Instance
+from dicomflow.shared.crypto.envelope import OVERHEAD, key_id_of, open_bytes, seal
+from dicomflow.shared.crypto.keyring import KeyRing, MasterKey, load_master_key
+from dicomflow.shared.crypto.sealsign import load_signing_key
+from dicomflow.shared.nats import topology
+from dicomflow.shared.nats.transport import Transport
+from dicomflow.shared.settings import EncryptorSettings, NatsSettings, load_settings
+from dicomflow.shared.storage.index import Index, Record, State
+from dicomflow.shared.storage.layout import Layout, object_key
+from dicomflow.shared.telemetry.tracing import Tracing
 from nats.js.client import JetStreamContext
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.encryptor.service import Encryptor
-from dicomflow.shared import messages, subjects, topology
-from dicomflow.shared.envelope import OVERHEAD, key_id_of, open_bytes, seal
-from dicomflow.shared.index import Index, Record, State
-from dicomflow.shared.keyring import KeyRing, MasterKey, load_master_key
-from dicomflow.shared.layout import Layout, object_key
-from dicomflow.shared.messages import BodyKind, Instance
-from dicomflow.shared.sealsign import load_signing_key
-from dicomflow.shared.settings import EncryptorSettings, NatsSettings, load_settings
-from dicomflow.shared.tracing import Tracing
-from dicomflow.shared.transport import Transport
 from support.dicomfiles import dataset_bytes, of_total_size
 from support.pipeline import Pipeline
 

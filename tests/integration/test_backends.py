@@ -18,10 +18,10 @@ from typing import Any
 
 import obstore
 import pytest
+from dicomflow.shared.storage.layout import Layout, object_key
 from obstore.store import AzureStore
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared.layout import Layout, object_key
 from support.azurite import ACCOUNT, KEY, Azurite
 from support.dicomfiles import Made, ct_series, dataset_bytes, with_pixel_bytes
 from support.gcs import FakeGcs
@@ -260,9 +260,9 @@ def test_store_writer_with_bad_backend_config_exits_2(
 
 def test_azure_secrets_never_in_errors(tmp_path: Path, azurite: Azurite) -> None:
     """A wrong key is reported by status and field, never by value."""
-    from dicomflow.shared import storage
     from dicomflow.shared.errors import ConfigError
     from dicomflow.shared.settings import StorageSettings
+    from dicomflow.shared.storage import objectstore
 
     wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmc="
     settings = StorageSettings(
@@ -274,7 +274,7 @@ def test_azure_secrets_never_in_errors(tmp_path: Path, azurite: Azurite) -> None
         azure_create_container=True,
     )
     with pytest.raises(ConfigError, match=r"HTTP 403") as caught:
-        storage.build_store(settings)
+        objectstore.build_store(settings)
     assert wrong not in str(caught.value)
     assert wrong not in repr(settings)
 

@@ -6,11 +6,12 @@ import asyncio
 
 import nats
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts.messages import H_BLOB
+from dicomflow.shared.nats import blobsweeper, topology
+from dicomflow.shared.settings import NatsSettings
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import blobsweeper, subjects, topology
-from dicomflow.shared.messages import H_BLOB
-from dicomflow.shared.settings import NatsSettings
 from support.natsusers import put_object
 
 pytestmark = pytest.mark.integration

@@ -12,15 +12,16 @@ from typing import IO
 
 import nats
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts.messages import BodyKind, Instance
+from dicomflow.shared.errors import BrokerUnavailable
+from dicomflow.shared.nats import topology
+from dicomflow.shared.nats import transport as transport_module
+from dicomflow.shared.nats.transport import Transport
+from dicomflow.shared.settings import NatsSettings
 from nats.js.client import JetStreamContext
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import subjects, topology
-from dicomflow.shared import transport as transport_module
-from dicomflow.shared.errors import BrokerUnavailable
-from dicomflow.shared.messages import BodyKind, Instance
-from dicomflow.shared.settings import NatsSettings
-from dicomflow.shared.transport import Transport
 
 pytestmark = pytest.mark.integration
 

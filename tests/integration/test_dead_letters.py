@@ -17,6 +17,13 @@ from typing import Any
 
 import nats
 import pytest
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.crypto.envelope import OVERHEAD, key_id_of
+from dicomflow.shared.crypto.keyring import generate_master_key_file
+from dicomflow.shared.nats import natsconn, topology
+from dicomflow.shared.settings import NatsSettings
+from dicomflow.shared.stage.consumer import H_DLQ_BODY, H_DLQ_REASON, H_DLQ_STAGE, H_DLQ_SUBJECT
+from dicomflow.shared.storage.index import Index, Record, State
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
@@ -24,12 +31,6 @@ from dicomflow.cli import topology as topology_cmd
 from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import messages, natsconn, subjects, topology
-from dicomflow.shared.consumer import H_DLQ_BODY, H_DLQ_REASON, H_DLQ_STAGE, H_DLQ_SUBJECT
-from dicomflow.shared.envelope import OVERHEAD, key_id_of
-from dicomflow.shared.index import Index, Record, State
-from dicomflow.shared.keyring import generate_master_key_file
-from dicomflow.shared.settings import NatsSettings
 from support.dicomfiles import ct_series
 from support.pipeline import Pipeline
 from support.servers import wait_for

@@ -23,14 +23,14 @@ from typing import Any
 
 import pytest
 import trustme
+from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.status import DeliveryDeferred
+from dicomflow.shared.settings import DestinationSettings, DestinationTlsSettings
 from pydicom import dcmread
 
 from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.embedded.process import terminate
-from dicomflow.scu_gateway.association import AssociationPool
-from dicomflow.scu_gateway.status import DeliveryDeferred
-from dicomflow.shared.settings import DestinationSettings, DestinationTlsSettings
 from support.dicomfiles import Made, ct_series
 from support.keyfiles import owner_only
 from support.pipeline import STORESCU, Pipeline, StoreResult

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dicomflow.shared.storage.layout import object_uuid
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared.layout import object_uuid
 from support.dicomfiles import Made, ct_series, dataset_bytes, transfer_syntax_set
 from support.pipeline import Pipeline
 from support.servers import MotoServer

@@ -14,16 +14,16 @@ from typing import Any
 import pynetdicom
 import pytest
 import trustme
+from dicomflow.scp_gateway.service import _shutdown, build_ae, build_tls, start_servers
+from dicomflow.scp_gateway.tlslistener import TlsAssociationServer
+from dicomflow.shared import patches
+from dicomflow.shared.settings import DicomTlsSettings, ScpSettings
+from dicomflow.shared.telemetry.metrics import Metrics
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.scp_gateway.service import _shutdown, build_ae, build_tls, start_servers
-from dicomflow.scp_gateway.tlslistener import TlsAssociationServer
-from dicomflow.shared import patches
-from dicomflow.shared.metrics import Metrics
-from dicomflow.shared.settings import DicomTlsSettings, ScpSettings
 from support.keyfiles import owner_only
 from support.pipeline import Pipeline
 from support.servers import free_port

@@ -21,15 +21,15 @@ from pathlib import Path
 import nats
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import BodyKind, Instance
+from dicomflow.shared.crypto.envelope import OVERHEAD, seal
+from dicomflow.shared.crypto.keyring import MasterKey, load_master_key
+from dicomflow.shared.crypto.sealsign import SealSigner, load_signing_key
+from dicomflow.shared.nats.transport import blob_name
+from dicomflow.shared.stage.consumer import H_DLQ_REASON, H_DLQ_STAGE
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import messages, subjects
-from dicomflow.shared.consumer import H_DLQ_REASON, H_DLQ_STAGE
-from dicomflow.shared.envelope import OVERHEAD, seal
-from dicomflow.shared.keyring import MasterKey, load_master_key
-from dicomflow.shared.messages import BodyKind, Instance
-from dicomflow.shared.sealsign import SealSigner, load_signing_key
-from dicomflow.shared.transport import blob_name
 from support.dicomfiles import ct_series
 from support.natsusers import put_object
 from support.pipeline import Pipeline

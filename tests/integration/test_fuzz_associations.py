@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dicomflow.scp_gateway.receiver import Rejected, identify
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import (
@@ -30,7 +31,6 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.scp_gateway.receiver import Rejected, identify
 from support.dicomfiles import ct_series, dataset
 from support.pipeline import Pipeline
 

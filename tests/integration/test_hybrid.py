@@ -15,6 +15,10 @@ from pathlib import Path
 import nats
 import psutil
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.nats import hybridtopology, natsconn
+from dicomflow.shared.storage import objectstore
+from dicomflow.shared.storage.retrieval import fetch_verified
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -22,8 +26,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
 from pydicom import dcmread
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import hybridtopology, natsconn, storage, subjects
-from dicomflow.shared.retrieval import fetch_verified
 from support.dicomfiles import Made, ct_series, dataset_bytes, made, with_pixel_bytes
 from support.hybrid import Hybrid, cli, messages, nats_server_pid, stop, stored
 from support.linkproxy import LinkProxy
@@ -186,7 +188,7 @@ def test_store_and_forward_through_a_cut_link(hybrid: Hybrid, tmp_path: Path) ->
     async def decrypt_all() -> None:
         settings = hybrid.settings("edge")
         keyring = settings.encryption.keyring()
-        store = storage.build_store(settings.storage)
+        store = objectstore.build_store(settings.storage)
         for f in files:
             key, sha256 = records[f.sop_instance_uid]
             out = tmp_path / "out" / f"{f.sop_instance_uid}.dcm"

@@ -19,8 +19,9 @@ import nats
 import nkeys
 import psutil
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.nats import natsconn
 
-from dicomflow.shared import natsconn, subjects
 from support.dicomfiles import Made, ct_series, dataset_bytes
 from support.hybrid import Hybrid, cli, messages, nats_server_pid, stop, stored
 from support.linkproxy import LinkProxy

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from dicomflow.shared.stage.consumer import H_DLQ_REASON
+from dicomflow.shared.storage.layout import Layout, object_key
+from dicomflow.shared.telemetry.redact import redact, uid_ref
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared.consumer import H_DLQ_REASON
-from dicomflow.shared.layout import Layout, object_key
-from dicomflow.shared.redact import redact, uid_ref
 from support.dicomfiles import ct_series
 from support.pipeline import Pipeline
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import nats
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.storage.index import Index
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import subjects
-from dicomflow.shared.index import Index
 
 pytestmark = pytest.mark.integration
 

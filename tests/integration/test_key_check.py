@@ -13,14 +13,15 @@ from pathlib import Path
 
 import nats
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.crypto import keycheck
+from dicomflow.shared.crypto.keyring import KeyRing, generate_master_key_file, load_master_key
 from nats.js.errors import APIError
 
 from dicomflow.cli.natsconfig import Bundle
 from dicomflow.cli.up import stage_credentials
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
-from dicomflow.shared import keycheck, subjects
-from dicomflow.shared.keyring import KeyRing, generate_master_key_file, load_master_key
 from support.natsusers import connected_as, secured_server, violation
 from support.pipeline import Pipeline
 from support.servers import free_port

@@ -16,10 +16,10 @@ from typing import Any
 
 import nats
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.nats.transport import HEADER_ROOM
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import subjects
-from dicomflow.shared.transport import HEADER_ROOM
 from support.dicomfiles import Made, dataset_bytes, of_total_size, with_pixel_bytes
 from support.pipeline import Pipeline
 from support.servers import MotoServer, wait_for

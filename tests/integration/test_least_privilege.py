@@ -11,14 +11,15 @@ from pathlib import Path
 
 import nats
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.nats import natsauth, topology
+from dicomflow.shared.settings import NatsSettings
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 from nats.js.errors import APIError
 
 from dicomflow.cli.natsconfig import Bundle
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import natsauth, subjects, topology
-from dicomflow.shared.settings import NatsSettings
 from support.natsusers import connected_as, put_object, secured_server, violation
 
 pytestmark = pytest.mark.integration

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import nats
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.errors import BrokerUnavailable
+from dicomflow.shared.nats import natsconn, topology
+from dicomflow.shared.settings import ConsumerSettings, NatsSettings
 from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.object_store import ObjectStore
 
@@ -18,9 +22,6 @@ from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.cli.up import stage_credentials
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
-from dicomflow.shared import natsconn, subjects, topology
-from dicomflow.shared.errors import BrokerUnavailable
-from dicomflow.shared.settings import ConsumerSettings, NatsSettings
 from support.dicomfiles import ct_series
 from support.natsusers import connected_as, put_object, secured_server, settings_for, violation
 from support.pipeline import Pipeline

@@ -13,14 +13,14 @@ from collections.abc import Awaitable, Callable
 
 import nats
 import pytest
+from dicomflow.shared.errors import BrokerUnavailable, StorageUnavailable, TransientError
+from dicomflow.shared.settings import ConsumerSettings
+from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.telemetry.bundle import Telemetry
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared.consumer import AfterAck, Consumer
-from dicomflow.shared.errors import BrokerUnavailable, StorageUnavailable, TransientError
-from dicomflow.shared.settings import ConsumerSettings
-from dicomflow.shared.telemetry import Telemetry
 
 pytestmark = pytest.mark.integration
 

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
-
 from dicomflow.scu_gateway import pdata
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.status import DeliveryDeferred
 from dicomflow.shared.settings import DestinationSettings
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
+
 from support.dicomfiles import dataset_bytes, with_pixel_bytes
 from support.servers import free_port, wait_for_port
 

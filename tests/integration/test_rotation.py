@@ -18,14 +18,14 @@ from pathlib import Path
 
 import nats
 import pytest
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import Instance
+from dicomflow.shared.crypto.envelope import seal
+from dicomflow.shared.crypto.keyring import generate_master_key_file, load_master_key
+from dicomflow.shared.crypto.sealsign import generate_signing_key_pair, load_signing_key
+from dicomflow.shared.stage.consumer import H_DLQ_REASON, H_DLQ_STAGE
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import messages, subjects
-from dicomflow.shared.consumer import H_DLQ_REASON, H_DLQ_STAGE
-from dicomflow.shared.envelope import seal
-from dicomflow.shared.keyring import generate_master_key_file, load_master_key
-from dicomflow.shared.messages import Instance
-from dicomflow.shared.sealsign import generate_signing_key_pair, load_signing_key
 from support.dicomfiles import ct_series
 from support.pipeline import Pipeline
 from support.servers import wait_for

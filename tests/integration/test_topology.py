@@ -8,12 +8,13 @@ import contextlib
 
 import nats
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.nats import topology
+from dicomflow.shared.settings import NatsSettings
 from nats.js.api import RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import subjects, topology
-from dicomflow.shared.settings import NatsSettings
 
 pytestmark = pytest.mark.integration
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import nats
 import pytest
+from dicomflow.shared.settings import ConsumerSettings
+from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.telemetry.bundle import Telemetry
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
 
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared.consumer import AfterAck, Consumer
-from dicomflow.shared.settings import ConsumerSettings
-from dicomflow.shared.telemetry import Telemetry
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-from dicomflow.shared import natsconn
-from dicomflow.shared.index import Index, Record, State
+from dicomflow.shared.nats import natsconn
 from dicomflow.shared.settings import EncryptorSettings, ReaderSettings, load_settings
+from dicomflow.shared.storage.index import Index, Record, State
+
 from support.dicomfiles import Made
 from support.linkproxy import LinkProxy
 from support.pipeline import STORESCU

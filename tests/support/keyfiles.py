@@ -1,7 +1,7 @@
 """Key files written by tests as an operator must write them: owner-only (0600).
 
 dicomflow refuses a master key, signing key, NKey seed or TLS key that other users may
-read (``dicomflow.shared.keyfiles``); a file written with the default umask is 0644.
+read (``dicomflow.shared.crypto.keyfiles``); a file written with the default umask is 0644.
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from dicomflow.shared.nats import natsconn
+from dicomflow.shared.settings import NatsSettings, NatsTlsSettings
 from nats.aio.client import Client
 
 from dicomflow.cli import topology as topology_cmd
 from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.embedded.natsserver import NatsServer
-from dicomflow.shared import natsconn
-from dicomflow.shared.settings import NatsSettings, NatsTlsSettings
 
 VIOLATION_WAIT = 5.0
 CHUNK = 256 * 1024

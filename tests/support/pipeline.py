@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.crypto.keyring import generate_master_key_file
+from dicomflow.shared.crypto.sealsign import generate_signing_key_pair
 from nats.js.errors import NotFoundError
 
 from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
-from dicomflow.shared import subjects
-from dicomflow.shared.keyring import generate_master_key_file
-from dicomflow.shared.sealsign import generate_signing_key_pair
 from support.dicomfiles import Made
 from support.servers import free_port, wait_for_port
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from dicomflow.shared.budget import ByteBudget
+from dicomflow.shared.stage.budget import ByteBudget
 
 
 async def test_work_beyond_the_budget_waits_its_turn() -> None:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from dicomflow.shared.crypto.envelope import OVERHEAD, key_id_of, open_bytes, seal
+from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
 
 from dicomflow.cli.main import main
-from dicomflow.shared.envelope import OVERHEAD, key_id_of, open_bytes, seal
-from dicomflow.shared.keyring import KeyRing, MasterKey
 from support.keyfiles import write_secret
 
 KEK1 = bytes(range(32))

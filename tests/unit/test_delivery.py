@@ -14,15 +14,14 @@ from pathlib import Path
 
 import obstore
 import pytest
-from nats.aio.msg import Msg
-
 from dicomflow.scu_gateway import delivery, request
 from dicomflow.scu_gateway.association import Pair
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.sender import Senders
-from dicomflow.scu_gateway.spool import LOCK_NAME
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
-from dicomflow.shared import envelope
+from dicomflow.shared.contracts.messages import Instance
+from dicomflow.shared.crypto import envelope
+from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
 from dicomflow.shared.errors import (
     ConfigError,
     ContractViolation,
@@ -30,9 +29,9 @@ from dicomflow.shared.errors import (
     IntegrityError,
     ObjectMissing,
 )
-from dicomflow.shared.keyring import KeyRing, MasterKey
-from dicomflow.shared.messages import Instance
 from dicomflow.shared.settings import DestinationSettings
+from dicomflow.shared.spoolfolder import LOCK_NAME
+from nats.aio.msg import Msg
 
 PAIR: Pair = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
 

@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 import trustme
-from pydantic import ValidationError
-
 from dicomflow.scp_gateway.service import build_tls
-from dicomflow.shared import dicomtls
+from dicomflow.shared.dicom import dicomtls
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.settings import (
     DestinationTlsSettings,
@@ -25,6 +23,8 @@ from dicomflow.shared.settings import (
     ScpSettings,
     load_settings,
 )
+from pydantic import ValidationError
+
 from support.keyfiles import owner_only
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
-from dicomflow.shared.disposition import Action, backoff, decide
 from dicomflow.shared.errors import (
     BrokerUnavailable,
     ContractViolation,
@@ -14,6 +12,7 @@ from dicomflow.shared.errors import (
     UnknownMasterKey,
 )
 from dicomflow.shared.settings import ConsumerSettings
+from dicomflow.shared.stage.disposition import Action, backoff, decide
 
 SETTINGS = ConsumerSettings(max_deliver=5, backoff_initial=1.0, backoff_max=8.0)
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from dicomflow.shared.envelope import (
+from dicomflow.shared.crypto.envelope import (
     OVERHEAD,
     PREFIX_LEN,
     TAG_LEN,
@@ -24,13 +23,13 @@ from dicomflow.shared.envelope import (
     seal,
     seal_stream,
 )
+from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
 from dicomflow.shared.errors import (
     IntegrityError,
     TruncatedEnvelope,
     UnknownMasterKey,
     UnsupportedVersion,
 )
-from dicomflow.shared.keyring import KeyRing, MasterKey
 
 KEK1 = bytes(range(32))
 KEK2 = bytes(range(100, 132))

@@ -7,16 +7,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import BodyKind, Instance, check_delivery, parse
+from dicomflow.shared.crypto.envelope import OVERHEAD, seal
+from dicomflow.shared.crypto.keyring import MasterKey
+from dicomflow.shared.errors import ContractViolation
+from dicomflow.shared.nats.transport import blob_name
+from dicomflow.shared.stage.consumer import _declared_size
 from hypothesis import given
 from hypothesis import strategies as st
-
-from dicomflow.shared import messages, subjects
-from dicomflow.shared.consumer import _declared_size
-from dicomflow.shared.envelope import OVERHEAD, seal
-from dicomflow.shared.errors import ContractViolation
-from dicomflow.shared.keyring import MasterKey
-from dicomflow.shared.messages import BodyKind, Instance, check_delivery, parse
-from dicomflow.shared.transport import blob_name
 
 SHA = "0123456789abcdef" * 4
 KEY = MasterKey(7, bytes(range(32)))

@@ -6,12 +6,18 @@ from __future__ import annotations
 import io
 
 import pytest
+from dicomflow.shared.crypto.envelope import (
+    OVERHEAD,
+    PREFIX_LEN,
+    key_id_of,
+    open_bytes,
+    open_stream,
+    seal,
+)
+from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
+from dicomflow.shared.errors import EnvelopeError
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
-from dicomflow.shared.envelope import OVERHEAD, PREFIX_LEN, key_id_of, open_bytes, open_stream, seal
-from dicomflow.shared.errors import EnvelopeError
-from dicomflow.shared.keyring import KeyRing, MasterKey
 
 KEY = MasterKey(1, bytes(range(32)))
 RING = KeyRing(KEY, [MasterKey(2, bytes(range(32, 64)))])

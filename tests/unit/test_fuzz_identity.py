@@ -22,6 +22,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
+from dicomflow.scp_gateway.receiver import TOO_LARGE, Receiver, Rejected, identify
+from dicomflow.shared.contracts import messages
+from dicomflow.shared.telemetry.bundle import Telemetry
 from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
@@ -35,10 +39,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
-from dicomflow.scp_gateway.receiver import TOO_LARGE, Receiver, Rejected, identify
-from dicomflow.shared import messages
-from dicomflow.shared.telemetry import Telemetry
 from support.dicomfiles import dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom.*")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.status import DeliveryRefused, DestinationUnreachable
 

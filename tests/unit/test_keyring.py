@@ -7,15 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
-
-from dicomflow.shared.errors import ConfigError, KeyFileError, UnknownMasterKey
-from dicomflow.shared.keyring import (
+from dicomflow.shared.crypto.keyring import (
     KeyRing,
     MasterKey,
     generate_master_key_file,
     load_master_key,
     parse_key_spec,
 )
+from dicomflow.shared.errors import ConfigError, KeyFileError, UnknownMasterKey
+
 from support.keyfiles import write_secret
 
 KEY = bytes(range(32))

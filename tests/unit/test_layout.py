@@ -6,9 +6,8 @@ import re
 import uuid
 
 import pytest
-
 from dicomflow.shared.errors import ConfigError, ContractViolation
-from dicomflow.shared.layout import (
+from dicomflow.shared.storage.layout import (
     DICOMFLOW_NAMESPACE,
     Layout,
     normalize_root_path,

@@ -15,10 +15,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from dicomflow.shared.nats.zones import Zone
+from dicomflow.shared.settings import load_settings
 
 from dicomflow.cli.stages import STAGES
-from dicomflow.shared.settings import load_settings
-from dicomflow.shared.zones import Zone
 
 K8S = Path(__file__).parents[2] / "deploy" / "k8s"
 OVERLAYS = ("base", "overlays/dev", "overlays/single-zone", "overlays/cloud", "overlays/edge")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from dicomflow.shared import subjects
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts.messages import BodyKind, Instance, parse
 from dicomflow.shared.errors import ContractViolation
-from dicomflow.shared.messages import BodyKind, Instance, parse
-from dicomflow.shared.transport import blob_name
+from dicomflow.shared.nats.transport import blob_name
 
 SHA = "ab" * 32
 

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import obstore.store
 import pytest
+from dicomflow.shared.contracts.messages import Instance
+from dicomflow.shared.settings import TelemetrySettings
+from dicomflow.shared.telemetry.bundle import Telemetry
+from dicomflow.shared.telemetry.health import HealthServer, Readiness
+from dicomflow.shared.telemetry.metrics import CONSUMER_OUTCOMES, Metrics
+from dicomflow.shared.telemetry.tracing import Tracing
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-
-from dicomflow.shared.health import HealthServer, Readiness
-from dicomflow.shared.messages import Instance
-from dicomflow.shared.metrics import CONSUMER_OUTCOMES, Metrics
-from dicomflow.shared.settings import TelemetrySettings
-from dicomflow.shared.telemetry import Telemetry
-from dicomflow.shared.tracing import Tracing
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

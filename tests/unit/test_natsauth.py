@@ -7,11 +7,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.nats import natsauth, natsconn
+from dicomflow.shared.settings import NatsSettings, ServiceSettings, load_settings
 
 from dicomflow.cli.natsconfig import Bundle, new_seed, write_bundle
-from dicomflow.shared import natsauth, natsconn, subjects
-from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.settings import NatsSettings, ServiceSettings, load_settings
 from support.keyfiles import write_secret
 
 INGEST_BLOBS = f"OBJ_{subjects.INGEST_BLOB_BUCKET}"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from dicomflow.shared.patches import natsio
 from nats.protocol import command
-
-from dicomflow.shared import natsio
 
 ORIGINAL = importlib.reload(command)  # nats-py's own functions, even if installed before
 

@@ -19,6 +19,13 @@ from typing import Any
 
 import pynetdicom
 import pytest
+from dicomflow.scp_gateway.service import ConnectionLimits
+from dicomflow.scp_gateway.spool import Spool
+from dicomflow.scu_gateway import pdata, response
+from dicomflow.shared import patches
+from dicomflow.shared.patches import natsio, reactors
+from dicomflow.shared.patches.fence import CPYTHON, NATS_PY, PYNETDICOM
+from dicomflow.shared.telemetry.metrics import Metrics
 from nats.aio import client as nats_client
 from nats.protocol import command
 from packaging.specifiers import SpecifierSet
@@ -28,12 +35,6 @@ from pynetdicom import association as association_module
 from pynetdicom import dul as dul_module
 
 from dicomflow.cli import process
-from dicomflow.scp_gateway.service import ConnectionLimits
-from dicomflow.scp_gateway.spool import Spool
-from dicomflow.scu_gateway import pdata, response
-from dicomflow.shared import natsio, patches, reactors
-from dicomflow.shared.metrics import Metrics
-from dicomflow.shared.patches.fence import CPYTHON, NATS_PY, PYNETDICOM
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,12 +7,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from dicomflow.scu_gateway import pdata
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
 
-from dicomflow.scu_gateway import pdata
 from support.dicomfiles import transfer_syntax_set
 
 

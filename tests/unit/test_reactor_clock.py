@@ -1,4 +1,4 @@
-"""pynetdicom's polling loops are woken by their work (shared/reactors.py), and nothing
+"""pynetdicom's polling loops are woken by their work (shared/patches/reactors.py), and nothing
 else that either module asks of ``time`` changes."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from dicomflow.shared.patches import reactors
 from pynetdicom import AE, evt
 from pynetdicom import association as association_module
 from pynetdicom import dul as dul_module
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomflow.shared import reactors
 from support.servers import free_port
 
 

@@ -10,8 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from pydicom.uid import CTImageStorage
-
 from dicomflow.scp_gateway.identity import INFLATE_LIMIT
 from dicomflow.scp_gateway.receiver import (
     CANNOT_UNDERSTAND,
@@ -21,6 +19,8 @@ from dicomflow.scp_gateway.receiver import (
     identify,
 )
 from dicomflow.scp_gateway.service import ConnectionLimits
+from pydicom.uid import CTImageStorage
+
 from support.dicomfiles import dataset, transfer_syntax_set, write
 
 # pydicom warns (it does not raise) about malformed input; the suite turns warnings into

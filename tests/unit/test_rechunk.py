@@ -6,8 +6,7 @@ import os
 from collections.abc import AsyncGenerator
 
 import pytest
-
-from dicomflow.shared.transport import _rechunked
+from dicomflow.shared.nats.transport import _rechunked
 
 
 async def pieces(sizes: list[int], data: bytes) -> AsyncGenerator[bytes, None]:

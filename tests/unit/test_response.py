@@ -8,15 +8,14 @@ import struct
 from typing import Any
 
 import pytest
+from dicomflow.scu_gateway import response
+from dicomflow.shared.telemetry import logs
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
-
-from dicomflow.scu_gateway import response
-from dicomflow.shared import logs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 UID = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345"  # odd length: padded

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.routing import Router
 from dicomflow.scu_gateway.service import delivery_consumer
@@ -16,10 +15,9 @@ from dicomflow.scu_gateway.status import (
     classify,
     error_for,
 )
-from dicomflow.shared import subjects
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import ConfigError, ContractViolation
-from dicomflow.shared.index import Record, State
-from dicomflow.shared.messages import Instance
 from dicomflow.shared.settings import (
     ConsumerSettings,
     DestinationSettings,
@@ -27,6 +25,7 @@ from dicomflow.shared.settings import (
     ScuSettings,
     load_settings,
 )
+from dicomflow.shared.storage.index import Record, State
 
 DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}
 

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pynetdicom
 import pytest
-from pynetdicom import dimse_messages
-
 from dicomflow.scp_gateway.spool import (
     FOLDER_PREFIX,
     VERIFIED_PYNETDICOM,
@@ -23,6 +21,7 @@ from dicomflow.scp_gateway.spool import (
     private_folder,
 )
 from dicomflow.shared.errors import ConfigError
+from pynetdicom import dimse_messages
 
 
 @pytest.fixture

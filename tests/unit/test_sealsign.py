@@ -12,11 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from dicomflow.cli.main import main
-from dicomflow.shared.errors import ConfigError, KeyFileError, SealNotTrusted
-from dicomflow.shared.messages import BodyKind, Instance, parse
-from dicomflow.shared.sealsign import (
+from dicomflow.shared.contracts.messages import BodyKind, Instance, parse
+from dicomflow.shared.crypto.sealsign import (
     PRIVATE_NAME,
     PUBLIC_NAME,
     SealSigner,
@@ -27,7 +24,10 @@ from dicomflow.shared.sealsign import (
     signed_bytes,
     signer_id,
 )
+from dicomflow.shared.errors import ConfigError, KeyFileError, SealNotTrusted
 from dicomflow.shared.settings import EncryptorSettings, StoreWriterSettings, load_settings
+
+from dicomflow.cli.main import main
 from support.keyfiles import write_secret
 
 SHA = "ab" * 32

@@ -11,19 +11,20 @@ from typing import Any
 
 import pytest
 import trustme
-from test_manifests import OVERLAYS, render
-
-from dicomflow.cli.natsconfig import Bundle, new_seed, write_bundle
-from dicomflow.shared import dicomtls, natscerts, natsconn
-from dicomflow.shared.errors import KeyFileError
-from dicomflow.shared.keyfiles import refuse_shared
-from dicomflow.shared.keyring import generate_master_key_file, load_master_key
-from dicomflow.shared.sealsign import (
+from dicomflow.shared.crypto.keyfiles import refuse_shared
+from dicomflow.shared.crypto.keyring import generate_master_key_file, load_master_key
+from dicomflow.shared.crypto.sealsign import (
     generate_signing_key_pair,
     load_signing_key,
     load_trusted_keys,
 )
+from dicomflow.shared.dicom import dicomtls
+from dicomflow.shared.errors import KeyFileError
+from dicomflow.shared.nats import natscerts, natsconn
 from dicomflow.shared.settings import DicomTlsSettings, NatsSettings
+from test_manifests import OVERLAYS, render
+
+from dicomflow.cli.natsconfig import Bundle, new_seed, write_bundle
 from support.keyfiles import write_secret
 
 KEY_B64 = b"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"  # bytes(range(32))

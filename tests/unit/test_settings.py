@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.settings import (
     EncryptorSettings,
@@ -13,6 +12,7 @@ from dicomflow.shared.settings import (
     StoreWriterSettings,
     load_settings,
 )
+
 from support.keyfiles import write_secret
 
 

@@ -9,18 +9,17 @@ from typing import Any
 
 import obstore
 import pytest
-from obstore.store import AzureStore, GCSStore, S3Store
-
-from dicomflow.shared import storage
-from dicomflow.shared.backends import parse_connection_string
 from dicomflow.shared.errors import ConfigError, StorageUnavailable
 from dicomflow.shared.settings import StorageSettings, StoreWriterSettings, load_settings
+from dicomflow.shared.storage import objectstore
+from dicomflow.shared.storage.backends import parse_connection_string
+from obstore.store import AzureStore, GCSStore, S3Store
 
 SECRET = "c2VjcmV0LWtleS1zZWNyZXQta2V5LXNlY3JldC1rZXktMTIz"  # noqa: S105 (a made-up value)
 
 
 def _build(**fields: Any) -> object:
-    return storage.build_store(StorageSettings(**fields))
+    return objectstore.build_store(StorageSettings(**fields))
 
 
 @pytest.mark.parametrize(
@@ -180,7 +179,7 @@ async def test_a_multipart_upload_the_store_kept_short_is_not_taken_as_written(
     """The store acknowledges a multipart upload but keeps fewer bytes (s3rver killed
     mid-upload did): put raises StorageUnavailable, and writing again over it works."""
     settings = StorageSettings(backend="local", local_path=tmp_path / "objects")
-    store = storage.build_store(settings)
+    store = objectstore.build_store(settings)
     data = os.urandom(settings.multipart_chunk_size + 4096)
     real_put = obstore.put_async
 
@@ -189,9 +188,11 @@ async def test_a_multipart_upload_the_store_kept_short_is_not_taken_as_written(
 
     monkeypatch.setattr(obstore, "put_async", keeps_a_part)
     with pytest.raises(StorageUnavailable, match=f"holds {settings.multipart_chunk_size} bytes"):
-        await storage.put(
+        await objectstore.put(
             store, "k", io.BytesIO(data), size=len(data), create=True, settings=settings
         )
     monkeypatch.setattr(obstore, "put_async", real_put)
-    await storage.put(store, "k", io.BytesIO(data), size=len(data), create=False, settings=settings)
+    await objectstore.put(
+        store, "k", io.BytesIO(data), size=len(data), create=False, settings=settings
+    )
     assert bytes(await (await obstore.get_async(store, "k")).bytes_async()) == data

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from dicomflow.shared import envelope
+from dicomflow.shared.crypto import envelope
+from dicomflow.shared.crypto.keyring import KeyRing, MasterKey, load_master_key, parse_key_spec
 from dicomflow.shared.errors import ConfigError, DicomflowError
-from dicomflow.shared.keyring import KeyRing, MasterKey, load_master_key, parse_key_spec
 
 _KEY_HELP_TAIL = (
     "ID is the numeric master-key id (uint32) written into each object; PATH is a file "

@@ -32,17 +32,18 @@ from nats.js.errors import NotFoundError
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.send import check_destination
 from dicomflow.scu_gateway import request
-from dicomflow.shared import blobsweeper, messages, natsconn, subjects
-from dicomflow.shared.consumer import (
+from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.messages import BodyKind, Instance
+from dicomflow.shared.errors import BrokerUnavailable, ConfigError, DicomflowError
+from dicomflow.shared.nats import blobsweeper, natsconn
+from dicomflow.shared.settings import ScuGatewaySettings
+from dicomflow.shared.stage.consumer import (
     DLQ_HEADERS,
     H_DLQ_BODY,
     H_DLQ_DELIVERIES,
     H_DLQ_REASON,
     H_DLQ_SUBJECT,
 )
-from dicomflow.shared.errors import BrokerUnavailable, ConfigError, DicomflowError
-from dicomflow.shared.messages import BodyKind, Instance
-from dicomflow.shared.settings import ScuGatewaySettings
 
 # The stages that dead-letter, by the stream they consume (their names in the services).
 ENCRYPTOR = "encryptor"  # INGEST

@@ -32,12 +32,13 @@ from pydicom.filereader import read_file_meta_info
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.scp_gateway.identity import Unreadable, read_identity
-from dicomflow.shared import natsconn, subjects, topology
+from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.index import Index
-from dicomflow.shared.messages import Instance
+from dicomflow.shared.nats import natsconn, topology
+from dicomflow.shared.nats.transport import Transport
 from dicomflow.shared.settings import ScpGatewaySettings
-from dicomflow.shared.transport import Transport
+from dicomflow.shared.storage.index import Index
 
 _CHUNK = 1024 * 1024
 PROGRESS_EVERY = 25

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.reading import Reader, open_reader
-from dicomflow.shared import storage
 from dicomflow.shared.errors import (
     ConfigError,
     ContractViolation,
@@ -20,10 +19,11 @@ from dicomflow.shared.errors import (
     ObjectMissing,
     StoreError,
 )
-from dicomflow.shared.index import Malformed, Record, State
-from dicomflow.shared.layout import Layout, object_key
-from dicomflow.shared.retrieval import fetch_unindexed
 from dicomflow.shared.settings import ReaderSettings
+from dicomflow.shared.storage import objectstore
+from dicomflow.shared.storage.index import Malformed, Record, State
+from dicomflow.shared.storage.layout import Layout, object_key
+from dicomflow.shared.storage.retrieval import fetch_unindexed
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -134,7 +134,7 @@ async def _get_by_layout(settings: ReaderSettings, sop_instance_uid: str, out: P
         raise ConfigError("SOP_INSTANCE_UID is not a DICOM UID") from None
     try:
         await fetch_unindexed(
-            storage.build_store(settings.storage),
+            objectstore.build_store(settings.storage),
             settings.encryption.keyring(),
             object_key=key,
             sop_instance_uid=sop_instance_uid,

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from dicomflow.cli import rotation
+from dicomflow.shared.crypto.keyring import generate_master_key_file
+from dicomflow.shared.crypto.sealsign import generate_signing_key_pair
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.keyring import generate_master_key_file
-from dicomflow.shared.sealsign import generate_signing_key_pair
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

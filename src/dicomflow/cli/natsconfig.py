@@ -3,7 +3,7 @@
 Writes, under ``--out DIR``:
 
 - ``nats-server.conf``: JetStream, one NKey user per service with least-privilege
-  permissions (``shared/natsauth.py``), and with ``--tls`` a TLS block;
+  permissions (``shared/nats/natsauth.py``), and with ``--tls`` a TLS block;
 - ``creds/<user>.nk``: each user's NKey seed (0600): the only secret of a user;
 - with ``--tls``: ``tls/ca.pem`` (+ ``ca-key.pem``), ``tls/server.pem`` for ``--hosts``;
   with ``--mtls`` also ``tls/<user>.pem``/``<user>-key.pem`` and ``verify: true``;
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import nkeys
 
-from dicomflow.shared import natsauth, natscerts
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.natsconn import public_key
+from dicomflow.shared.nats import natsauth, natscerts
+from dicomflow.shared.nats.natsconn import public_key
 
 SEED_SUFFIX = ".nk"
 

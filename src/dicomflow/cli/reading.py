@@ -7,13 +7,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomflow.shared import keycheck, natsconn, storage
+from dicomflow.shared.crypto import keycheck
+from dicomflow.shared.crypto.keyring import KeyRing
 from dicomflow.shared.errors import StoreError
-from dicomflow.shared.index import Index, Record, State
-from dicomflow.shared.keyring import KeyRing
-from dicomflow.shared.retrieval import fetch_verified
+from dicomflow.shared.nats import natsconn
 from dicomflow.shared.settings import ReaderSettings
-from dicomflow.shared.storage import ObjectStore
+from dicomflow.shared.storage import objectstore
+from dicomflow.shared.storage.index import Index, Record, State
+from dicomflow.shared.storage.objectstore import ObjectStore
+from dicomflow.shared.storage.retrieval import fetch_verified
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Reader:
 @asynccontextmanager
 async def open_reader(settings: ReaderSettings, *, decrypt: bool = True) -> AsyncIterator[Reader]:
     keyring = settings.encryption.keyring() if decrypt else None
-    store = storage.build_store(settings.storage)
+    store = objectstore.build_store(settings.storage)
     nc = await natsconn.connect_once(settings.nats, "cli")
     try:
         if keyring is not None:  # a wrong key file is refused before anything is read

@@ -9,10 +9,10 @@ import sys
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.reading import open_reader
+from dicomflow.shared.crypto.keyring import MAX_KEY_ID
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.keyring import MAX_KEY_ID
-from dicomflow.shared.rotation import Rotator, Tally, key_status
 from dicomflow.shared.settings import ReaderSettings
+from dicomflow.shared.storage.rotation import Rotator, Tally, key_status
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

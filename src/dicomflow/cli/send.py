@@ -13,10 +13,10 @@ import sys
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.scu_gateway import request
-from dicomflow.shared import natsconn
 from dicomflow.shared.errors import ConfigError, StoreError
-from dicomflow.shared.index import Index, Record, State
+from dicomflow.shared.nats import natsconn
 from dicomflow.shared.settings import ScuGatewaySettings, ScuSettings
+from dicomflow.shared.storage.index import Index, Record, State
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,7 +12,6 @@ from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.encryptor import service as encryptor
 from dicomflow.scp_gateway import service as scp_gateway
 from dicomflow.scu_gateway import service as scu_gateway
-from dicomflow.shared import runner
 from dicomflow.shared.settings import (
     EncryptorSettings,
     ScpGatewaySettings,
@@ -20,7 +19,8 @@ from dicomflow.shared.settings import (
     ServiceSettings,
     StoreWriterSettings,
 )
-from dicomflow.shared.telemetry import Telemetry
+from dicomflow.shared.stage import runner
+from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.store_writer import service as store_writer
 
 Serve = Callable[[Any, asyncio.Event, Telemetry], Awaitable[None]]

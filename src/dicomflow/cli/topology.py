@@ -17,10 +17,10 @@ import sys
 from collections.abc import Sequence
 
 from dicomflow.cli.options import add_settings_options, settings_from
-from dicomflow.shared import hybridtopology, natsconn, topology, zones
 from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.nats import hybridtopology, natsconn, topology, zones
+from dicomflow.shared.nats.zones import Zone
 from dicomflow.shared.settings import NatsSettings, ServiceSettings
-from dicomflow.shared.zones import Zone
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

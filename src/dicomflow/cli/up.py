@@ -19,9 +19,9 @@ from dicomflow.embedded.datalock import DataDirLock
 from dicomflow.embedded.layout import DataDir, to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.shared.crypto.keyring import generate_master_key_file
+from dicomflow.shared.crypto.sealsign import PRIVATE_NAME, PUBLIC_NAME, generate_signing_key_pair
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.keyring import generate_master_key_file
-from dicomflow.shared.sealsign import PRIVATE_NAME, PUBLIC_NAME, generate_signing_key_pair
 from dicomflow.shared.settings import NatsSettings, ScpSettings, ScuSettings, problems
 
 STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first

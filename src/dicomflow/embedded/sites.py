@@ -20,10 +20,10 @@ from pathlib import Path
 
 from dicomflow.cli.natsconfig import Bundle
 from dicomflow.embedded.layout import DataDir
-from dicomflow.shared import zones
+from dicomflow.shared.crypto.sealsign import PRIVATE_NAME, PUBLIC_NAME
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.natscerts import write_private
-from dicomflow.shared.sealsign import PRIVATE_NAME, PUBLIC_NAME
+from dicomflow.shared.nats import zones
+from dicomflow.shared.nats.natscerts import write_private
 
 SECRET_FILES = ("leaf.nk", "leaf-key.pem", PRIVATE_NAME)
 PUBLIC_FILES = ("site.json", "leaf.pem", "cloud-ca.pem", PUBLIC_NAME)

@@ -6,7 +6,7 @@ exits unexpectedly is restarted with backoff. Stopping goes downstream: the gate
 first (no new intake), then the encryptor, then the store writer, each given time to
 finish in-flight work.
 
-A stage's exit code says whether a restart can help (``shared/runner.py``): 2
+A stage's exit code says whether a restart can help (``shared/stage/runner.py``): 2
 (``EXIT_CONFIG``) is a configuration error -- a bad setting, a key file, a metrics port
 that is taken -- which the same configuration hits again, so ``supervise`` raises
 ``StageMisconfigured`` with the stage's own error line instead of restarting it; any
@@ -25,7 +25,7 @@ from typing import IO
 
 from dicomflow.embedded.process import die_with_parent, terminate
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.runner import EXIT_CONFIG
+from dicomflow.shared.stage.runner import EXIT_CONFIG
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The contracts between stages: subjects and names, message headers, dead letters."""

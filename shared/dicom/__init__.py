@@ -1,0 +1,1 @@
+"""DICOM network pieces used by both gateways."""

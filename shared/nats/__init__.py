@@ -1,0 +1,1 @@
+"""NATS and JetStream: connections, users and certificates, topology, blob transport."""

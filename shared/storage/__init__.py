@@ -1,0 +1,1 @@
+"""Object storage and the index: backends, object names, reading back, rotation."""

@@ -1,0 +1,166 @@
+"""Object storage through ``obstore``: building the store, and the few operations we use.
+
+The same code runs against a local folder, S3, Azure Blob, Google Cloud Storage (see
+``backends``), or obstore's ``MemoryStore`` in unit tests. Every failure of the backend
+becomes ``StorageUnavailable`` (retried by the consumer), except "not found" and
+"already exists", which callers decide on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import IO, TYPE_CHECKING, Literal
+
+import obstore
+from dicomflow.shared.errors import StorageUnavailable
+from dicomflow.shared.settings import StorageSettings
+from dicomflow.shared.storage import backends
+from obstore.exceptions import AlreadyExistsError, BaseError
+from obstore.store import ObjectStore
+
+if TYPE_CHECKING:
+    from obstore import Attributes
+
+CHUNK = 1024 * 1024
+
+__all__ = [
+    "ObjectExists",
+    "ObjectStore",
+    "build_store",
+    "exists",
+    "put",
+    "read_chunks",
+    "read_range",
+    "sha256_of",
+    "size_of",
+]
+
+
+def build_store(settings: StorageSettings) -> ObjectStore:
+    """The configured store; raises ConfigError naming the missing or bad field."""
+    return backends.build(settings)
+
+
+class ObjectExists(Exception):
+    """``put(create=True)`` found an object at the key already."""
+
+
+async def put(
+    store: ObjectStore,
+    key: str,
+    body: IO[bytes],
+    *,
+    size: int,
+    create: bool,
+    settings: StorageSettings,
+) -> None:
+    """Write ``size`` bytes of ``body`` at ``key``, in constant memory.
+
+    Up to one part size it is one PUT, conditional when ``create`` (If-None-Match on
+    S3). Larger objects go up in parts, ``multipart_concurrency`` at a time; a multipart
+    upload cannot be conditional, so ``create`` is then checked with a HEAD first. The
+    caller (the store writer) holds a ``pending`` index claim on the key, so no other
+    writer races it between the check and the upload.
+
+    A multipart upload is then checked with a HEAD: its size must be ``size``. An
+    S3-compatible server killed mid-upload (the fault suite's s3rver) once completed an
+    upload from a part it had kept only in part, and acknowledged it; the store writer
+    would have recorded a truncated object as stored. A short object raises
+    StorageUnavailable, so the write is tried again, over it.
+    """
+    attributes = _attributes(settings)
+    try:
+        if size <= settings.multipart_chunk_size:
+            mode: Literal["create", "overwrite"] = "create" if create else "overwrite"
+            await obstore.put_async(store, key, body.read(), mode=mode, attributes=attributes)
+            return
+        if create and await exists(store, key):
+            raise ObjectExists(key)
+        await obstore.put_async(
+            store,
+            key,
+            body,
+            use_multipart=True,
+            chunk_size=settings.multipart_chunk_size,
+            max_concurrency=settings.multipart_concurrency,
+            attributes=attributes,
+        )
+        await _check_size(store, key, size)
+    except AlreadyExistsError as exc:
+        raise ObjectExists(key) from exc
+    except (BaseError, OSError) as exc:
+        raise StorageUnavailable(f"writing object failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _check_size(store: ObjectStore, key: str, size: int) -> None:
+    try:
+        found = (await obstore.head_async(store, key))["size"]
+    except FileNotFoundError:
+        found = None
+    if found != size:
+        held = "nothing" if found is None else f"{found} bytes"
+        raise StorageUnavailable(
+            f"the store acknowledged the upload of {key} ({size} bytes) but holds {held}; "
+            "writing it again"
+        )
+
+
+def _attributes(settings: StorageSettings) -> Attributes | None:
+    """The storage class applies to S3 only: Azure tiers and GCS classes are set per bucket."""
+    if settings.s3_storage_class and settings.backend == "s3":
+        return {"Storage-Class": settings.s3_storage_class}
+    return None
+
+
+async def exists(store: ObjectStore, key: str) -> bool:
+    try:
+        await obstore.head_async(store, key)
+    except FileNotFoundError:
+        return False
+    except (BaseError, OSError) as exc:
+        raise StorageUnavailable(f"checking object failed: {type(exc).__name__}: {exc}") from exc
+    return True
+
+
+async def size_of(store: ObjectStore, key: str) -> int:
+    """The object's size; a missing one raises FileNotFoundError."""
+    try:
+        return int((await obstore.head_async(store, key))["size"])
+    except FileNotFoundError:
+        raise
+    except (BaseError, OSError) as exc:
+        raise StorageUnavailable(f"checking object failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def read_chunks(store: ObjectStore, key: str) -> AsyncIterator[bytes]:
+    """Stream an object; a missing one raises FileNotFoundError."""
+    try:
+        result = await obstore.get_async(store, key)
+        async for chunk in result.stream(min_chunk_size=CHUNK):
+            yield bytes(chunk)
+    except FileNotFoundError:
+        raise
+    except (BaseError, OSError) as exc:
+        raise StorageUnavailable(f"reading object failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def sha256_of(store: ObjectStore, key: str) -> str:
+    digest = hashlib.sha256()
+    async for chunk in read_chunks(store, key):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def read_range(store: ObjectStore, key: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of an object, in one ranged GET.
+
+    A missing object raises FileNotFoundError; an object shorter than ``end`` returns
+    what it has.
+    """
+    try:
+        return bytes(await obstore.get_range_async(store, key, start=start, end=end))
+    except FileNotFoundError:
+        raise
+    except (BaseError, OSError) as exc:
+        raise StorageUnavailable(f"reading object failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Logs, metrics, traces and health: what every service reports about itself."""
