@@ -260,8 +260,9 @@ async def test_janitor_keeps_whatever_a_consumer_has_not_acknowledged(
 ) -> None:
     """The janitor purges below the lowest ack floor of all consumers only: with one
     consumer ahead (15 acked) and one behind (5 acked), the 15 messages the second still
-    needs stay. (The leftover state of HYBRID.md risk 2 itself could not be made on
-    purpose: a restart of nats-server re-checks interest and clears it.)"""
+    needs stay. (The leftover state itself, messages below every consumer's ack floor
+    left by interest retention, could not be made on purpose: a restart of nats-server
+    re-checks interest and clears it.)"""
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()

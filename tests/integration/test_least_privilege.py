@@ -1,6 +1,6 @@
 """Least privilege of the generated NATS users, against a real nats-server running the
-config `dicomflow nats-config` (and `up`) writes: what the README's permission table
-promises each refusal of it."""
+config `dicomflow nats-config` (and `up`) writes: what the permission table of
+docs/security.md (NATS security) promises, each refusal of it."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ INGEST_BLOBS = subjects.blob_stream(subjects.INGEST_BLOB_BUCKET)
 SEALED_BLOBS = subjects.blob_stream(subjects.SEALED_BLOB_BUCKET)
 PLAIN = b"plaintext another modality sent, answered Success" * 1000
 
-# The streams whose STREAM.INFO each service user gets (README, NATS security).
+# The streams whose STREAM.INFO each service user gets (docs/security.md, NATS security).
 STREAM_INFO = {
     "scp-gateway": {INGEST_BLOBS},
     "encryptor": {

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             description=summary
             + (
                 " Settings come from DICOMFLOW_* environment variables and the config file; "
-                "see the README's configuration table. SIGTERM drains in-flight work and exits 0."
+                "see docs/configuration.md. SIGTERM drains in-flight work and exits 0."
             ),
         )
         add_settings_options(parser)
