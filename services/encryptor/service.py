@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator
 
 from dicomflow.encryptor.sealing import HashingSealer, seal_and_hash
 from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.deadletters import H_DLQ_BODY
 from dicomflow.shared.contracts.messages import SEALED_BLOB_PREFIX, BodyKind, Instance
 from dicomflow.shared.crypto import keycheck
 from dicomflow.shared.crypto.envelope import OVERHEAD
@@ -32,7 +33,7 @@ from dicomflow.shared.errors import ContractViolation
 from dicomflow.shared.nats import blobsweeper, hybridtopology, natsconn, topology
 from dicomflow.shared.nats.transport import Transport, blob_name
 from dicomflow.shared.settings import EncryptorSettings
-from dicomflow.shared.stage.consumer import H_DLQ_BODY, AfterAck, Consumer, Letter, dropped
+from dicomflow.shared.stage.consumer import AfterAck, Consumer, Letter, dropped
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.tracing import Tracing
 from nats.aio.msg import Msg
