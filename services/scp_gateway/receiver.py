@@ -44,11 +44,11 @@ from dicomflow.scp_gateway.admission import (
     Rejected,
     admitted,
 )
+from dicomflow.scp_gateway.settings import ScpSettings
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import BrokerUnavailable
 from dicomflow.shared.nats.transport import Transport
-from dicomflow.shared.settings import ScpSettings
 from dicomflow.shared.telemetry.bundle import Telemetry
 from opentelemetry.trace import SpanKind, StatusCode
 

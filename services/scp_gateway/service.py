@@ -21,6 +21,7 @@ from typing import Any
 
 from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from dicomflow.scp_gateway.receiver import Receiver
+from dicomflow.scp_gateway.settings import ScpGatewaySettings, ScpSettings
 from dicomflow.scp_gateway.spool import Spool
 from dicomflow.scp_gateway.tlslistener import CertificateAeMap, TlsAssociationServer
 from dicomflow.shared.dicom import dicomtls
@@ -28,7 +29,6 @@ from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.nats.transport import Transport
 from dicomflow.shared.patches import REACTORS, SCP_PDU_LIMIT, SCP_TLS_SERVER, reactors
-from dicomflow.shared.settings import ScpGatewaySettings, ScpSettings
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.metrics import Metrics
 from pynetdicom import AE, _config, evt

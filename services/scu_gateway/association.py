@@ -40,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from dicomflow.scu_gateway import pdata, response
+from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import (
     DeliveryRefused,
     DestinationUnreachable,
 )
 from dicomflow.shared.dicom import dicomtls
 from dicomflow.shared.patches import reactors
-from dicomflow.shared.settings import DestinationSettings
 from dicomflow.shared.telemetry.metrics import Metrics
 from pynetdicom import AE, build_context
 from pynetdicom.pdu_primitives import A_ASSOCIATE

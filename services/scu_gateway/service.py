@@ -43,13 +43,15 @@ from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.routing import Router
+from dicomflow.scu_gateway.settings import DestinationSettings, ScuGatewaySettings
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import BodyKind
 from dicomflow.shared.crypto import keycheck
+from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.patches import reactors
-from dicomflow.shared.settings import ConsumerSettings, DestinationSettings, ScuGatewaySettings
+from dicomflow.shared.settings import ConsumerSettings
 from dicomflow.shared.stage.consumer import AfterAck, Consumer, Handler
 from dicomflow.shared.storage import objectstore
 from dicomflow.shared.telemetry.bundle import Telemetry
@@ -166,7 +168,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
         )
     here = {name: dest for name, dest in scu.destinations.items() if dest.delivered_here}
     # Only a scu-gateway that delivers holds a master key and reads storage.
-    keyring = settings.encryption.keyring() if here else None
+    keyring = load_keyring(settings.encryption) if here else None
     store = objectstore.build_store(settings.storage) if here else None
     router = Router.from_settings(scu)
     reactors.install()  # responses and pauses without waiting out pynetdicom's polls

@@ -69,7 +69,6 @@ Handler = Callable[[Msg], Awaitable[AfterAck | None]]
 Gate = Callable[[asyncio.Event], Awaitable[None]]  # returns when fetching may go on
 
 
-
 @dataclass(frozen=True, slots=True)
 class Letter:
     """What a stage's ``letter`` hook dead-letters in place of the message it consumed:

@@ -32,6 +32,7 @@ from nats.js.errors import NotFoundError
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.send import check_destination
 from dicomflow.scu_gateway import request
+from dicomflow.scu_gateway.settings import ScuGatewaySettings
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.deadletters import (
     BODY_SEALED,
@@ -44,7 +45,6 @@ from dicomflow.shared.contracts.deadletters import (
 from dicomflow.shared.contracts.messages import BodyKind, Instance
 from dicomflow.shared.errors import BrokerUnavailable, ConfigError, DicomflowError
 from dicomflow.shared.nats import blobsweeper, natsconn
-from dicomflow.shared.settings import ScuGatewaySettings
 
 # The stages that dead-letter, by the stream they consume (their names in the services).
 ENCRYPTOR = "encryptor"  # INGEST

@@ -31,12 +31,12 @@ from pathlib import Path
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.scp_gateway.admission import CANNOT_UNDERSTAND, Arrival, Rejected, admitted
+from dicomflow.scp_gateway.settings import ScpGatewaySettings
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.nats.transport import Transport
-from dicomflow.shared.settings import ScpGatewaySettings
 from dicomflow.shared.storage.index import Index
 
 PROGRESS_EVERY = 25
