@@ -209,15 +209,13 @@ def _from_encryptor(letter: DeadLetter) -> str:
             "replay; purge it and have the instance sent again"
         )
     # Dead-lettered as received, by an earlier dicomflow: plaintext onto INGEST.
-    messages.check_delivery(subjects.INGEST_STREAM, letter.headers, letter.data)
-    instance = messages.parse(letter.headers)
+    instance = messages.decode_ingest(letter.headers, letter.data)
     _check_digest(instance, letter.data, instance.sha256)
     return subjects.ingest_subject(instance.called_ae, instance.calling_ae)
 
 
 def _sealed(letter: DeadLetter) -> str:
-    messages.check_delivery(subjects.SEALED_STREAM, letter.headers, letter.data)
-    instance = messages.parse(letter.headers, sealed=True, signed=True)
+    instance = messages.decode_sealed(letter.headers, letter.data)
     _check_digest(instance, letter.data, instance.sealed_sha256)
     return subjects.sealed_subject(instance.called_ae, instance.calling_ae)
 
