@@ -34,6 +34,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dicomflow.scp_gateway import metrics as scp_metrics
 from dicomflow.scp_gateway.admission import (
     CANNOT_UNDERSTAND,
     DOES_NOT_MATCH,
@@ -99,10 +100,10 @@ class Receiver:
         self._transport = transport
         self._loop = loop
         self._timeout = publish_timeout
-        self._metrics = telemetry.metrics
+        self._metrics = scp_metrics.of(telemetry.metrics)
         self._tracing = telemetry.tracing
         self._allowed = allowed_calling_aes
-        self._metrics.scp_gateway(accept_any=allowed_calling_aes is None)
+        self._metrics.at_zero(accept_any=allowed_calling_aes is None)
 
     def _calling_class(self, calling: str) -> str:
         if self._allowed is None:

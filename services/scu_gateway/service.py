@@ -38,6 +38,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from dicomflow.scu_gateway import metrics as scu_metrics
 from dicomflow.scu_gateway import pdata, request, response
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
@@ -118,12 +119,12 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
         try:
             after_ack = await handler(msg)
         except (PermanentError, EnvelopeError):
-            metrics.deliveries.labels(destination, "refused").inc()
+            scu_metrics.of(metrics).deliveries.labels(destination, "refused").inc()
             raise
         except Exception:
-            metrics.deliveries.labels(destination, "deferred").inc()
+            scu_metrics.of(metrics).deliveries.labels(destination, "deferred").inc()
             raise
-        metrics.deliveries.labels(destination, "delivered").inc()
+        scu_metrics.of(metrics).deliveries.labels(destination, "delivered").inc()
         return after_ack
 
     return handle
@@ -131,7 +132,7 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
 
 def up_gauge(metrics: Metrics, destination: str) -> Callable[[bool], None]:
     """Sets ``dicomflow_scu_destination_up`` for ``destination``."""
-    gauge = metrics.scu_destination_up.labels(destination)
+    gauge = scu_metrics.of(metrics).scu_destination_up.labels(destination)
     return lambda up: gauge.set(1 if up else 0)
 
 
