@@ -1,4 +1,10 @@
-"""Typed settings: one class per service, built once in ``main()`` and passed down.
+"""Typed settings as data: the sections several services read, and ``load_settings``.
+
+Each service's own class (its sections on top of ``ServiceSettings``) lives in its
+folder: ``scp_gateway.settings``, ``scu_gateway.settings``, ``encryptor.settings``,
+``store_writer.settings``; built once in ``main()`` and passed down. What reads a
+section's files loads them (keys: ``shared.crypto.keyload``; TLS: ``dicomtls``,
+``natsconn``), not this module.
 
 Values come from, highest priority first: explicit overrides (CLI flags), environment
 variables ``DICOMFLOW_<SECTION>__<FIELD>`` (e.g. ``DICOMFLOW_NATS__SERVERS``), then a
@@ -10,20 +16,12 @@ Invalid values fail at start-up with a ``ConfigError`` that names the field.
 from __future__ import annotations
 
 import os
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from dicomflow.shared.crypto.keyring import KeyRing, MasterKey, load_master_key
-from dicomflow.shared.crypto.sealsign import (
-    SealSigner,
-    SealVerifier,
-    load_signing_key,
-    load_trusted_keys,
-)
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.nats.zones import Zone, check_site
+from dicomflow.shared.nats.zones import Zone
 from dicomflow.shared.storage.layout import Layout, normalize_root_path
 from pydantic import (
     AfterValidator,
@@ -138,33 +136,6 @@ class EncryptionSettings(Section):
         description="Ed25519 public keys (PEM) whose signatures the store-writer accepts",
     )
 
-    def signer(self) -> SealSigner:
-        """The encryptor's signing key; refuses to run without one."""
-        if self.signing_key is None:
-            raise ConfigError(
-                "encryption.signing_key is not set: the encryptor signs every sealed message "
-                "for the store-writers to verify; give its private key as "
-                "encryption.signing_key = PATH (or DICOMFLOW_ENCRYPTION__SIGNING_KEY); create "
-                "a pair with `dicomflow keys new-signing --out DIR`"
-            )
-        return load_signing_key(self.signing_key, "encryption.signing_key")
-
-    def verifier(self) -> SealVerifier:
-        """The store-writer's trusted public signing keys; refuses to run without one."""
-        return load_trusted_keys(self.trusted_signing_keys, "encryption.trusted_signing_keys")
-
-    def keyring(self) -> KeyRing:
-        """Load every key file; refuses to run without a usable current key."""
-        if self.master_key is None:
-            raise ConfigError(
-                "encryption.master_key is not set: give a current master key as "
-                "[encryption.master_key] id/path (or DICOMFLOW_ENCRYPTION__MASTER_KEY__ID and "
-                "__PATH); create one with `dicomflow keys new PATH`"
-            )
-        current = load_master_key(self.master_key.id, self.master_key.path)
-        previous: list[MasterKey] = [load_master_key(k.id, k.path) for k in self.previous_keys]
-        return KeyRing(current, previous)
-
 
 class StorageBackend(StrEnum):
     LOCAL = "local"
@@ -226,12 +197,6 @@ class StorageSettings(Section):
             return normalize_root_path(value)
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
-
-
-class DuplicatePolicy(StrEnum):
-    REJECT = "reject"
-    KEEP_BOTH = "keep-both"
-    OVERWRITE = "overwrite"
 
 
 class ConsumerSettings(Section):
@@ -301,43 +266,26 @@ class DicomTlsSettings(Section):
         return self
 
 
-class ScpSettings(Section):
-    ae_title: AETitle = Field(default="DICOMFLOW", min_length=1, max_length=16)
-    host: str = "0.0.0.0"  # noqa: S104  (a DICOM receiver listens on the imaging network)
-    port: int = Field(default=11112, ge=0, lt=65536)
-    allowed_calling_aes: list[AETitle] = Field(default_factory=list)
-    accept_any_calling_ae: bool = False
-    max_associations: int = Field(default=32, ge=1)
-    acse_timeout: float = Field(default=30.0, gt=0)
-    dimse_timeout: float = Field(default=60.0, gt=0)
-    network_timeout: float = Field(default=60.0, gt=0)
-    maximum_pdu_size: int = Field(
-        default=4 * 1024**2,
-        ge=0,
-        description="largest PDU accepted (advertised, and longer PDUs close the connection); "
-        "0 advertises no limit but still refuses PDUs over 64 MiB",
+class DestinationTlsSettings(Section):
+    """DICOM TLS to a destination (``[scu.destinations.<name>.tls]``); the peer's
+    certificate is always verified, against ``ca_file`` (default: the system's CAs).
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = Field(default=None, description="client certificate, if asked")
+    key_file: Path | None = None
+    server_name: str | None = Field(
+        default=None, min_length=1, description="name the peer's certificate must carry"
     )
-    max_dataset_bytes: int = Field(
-        default=4 * 1024**3,
-        ge=1,
-        description="larger datasets are refused with 0xC211 (checked while they arrive)",
+    check_hostname: bool = Field(
+        default=True, description="false: any name, chain still verified (logged loudly)"
     )
-    spool_dir: Path | None = Field(
-        default=None,
-        description="private folder (the gateway's user only, mode 0700: created so if "
-        "missing, refused otherwise) that holds the datasets being received; unset: a "
-        "private folder the gateway creates under spool_dir, or the system temp folder",
-    )
-    reactor_delay: float = Field(
-        default=0.01,
-        ge=0.00005,
-        le=0.1,
-        description="longest idle turn of each of an association's polling loops "
-        "(pynetdicom's network loop and acceptor reactor; a PDU or message wakes them at "
-        "once): bounds how soon a release, an abort or a timer is noticed; shorter costs "
-        "CPU per idle association",
-    )
-    tls: DicomTlsSettings = Field(default_factory=DicomTlsSettings)
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        return self
 
 
 class ServiceSettings(BaseSettings):
@@ -391,27 +339,6 @@ class TelemetrySettings(Section):
 ServiceSettings.model_rebuild()  # resolves the TelemetrySettings reference above
 
 
-class ScpGatewaySettings(ServiceSettings):
-    scp: ScpSettings = Field(default_factory=ScpSettings)
-
-
-class EncryptorSettings(ServiceSettings):
-    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
-    # Hybrid edge: the sealed side's connection (EDGE account: publish SEALED, write sealed
-    # blobs); ``nats`` is then the plaintext side's (LOCAL: INGEST, plaintext blobs, DLQ).
-    # Absent: one connection for both, as in a single zone.
-    nats_sealed: NatsSettings | None = None
-    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
-
-
-class StoreWriterSettings(ServiceSettings):
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    # Only encryption.trusted_signing_keys: the store-writer never holds a master key.
-    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
-    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
-    duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
-
-
 class ReaderSettings(ServiceSettings):
     """What the read-side commands (`ls`, `get`, `verify`) need."""
 
@@ -453,157 +380,3 @@ def problems(exc: ValidationError) -> str:
         f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
         for err in exc.errors(include_url=False, include_input=False)
     )
-
-
-# -- scu_gateway ---------------------------------------------------------------------
-_DESTINATION_NAME = r"^[A-Za-z0-9_-]{1,32}$"  # a subject token and a consumer name as is
-_UID_PATTERN = r"^[0-9.*?\[\]!-]{1,64}$"  # fnmatch over a UID: digits, dots, wildcards
-
-
-class DestinationTlsSettings(Section):
-    """DICOM TLS to a destination (``[scu.destinations.<name>.tls]``); the peer's
-    certificate is always verified, against ``ca_file`` (default: the system's CAs).
-    """
-
-    ca_file: Path | None = None
-    cert_file: Path | None = Field(default=None, description="client certificate, if asked")
-    key_file: Path | None = None
-    server_name: str | None = Field(
-        default=None, min_length=1, description="name the peer's certificate must carry"
-    )
-    check_hostname: bool = Field(
-        default=True, description="false: any name, chain still verified (logged loudly)"
-    )
-
-    @model_validator(mode="after")
-    def _pair(self) -> DestinationTlsSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("tls.cert_file and tls.key_file go together")
-        return self
-
-
-class DestinationSettings(Section):
-    """A remote AE the scu_gateway delivers to, over DICOM TLS when ``tls`` is set.
-
-    ``site``: the destination is at that site of the hybrid edge; its requests wait on
-    ``dicomflow.deliver.<site>.<name>``. In the cloud it is named without host and port
-    (the router and `send` queue for it; the site's scu-gateway delivers); at the site,
-    with them.
-    """
-
-    ae_title: AETitle = Field(min_length=1, max_length=16)
-    host: str = Field(default="", description="empty: delivered at its site, not here")
-    port: int = Field(default=0, ge=0, lt=65536)
-    site: str | None = Field(default=None, description="the hybrid edge's site it is at")
-    max_associations: int = Field(default=2, ge=1, le=64)
-    transfer_syntaxes: list[str] = Field(
-        default_factory=list,
-        description="syntaxes the peer accepts (empty: any); instances are never transcoded",
-    )
-    connect_timeout: float = Field(default=10.0, gt=0)
-    acse_timeout: float = Field(default=30.0, gt=0)
-    dimse_timeout: float = Field(default=60.0, gt=0)
-    network_timeout: float = Field(default=60.0, gt=0)
-    idle_timeout: float = Field(default=15.0, gt=0, description="close an unused association")
-    echo_interval: float = Field(
-        default=10.0,
-        gt=0,
-        le=3600,
-        description="seconds between C-ECHO probes while the destination cannot be reached",
-    )
-    maximum_pdu_size: int = Field(default=0, ge=0, description="0 means no limit")
-    max_deliver: int | None = Field(default=None, ge=2, description="default: consumer's")
-    backoff_max: float | None = Field(default=None, gt=0, description="default: consumer's")
-    tls: DestinationTlsSettings | None = None
-
-    @field_validator("transfer_syntaxes")
-    @classmethod
-    def _syntaxes(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", value) or len(value) > 64:
-                raise ValueError(f"{value!r} is not a transfer syntax UID")
-        return values
-
-    @field_validator("site")
-    @classmethod
-    def _site(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return check_site(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from exc
-
-    @model_validator(mode="after")
-    def _where(self) -> DestinationSettings:
-        if self.delivered_here and self.port == 0:
-            raise ValueError("port: 1 to 65535 (a destination with a host)")
-        if not self.delivered_here and (self.port or self.site is None):
-            raise ValueError(
-                "host is required, unless the destination is at a site of the hybrid edge "
-                "(site = NAME, and no host or port: that site's scu-gateway delivers)"
-            )
-        return self
-
-    @property
-    def delivered_here(self) -> bool:
-        """Whether this scu-gateway sends to it (false: only queued, for its site)."""
-        return bool(self.host)
-
-
-class RuleSettings(Section):
-    """Instances whose attributes match every pattern go to every listed destination.
-
-    Patterns are shell-style (``fnmatch``: ``*``, ``?``, ``[...]``); AE titles and
-    Modality are compared case-insensitively, UIDs exactly.
-
-    ``relay``: route the instance as soon as it is sealed, before storage, carrying the
-    sealed bytes to the destination's queue (the scu-gateway then needs no storage
-    read); an instance too large to travel inline is routed once stored instead.
-    """
-
-    destinations: list[str] = Field(min_length=1)
-    relay: bool = False
-    called_ae: str = "*"
-    calling_ae: str = "*"
-    modality: str = "*"
-    sop_class_uid: str = Field(default="*", pattern=_UID_PATTERN)
-    study_uid: str = Field(default="*", pattern=_UID_PATTERN)
-    series_uid: str = Field(default="*", pattern=_UID_PATTERN)
-
-
-class ScuSettings(Section):
-    ae_title: AETitle = Field(default="DICOMFLOW", min_length=1, max_length=16)
-    destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
-    rules: list[RuleSettings] = Field(default_factory=list)
-
-    @field_validator("destinations")
-    @classmethod
-    def _names(cls, values: dict[str, DestinationSettings]) -> dict[str, DestinationSettings]:
-        for name in values:
-            if not re.fullmatch(_DESTINATION_NAME, name):
-                raise ValueError(
-                    f"destination name {name!r}: 1 to 32 characters of A-Z a-z 0-9 _ -"
-                )
-        return values
-
-    @model_validator(mode="after")
-    def _rules_name_destinations(self) -> ScuSettings:
-        for i, rule in enumerate(self.rules):
-            for name in rule.destinations:
-                if name not in self.destinations:
-                    known = ", ".join(sorted(self.destinations)) or "none configured"
-                    raise ValueError(
-                        f"rules[{i}].destinations: unknown destination {name!r} (known: {known})"
-                    )
-        return self
-
-
-class ScuGatewaySettings(ServiceSettings):
-    scu: ScuSettings = Field(default_factory=ScuSettings)
-    # Hybrid edge: the EDGE account's connection, where the site's DELIVERY (sourced from
-    # the cloud) is; ``nats`` is then the LOCAL one (key check values, dead letters).
-    nats_sealed: NatsSettings | None = None
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
-    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)

@@ -22,17 +22,19 @@ import logging
 from collections.abc import AsyncGenerator
 
 from dicomflow.encryptor.sealing import HashingSealer, seal_and_hash
+from dicomflow.encryptor.settings import EncryptorSettings
 from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.deadletters import H_DLQ_BODY
 from dicomflow.shared.contracts.messages import SEALED_BLOB_PREFIX, BodyKind, Instance
 from dicomflow.shared.crypto import keycheck
 from dicomflow.shared.crypto.envelope import OVERHEAD
+from dicomflow.shared.crypto.keyload import load_keyring, load_signer
 from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
 from dicomflow.shared.crypto.sealsign import SealSigner
 from dicomflow.shared.errors import ContractViolation
 from dicomflow.shared.nats import blobsweeper, hybridtopology, natsconn, topology
 from dicomflow.shared.nats.transport import Transport, blob_name
-from dicomflow.shared.settings import EncryptorSettings
-from dicomflow.shared.stage.consumer import H_DLQ_BODY, AfterAck, Consumer, Letter, dropped
+from dicomflow.shared.stage.consumer import AfterAck, Consumer, Letter, dropped
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.tracing import Tracing
 from nats.aio.msg import Msg
@@ -193,8 +195,8 @@ def _check_plaintext(instance: Instance, size: int, sha256: str) -> None:
 
 
 async def serve(settings: EncryptorSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
-    keyring = settings.encryption.keyring()  # refuses to start without a usable key
-    signer = settings.encryption.signer()  # and without its signing key
+    keyring = load_keyring(settings.encryption)  # refuses to start without a usable key
+    signer = load_signer(settings.encryption)  # and without its signing key
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
     sealed_nc = None

@@ -67,11 +67,12 @@ class Identity:
     series_uid: str
     modality: str
     transfer_syntax: str
+    sop_class_uid: str = ""  # the file meta's Media Storage SOP Class UID
 
 
 def read_identity(fp: BinaryIO) -> Identity:
     """Identity of the Part-10 file ``fp`` (positioned at its start)."""
-    syntax = _read_meta(fp)
+    syntax, sop_class = _read_meta(fp)
     try:
         if syntax == DeflatedExplicitVRLittleEndian:
             fp = _inflated_prefix(fp)
@@ -86,6 +87,7 @@ def read_identity(fp: BinaryIO) -> Identity:
             series_uid=str(ds.get("SeriesInstanceUID", "")),
             modality=_modality(ds.get("Modality", "")),
             transfer_syntax=str(syntax),
+            sop_class_uid=sop_class,
         )
     except _PARSE_ERRORS as exc:
         raise Unreadable(f"dataset cannot be parsed ({type(exc).__name__})") from exc
@@ -96,8 +98,9 @@ def _modality(value: object) -> str:
     return text if _MODALITY.fullmatch(text) else ""
 
 
-def _read_meta(fp: BinaryIO) -> UID:
-    """Skip the preamble, read the file meta group, return the transfer syntax."""
+def _read_meta(fp: BinaryIO) -> tuple[UID, str]:
+    """Skip the preamble, read the file meta group; its transfer syntax and Media
+    Storage SOP Class UID."""
     try:
         read_preamble(fp, False)
         meta = read_dataset(fp, False, True, stop_when=_after_meta)
@@ -107,7 +110,11 @@ def _read_meta(fp: BinaryIO) -> UID:
         raise Unreadable(f"file meta cannot be parsed ({type(exc).__name__})") from exc
     if not syntax:
         raise Unreadable("no transfer syntax in the file meta")
-    return syntax
+    try:  # only an import reads it (a C-STORE names its SOP class): never refused here
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+    except _PARSE_ERRORS:
+        sop_class = ""
+    return syntax, sop_class
 
 
 def _after_meta(tag: BaseTag, vr: str | None, length: int) -> bool:

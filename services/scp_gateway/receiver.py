@@ -25,7 +25,6 @@ stage (its context travels in the ``traceparent`` header).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import logging
 import time
@@ -35,25 +34,28 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
+from dicomflow.scp_gateway import metrics as scp_metrics
+from dicomflow.scp_gateway.admission import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    TOO_LARGE,
+    Arrival,
+    Rejected,
+    admitted,
+)
+from dicomflow.scp_gateway.settings import ScpSettings
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import Instance
-from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
+from dicomflow.shared.errors import BrokerUnavailable
 from dicomflow.shared.nats.transport import Transport
-from dicomflow.shared.settings import ScpSettings
 from dicomflow.shared.telemetry.bundle import Telemetry
 from opentelemetry.trace import SpanKind, StatusCode
 
 log = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC210
-TOO_LARGE = 0xC211
 DEFAULT_MAX_DATASET_BYTES: int = ScpSettings.model_fields["max_dataset_bytes"].default
-
-_CHUNK = 1024 * 1024
 
 STATUS_CLASSES = {
     SUCCESS: "success",
@@ -62,69 +64,6 @@ STATUS_CLASSES = {
     CANNOT_UNDERSTAND: "cannot_understand",
     TOO_LARGE: "cannot_understand",
 }
-
-
-class Rejected(Exception):
-    """The dataset is refused with ``status``; the reason names no patient data."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-
-
-def identify(fp: BinaryIO, affected_sop_instance_uid: str) -> Identity:
-    """Read and check the identity we need; raise Rejected with the status to answer."""
-    try:
-        identity = read_identity(fp)
-    except Unreadable as exc:
-        raise Rejected(CANNOT_UNDERSTAND, str(exc)) from exc
-    if identity.sop_instance_uid != affected_sop_instance_uid:
-        raise Rejected(DOES_NOT_MATCH, "dataset SOP Instance UID differs from the request's")
-    for name, value in (
-        ("SOP Instance UID", identity.sop_instance_uid),
-        ("Study Instance UID", identity.study_uid),
-        ("Series Instance UID", identity.series_uid),
-    ):
-        if not _is_uid(value):
-            raise Rejected(DOES_NOT_MATCH, f"{name} is missing or not a valid UID")
-    return identity
-
-
-def _is_uid(value: str) -> bool:
-    """The message contract's own rule: ``str.isdigit`` would also pass non-ASCII digits."""
-    return bool(value) and messages.is_uid(value)
-
-
-def check_size(size: int, limit: int) -> None:
-    """Refuse a dataset larger than ``limit`` bytes (``scp.max_dataset_bytes``)."""
-    if size > limit:
-        raise Rejected(
-            TOO_LARGE,
-            f"dataset of {size} bytes exceeds scp.max_dataset_bytes ({limit} bytes)",
-        )
-
-
-def check_contract(instance: Instance) -> None:
-    """Refuse what the encryptor would dead-letter: the headers must parse as sent."""
-    try:
-        messages.parse(instance.headers())
-    except ContractViolation as exc:
-        raise Rejected(DOES_NOT_MATCH, f"not publishable: {exc}") from exc
-
-
-def digest(fp: BinaryIO) -> tuple[int, str]:
-    """Size and SHA-256 of ``fp`` from its start, read in chunks."""
-    fp.seek(0)
-    if isinstance(fp, io.BytesIO):  # in memory already: one call, no chunk copies
-        fp.seek(0, io.SEEK_END)
-        with fp.getbuffer() as view:
-            return len(view), hashlib.sha256(view).hexdigest()
-    sha = hashlib.sha256()
-    size = 0
-    while chunk := fp.read(_CHUNK):
-        sha.update(chunk)
-        size += len(chunk)
-    return size, sha.hexdigest()
 
 
 def _file_size(path: Path) -> int:
@@ -161,10 +100,10 @@ class Receiver:
         self._transport = transport
         self._loop = loop
         self._timeout = publish_timeout
-        self._metrics = telemetry.metrics
+        self._metrics = scp_metrics.of(telemetry.metrics)
         self._tracing = telemetry.tracing
         self._allowed = allowed_calling_aes
-        self._metrics.scp_gateway(accept_any=allowed_calling_aes is None)
+        self._metrics.at_zero(accept_any=allowed_calling_aes is None)
 
     def _calling_class(self, calling: str) -> str:
         if self._allowed is None:
@@ -215,25 +154,21 @@ class Receiver:
             path = Path(event.dataset_path)
             # Before anything reads it: the Part-10 file as it would be published.
             file_size = self._size_of(path)
-            check_size(file_size, self._max_dataset_bytes)
-            with _open_body(path, file_size, self._transport.inline_limit) as fp:
-                identity = identify(fp, str(request.AffectedSOPInstanceUID))
-                size, sha256 = digest(fp)
-                instance = Instance(
-                    sop_class_uid=str(request.AffectedSOPClassUID),
-                    sop_instance_uid=identity.sop_instance_uid,
-                    study_uid=identity.study_uid,
-                    series_uid=identity.series_uid,
-                    modality=identity.modality,
-                    calling_ae=calling,
-                    called_ae=called,
-                    transfer_syntax=str(event.context.transfer_syntax),
-                    size=size,
-                    sha256=sha256,
-                    traceparent=self._tracing.traceparent(),
-                )
-                check_contract(instance)
-                fp.seek(0)
+            arrival = Arrival(
+                calling_ae=calling,
+                called_ae=called,
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                transfer_syntax=str(event.context.transfer_syntax),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                traceparent=self._tracing.traceparent(),
+            )
+            with admitted(
+                file_size,
+                lambda: _open_body(path, file_size, self._transport.inline_limit),
+                arrival,
+                self._max_dataset_bytes,
+            ) as (instance, fp):
+                size = instance.size
                 self._publish(instance, fp, size)
         except Rejected as exc:
             log.warning("C-STORE from %s refused with 0x%04X: %s", calling, exc.status, exc)

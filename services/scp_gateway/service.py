@@ -19,8 +19,10 @@ import threading
 import time
 from typing import Any
 
+from dicomflow.scp_gateway import metrics as scp_metrics
 from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from dicomflow.scp_gateway.receiver import Receiver
+from dicomflow.scp_gateway.settings import ScpGatewaySettings, ScpSettings
 from dicomflow.scp_gateway.spool import Spool
 from dicomflow.scp_gateway.tlslistener import CertificateAeMap, TlsAssociationServer
 from dicomflow.shared.dicom import dicomtls
@@ -28,7 +30,6 @@ from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.nats.transport import Transport
 from dicomflow.shared.patches import REACTORS, SCP_PDU_LIMIT, SCP_TLS_SERVER, reactors
-from dicomflow.shared.settings import ScpGatewaySettings, ScpSettings
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.metrics import Metrics
 from pynetdicom import AE, _config, evt
@@ -107,7 +108,8 @@ def start_servers(
     if context is None or scp.tls.plain_listener:
         servers.append(ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers))
     if context is not None:
-        metrics.scp_tls(dicomtls.REFUSAL_KINDS)
+        scp_metrics.of(metrics).tls_at_zero(dicomtls.REFUSAL_KINDS)
+        handshakes = scp_metrics.of(metrics).scp_tls_handshakes
         tls_handlers = list(handlers)
         if scp.tls.client_aes:
             tls_handlers.append(
@@ -129,7 +131,7 @@ def start_servers(
             evt_handlers=tls_handlers,
             server_class=TlsAssociationServer,
             handshake_timeout=scp.tls.handshake_timeout,
-            on_handshake=lambda outcome: metrics.scp_tls_handshakes.labels(outcome).inc(),
+            on_handshake=lambda outcome: handshakes.labels(outcome).inc(),
         )
         # What AE.start_server(block=False) does, with our server class.
         threading.Thread(target=server.serve_forever, name="DicomTlsAcceptor", daemon=True).start()
@@ -195,7 +197,7 @@ async def _serve(
             *((event, spool.on_association_end) for event in ASSOCIATION_ENDS),
         ]
         servers = start_servers(ae, scp, tls_context, handlers, telemetry.metrics)
-        telemetry.metrics.scp_associations_active.set_function(
+        scp_metrics.of(telemetry.metrics).scp_associations_active.set_function(
             lambda: sum(len(server.active_associations) for server in servers)
         )
         telemetry.readiness.started()

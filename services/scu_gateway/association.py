@@ -39,14 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicomflow.scu_gateway import metrics as scu_metrics
 from dicomflow.scu_gateway import pdata, response
+from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import (
     DeliveryRefused,
     DestinationUnreachable,
 )
 from dicomflow.shared.dicom import dicomtls
 from dicomflow.shared.patches import reactors
-from dicomflow.shared.settings import DestinationSettings
 from dicomflow.shared.telemetry.metrics import Metrics
 from pynetdicom import AE, build_context
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -103,7 +104,7 @@ class AssociationPool:
                     name,
                 )
         if metrics is not None:
-            metrics.destination(name, lambda: self.open_count)
+            scu_metrics.of(metrics).destination_at_zero(name, lambda: self.open_count)
 
     @property
     def open_count(self) -> int:
@@ -237,7 +238,7 @@ class AssociationPool:
 
     def _count(self, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.scu_associations.labels(self.name, result).inc()
+            scu_metrics.of(self._metrics).scu_associations.labels(self.name, result).inc()
 
     def _send(self, link: Link, path: Path, written: Callable[[], None] | None) -> int:
         try:

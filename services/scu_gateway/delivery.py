@@ -28,6 +28,7 @@ from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.sender import Senders
+from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import DeliveryRefused, DestinationUnreachable, error_for
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.crypto.keyring import KeyRing
@@ -37,7 +38,6 @@ from dicomflow.shared.errors import (
     IntegrityError,
     ObjectMissing,
 )
-from dicomflow.shared.settings import DestinationSettings
 from dicomflow.shared.spoolfolder import SpoolFolder
 from dicomflow.shared.stage.consumer import AfterAck
 from dicomflow.shared.storage import objectstore, retrieval

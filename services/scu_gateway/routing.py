@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from dicomflow.scu_gateway.settings import RuleSettings, ScuSettings
 from dicomflow.shared.contracts.messages import Instance
-from dicomflow.shared.settings import RuleSettings, ScuSettings
 
 
 @dataclass(frozen=True, slots=True)

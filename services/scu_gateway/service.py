@@ -38,18 +38,21 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from dicomflow.scu_gateway import metrics as scu_metrics
 from dicomflow.scu_gateway import pdata, request, response
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.routing import Router
+from dicomflow.scu_gateway.settings import DestinationSettings, ScuGatewaySettings
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import BodyKind
 from dicomflow.shared.crypto import keycheck
+from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.patches import reactors
-from dicomflow.shared.settings import ConsumerSettings, DestinationSettings, ScuGatewaySettings
+from dicomflow.shared.settings import ConsumerSettings
 from dicomflow.shared.stage.consumer import AfterAck, Consumer, Handler
 from dicomflow.shared.storage import objectstore
 from dicomflow.shared.telemetry.bundle import Telemetry
@@ -116,12 +119,12 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
         try:
             after_ack = await handler(msg)
         except (PermanentError, EnvelopeError):
-            metrics.deliveries.labels(destination, "refused").inc()
+            scu_metrics.of(metrics).deliveries.labels(destination, "refused").inc()
             raise
         except Exception:
-            metrics.deliveries.labels(destination, "deferred").inc()
+            scu_metrics.of(metrics).deliveries.labels(destination, "deferred").inc()
             raise
-        metrics.deliveries.labels(destination, "delivered").inc()
+        scu_metrics.of(metrics).deliveries.labels(destination, "delivered").inc()
         return after_ack
 
     return handle
@@ -129,7 +132,7 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
 
 def up_gauge(metrics: Metrics, destination: str) -> Callable[[bool], None]:
     """Sets ``dicomflow_scu_destination_up`` for ``destination``."""
-    gauge = metrics.scu_destination_up.labels(destination)
+    gauge = scu_metrics.of(metrics).scu_destination_up.labels(destination)
     return lambda up: gauge.set(1 if up else 0)
 
 
@@ -166,7 +169,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
         )
     here = {name: dest for name, dest in scu.destinations.items() if dest.delivered_here}
     # Only a scu-gateway that delivers holds a master key and reads storage.
-    keyring = settings.encryption.keyring() if here else None
+    keyring = load_keyring(settings.encryption) if here else None
     store = objectstore.build_store(settings.storage) if here else None
     router = Router.from_settings(scu)
     reactors.install()  # responses and pauses without waiting out pynetdicom's polls

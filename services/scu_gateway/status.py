@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from dicomflow.shared.contracts.deadletters import status_header
 from dicomflow.shared.errors import PermanentError, TransientError
-
-H_DLQ_STATUS = "Dicomflow-Dlq-Status"
 
 SUCCESS = 0x0000
 TRANSIENT_STATUSES = frozenset({0x0210, 0x0213, 0xFE00})
@@ -49,7 +48,7 @@ class DeliveryDeferred(TransientError):
         self.status = status
 
     def dead_letter_headers(self) -> dict[str, str]:
-        return _status_header(self.status)
+        return status_header(self.status)
 
 
 class DestinationUnreachable(DeliveryDeferred):
@@ -65,11 +64,7 @@ class DeliveryRefused(PermanentError):
         self.status = status
 
     def dead_letter_headers(self) -> dict[str, str]:
-        return _status_header(self.status)
-
-
-def _status_header(status: int | None) -> dict[str, str]:
-    return {} if status is None else {H_DLQ_STATUS: f"0x{status:04X}"}
+        return status_header(self.status)
 
 
 def _with_status(reason: str, status: int | None) -> str:

@@ -41,11 +41,12 @@ from typing import IO, TypeVar
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import BodyKind, Instance
 from dicomflow.shared.crypto.envelope import OVERHEAD
+from dicomflow.shared.crypto.keyload import load_verifier
 from dicomflow.shared.crypto.sealsign import SealVerifier
 from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
 from dicomflow.shared.nats import blobsweeper, hybridtopology, natsconn, topology
 from dicomflow.shared.nats.transport import BlobMissing, Transport
-from dicomflow.shared.settings import DuplicatePolicy, StorageSettings, StoreWriterSettings
+from dicomflow.shared.settings import StorageSettings
 from dicomflow.shared.stage.consumer import AfterAck, Consumer
 from dicomflow.shared.storage import objectstore
 from dicomflow.shared.storage.index import Conflict, Index, Record, State
@@ -53,6 +54,7 @@ from dicomflow.shared.storage.layout import Layout, object_key
 from dicomflow.shared.storage.objectstore import ObjectExists, ObjectStore
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.metrics import Metrics
+from dicomflow.store_writer.settings import DuplicatePolicy, StoreWriterSettings
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -285,7 +287,7 @@ def _sha256_file(body: IO[bytes]) -> str:
 
 
 async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
-    verifier = settings.encryption.verifier()  # refuses to start without a trusted key
+    verifier = load_verifier(settings.encryption)  # refuses to start without a trusted key
     store = objectstore.build_store(settings.storage)
     if settings.storage.layout is Layout.LEGACY:
         log.info("legacy layout: object names carry no extension, as the Orthanc plugins write")

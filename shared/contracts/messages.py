@@ -6,8 +6,9 @@ limit, a reference to a chunked object in the blob bucket (``Dicomflow-Body: blo
 and ``Dicomflow-Blob: <name>``). ``parse`` validates every header before a stage uses
 it; anything off raises ``ContractViolation`` and the message is dead-lettered.
 
-``check_delivery`` is what the consumer runs on every INGEST and SEALED message before
-the stage's handler sees it: the headers, plus what can be checked of the body without
+``CONTRACTS`` names the contract of each stream, and ``decode`` (``check_delivery``) is
+what the consumer runs on every INGEST and SEALED message before the stage's handler
+sees it: the headers, plus what can be checked of the body without
 reading a blob (an inline body's length; a sealed body's A1 prefix and key id). Reasons
 name the header that is off, never its value: a forged value may carry patient data.
 
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from types import MappingProxyType
 
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.crypto.envelope import OVERHEAD, key_id_of
@@ -215,24 +218,55 @@ def parse(
     return instance
 
 
-def check_delivery(stream: str, headers: dict[str, str] | None, data: bytes) -> None:
-    """Validate a message consumed from ``stream`` before its handler uses it.
+def decode_ingest(headers: dict[str, str] | None, data: bytes) -> Instance:
+    """The contract of an INGEST message: the plaintext instance's headers, and an
+    inline body of the declared size (a blob body: an empty payload)."""
+    instance = parse(headers)
+    _check_payload(instance, data, instance.size, H_SIZE)
+    return instance
 
-    INGEST and SEALED messages are checked here; other streams carry other contracts,
-    checked by their own handlers. Raises ContractViolation.
-    """
-    if stream == subjects.INGEST_STREAM:
-        instance = parse(headers)
-        _check_payload(instance, data, instance.size, H_SIZE)
-    elif stream == subjects.SEALED_STREAM:
-        instance = parse(headers, sealed=True, signed=True)
-        if instance.sealed_size != instance.size + OVERHEAD:
-            raise ContractViolation(
-                f"{H_SEALED_SIZE} must be {H_SIZE} plus the {OVERHEAD}-byte A1 overhead"
-            )
-        _check_payload(instance, data, instance.sealed_size, H_SEALED_SIZE)
-        if instance.body is BodyKind.INLINE:
-            check_envelope(instance, data)
+
+def decode_sealed(headers: dict[str, str] | None, data: bytes) -> Instance:
+    """The contract of a SEALED message: sealed and signed headers, a sealed size of the
+    plaintext's plus the A1 overhead, and an inline body that is an A1 envelope under
+    the key id the headers name."""
+    instance = parse(headers, sealed=True, signed=True)
+    if instance.sealed_size != instance.size + OVERHEAD:
+        raise ContractViolation(
+            f"{H_SEALED_SIZE} must be {H_SIZE} plus the {OVERHEAD}-byte A1 overhead"
+        )
+    _check_payload(instance, data, instance.sealed_size, H_SEALED_SIZE)
+    if instance.body is BodyKind.INLINE:
+        check_envelope(instance, data)
+    return instance
+
+
+Decoder = Callable[[dict[str, str] | None, bytes], Instance]
+
+CONTRACTS: Mapping[str, Decoder] = MappingProxyType(
+    {
+        subjects.INGEST_STREAM: decode_ingest,
+        subjects.SEALED_STREAM: decode_sealed,
+    }
+)
+"""The instance contract of each stream whose messages carry an instance and its
+body, checked before a stage's handler sees one. The other streams carry other
+contracts: EVENTS the dicom.stored events and DELIVERY the delivery requests (both
+checked by the scu-gateway's ``request``), DLQ the dead letters (``deadletters``)."""
+
+
+def decode(stream: str, headers: dict[str, str] | None, data: bytes) -> Instance | None:
+    """The instance of a message consumed from ``stream``, checked against the stream's
+    contract (``CONTRACTS``); None for a stream that has none here. Raises
+    ContractViolation."""
+    contract = CONTRACTS.get(stream)
+    return None if contract is None else contract(headers, data)
+
+
+def check_delivery(stream: str, headers: dict[str, str] | None, data: bytes) -> None:
+    """Validate a message consumed from ``stream`` before its handler uses it
+    (``decode``, its result unused). Raises ContractViolation."""
+    decode(stream, headers, data)
 
 
 def _check_payload(instance: Instance, data: bytes, declared: int | None, name: str) -> None:

@@ -33,6 +33,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.deadletters import (
+    H_DLQ_BODY,
+    H_DLQ_DELIVERIES,
+    H_DLQ_REASON,
+    H_DLQ_STAGE,
+    H_DLQ_STREAM_SEQ,
+    H_DLQ_SUBJECT,
+)
 from dicomflow.shared.contracts.messages import H_SEALED_SIZE, H_SIZE, H_TRACEPARENT
 from dicomflow.shared.errors import (
     BrokerUnavailable,
@@ -59,23 +67,6 @@ T = TypeVar("T")
 AfterAck = Callable[[], Awaitable[None]]
 Handler = Callable[[Msg], Awaitable[AfterAck | None]]
 Gate = Callable[[asyncio.Event], Awaitable[None]]  # returns when fetching may go on
-
-H_DLQ_REASON = "Dicomflow-Dlq-Reason"
-H_DLQ_STAGE = "Dicomflow-Dlq-Stage"
-H_DLQ_SUBJECT = "Dicomflow-Dlq-Subject"
-H_DLQ_DELIVERIES = "Dicomflow-Dlq-Deliveries"
-H_DLQ_STREAM_SEQ = "Dicomflow-Dlq-Stream-Seq"
-# What a letter's body is, when a ``letter`` hook changed it: "sealed" (the headers are
-# then those of a signed SEALED message) or "dropped" (headers only; the reason says why).
-H_DLQ_BODY = "Dicomflow-Dlq-Body"
-DLQ_HEADERS = (
-    H_DLQ_REASON,
-    H_DLQ_STAGE,
-    H_DLQ_SUBJECT,
-    H_DLQ_DELIVERIES,
-    H_DLQ_STREAM_SEQ,
-    H_DLQ_BODY,
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,9 @@
 prometheus_client's default registry. Every label comes from a small fixed set: a
 stage, an outcome, a DIMSE status class, a calling-AE class (allowed, not allowed, any:
 never the AE title), a storage operation, or a destination name from the configuration.
+What every consumer stage counts (and storage, readiness) is declared here; what one
+service counts is declared in its folder (``scp_gateway.metrics``,
+``scu_gateway.metrics``) and registered here through ``Metrics.own``.
 UIDs and patient data never become labels. Label combinations known in advance are
 created at zero, so that rates and error panels show 0 rather than no data.
 """
@@ -11,6 +14,7 @@ created at zero, so that rates and error panels show 0 rather than no data.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from dicomflow.shared import patches
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,17 +23,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 NAMESPACE = "dicomflow"
+T = TypeVar("T")
 
 # Seconds: from a small inline instance (milliseconds) to a large object (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 CONSUMER_OUTCOMES = ("ack", "nak", "dead_letter")
 DEAD_LETTER_KINDS = ("permanent", "exhausted")
-CSTORE_STATUSES = ("success", "out_of_resources", "does_not_match", "cannot_understand")
-CALLING_AE_CLASSES = ("allowed", "not_allowed", "any")
-SCP_ASSOCIATION_RESULTS = ("accepted", "rejected", "aborted")
-SCU_ASSOCIATION_RESULTS = ("opened", "rejected", "failed")
-DELIVERY_OUTCOMES = ("delivered", "deferred", "refused")
 STORAGE_OPERATIONS = ("put", "compare", "probe")
 STORAGE_OUTCOMES = ("ok", "error")
 
@@ -115,77 +115,6 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        # -- scp_gateway -----------------------------------------------------------------
-        self.cstore = Counter(
-            "cstore_responses",
-            "C-STORE responses of the gateway by status class and calling-AE class.",
-            ["status", "calling_ae"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.cstore_seconds = Histogram(
-            "cstore_seconds",
-            "From the received dataset to the C-STORE response (publish included).",
-            ["status"],
-            buckets=LATENCY_BUCKETS,
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.cstore_bytes = Counter(
-            "cstore_bytes",
-            "Bytes of the datasets answered Success.",
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.scp_associations = Counter(
-            "scp_associations",
-            "Associations requested of the gateway, by result and calling-AE class.",
-            ["result", "calling_ae"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.scp_associations_active = Gauge(
-            "scp_associations_active",
-            "Associations open on the gateway now.",
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.scp_tls_handshakes = Counter(
-            "scp_tls_handshakes",
-            "DICOM TLS handshakes on the gateway: ok, or the kind of refusal.",
-            ["outcome"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        # -- scu_gateway -----------------------------------------------------------------
-        self.deliveries = Counter(
-            "deliveries",
-            "Delivery attempts by destination and outcome (delivered, deferred, refused).",
-            ["destination", "outcome"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.scu_associations = Counter(
-            "scu_associations",
-            "Associations to destinations, by result (opened, rejected, failed).",
-            ["destination", "result"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.scu_associations_open = Gauge(
-            "scu_associations_open",
-            "Associations open to a destination now.",
-            ["destination"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.scu_destination_up = Gauge(
-            "scu_destination_up",
-            "1 while a destination is reachable; 0 while its deliveries are held.",
-            ["destination"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
         # -- storage and readiness -------------------------------------------------------
         self.storage_seconds = Histogram(
             "storage_request_seconds",
@@ -212,6 +141,16 @@ class Metrics:
         self.ready.labels(service)
         # -- patches of dependencies' internals (shared.patches) --------------------------
         r.register(FastpathGauge())
+        self._owned: dict[Callable[[CollectorRegistry], Any], Any] = {}
+
+    def own(self, declare: Callable[[CollectorRegistry], T]) -> T:
+        """The metrics a service declares in its own module (``declare``: e.g. the
+        scp-gateway's ``GatewayMetrics``), registered in this registry on first use and
+        the same object after: every part of the service counts into one set."""
+        if declare not in self._owned:
+            self._owned[declare] = declare(self.registry)
+        owned: T = self._owned[declare]
+        return owned
 
     # -- label sets created at zero ---------------------------------------------------------
     def consumer_stage(self, stage: str) -> None:
@@ -225,27 +164,6 @@ class Metrics:
         self.outage_retries.labels(stage)
         self.consumer_pending.labels(stage)
         self.consumer_ack_pending.labels(stage)
-
-    def scp_gateway(self, accept_any: bool) -> None:
-        classes = ("any",) if accept_any else ("allowed",)
-        for status in CSTORE_STATUSES:
-            self.cstore_seconds.labels(status)
-            for calling in classes:
-                self.cstore.labels(status, calling)
-        for result in SCP_ASSOCIATION_RESULTS:
-            for calling in (*classes, "not_allowed"):
-                self.scp_associations.labels(result, calling)
-
-    def scp_tls(self, refusal_kinds: tuple[str, ...]) -> None:
-        for outcome in ("ok", *refusal_kinds):
-            self.scp_tls_handshakes.labels(outcome)
-
-    def destination(self, name: str, open_count: Callable[[], int]) -> None:
-        for outcome in DELIVERY_OUTCOMES:
-            self.deliveries.labels(name, outcome)
-        for result in SCU_ASSOCIATION_RESULTS:
-            self.scu_associations.labels(name, result)
-        self.scu_associations_open.labels(name).set_function(open_count)
 
     def storage(self) -> None:
         for operation in STORAGE_OPERATIONS:

@@ -19,6 +19,7 @@ import nats
 import obstore
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.crypto.envelope import open_bytes
+from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.errors import DicomflowError
 from dicomflow.shared.settings import ReaderSettings, load_settings
 from dicomflow.shared.storage import objectstore
@@ -200,7 +201,7 @@ def _last_json(text: str) -> dict[str, Any]:
 
 def read_objects(settings: ReaderSettings) -> list[_Object]:
     store = objectstore.build_store(settings.storage)
-    keyring = settings.encryption.keyring()
+    keyring = load_keyring(settings.encryption)
     out = []
     for batch in obstore.list(store):
         for meta in batch:

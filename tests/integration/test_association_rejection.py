@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import DeliveryRefused
-from dicomflow.shared.settings import DestinationSettings
 from dicomflow.shared.telemetry.metrics import Metrics
 from pynetdicom import evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]

@@ -20,14 +20,16 @@ from typing import Any
 import nats
 import pytest
 from dicomflow.encryptor.service import Encryptor
+from dicomflow.encryptor.settings import EncryptorSettings
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import BodyKind, Instance
 from dicomflow.shared.crypto.envelope import OVERHEAD, key_id_of, open_bytes, seal
+from dicomflow.shared.crypto.keyload import load_keyring, load_signer
 from dicomflow.shared.crypto.keyring import KeyRing, MasterKey, load_master_key
 from dicomflow.shared.crypto.sealsign import load_signing_key
 from dicomflow.shared.nats import topology
 from dicomflow.shared.nats.transport import Transport
-from dicomflow.shared.settings import EncryptorSettings, NatsSettings, load_settings
+from dicomflow.shared.settings import NatsSettings, load_settings
 from dicomflow.shared.storage.index import Index, Record, State
 from dicomflow.shared.storage.layout import Layout, object_key
 from dicomflow.shared.telemetry.tracing import Tracing
@@ -151,8 +153,8 @@ async def _seal_twice(config: Path, url: str) -> None:
         assert messages.parse(msg.headers).body is BodyKind.BLOB
         encryptor = Encryptor(
             Transport(nc, js, publish_timeout=5.0),
-            settings.encryption.keyring(),
-            settings.encryption.signer(),
+            load_keyring(settings.encryption),
+            load_signer(settings.encryption),
             Tracing("encryptor"),
         )
         await encryptor.handle(msg)  # published, then "died" before the ack

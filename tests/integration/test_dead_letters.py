@@ -18,11 +18,18 @@ from typing import Any
 import nats
 import pytest
 from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts.deadletters import (
+    DLQ_HEADERS,
+    H_DLQ_BODY,
+    H_DLQ_REASON,
+    H_DLQ_STAGE,
+    H_DLQ_STATUS,
+    H_DLQ_SUBJECT,
+)
 from dicomflow.shared.crypto.envelope import OVERHEAD, key_id_of
 from dicomflow.shared.crypto.keyring import generate_master_key_file
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.settings import NatsSettings
-from dicomflow.shared.stage.consumer import H_DLQ_BODY, H_DLQ_REASON, H_DLQ_STAGE, H_DLQ_SUBJECT
 from dicomflow.shared.storage.index import Index, Record, State
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -31,9 +38,10 @@ from dicomflow.cli import topology as topology_cmd
 from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import NatsServer
-from support.dicomfiles import ct_series
+from support.dicomfiles import ct_series, with_pixel_bytes
 from support.pipeline import Pipeline
 from support.servers import wait_for
+from support.storagescp import Scp
 
 pytestmark = pytest.mark.integration
 
@@ -351,6 +359,54 @@ def test_a_letter_without_its_body_is_refused_by_replay(
         assert len(pipeline.dead_letters()) == 1
     finally:
         pipeline.stop()
+
+
+def test_a_replayed_delivery_carries_no_dead_letter_header(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """A destination refuses the C-STORE (0xC000): the delivery is dead-lettered with
+    its status; `dlq replay` republishes it without any Dicomflow-Dlq-* header (the
+    status included), as an ordinary delivery request."""
+    peer = Scp(0, status=0xC000)
+    scu = {
+        "destinations": {
+            "PACS": {"ae_title": "PEER", "host": "127.0.0.1", "port": peer.port},
+        },
+        "rules": [{"destinations": ["PACS"]}],
+    }
+    pipeline = Pipeline(
+        tmp_path / "p", nats_server, {"backend": "local", "local_path": tmp_path}, scu=scu
+    ).start()
+    try:
+        sent = pipeline.send([with_pixel_bytes(tmp_path / "sc.dcm", 1000)])
+        assert sent.statuses() == ["Success"], sent.output
+        (letter,) = wait_for("a refused delivery", lambda: pipeline.dead_letters() or None)
+        assert letter[H_DLQ_STAGE] == "deliver-PACS"
+        assert letter[H_DLQ_STATUS] == "0xC000", letter
+        pipeline.stages["scu-gateway"].stop()  # the replayed request stays on DELIVERY
+
+        replay = pipeline.cli("dlq", "replay")
+        assert replay.returncode == 0, replay.stderr
+        assert "onto dicomflow.deliver.PACS" in replay.stderr
+        assert pipeline.dead_letters() == []
+        headers = asyncio.run(_last_delivery(nats_server.url))
+        assert headers[messages.H_MSG_ID].startswith("replay:1:")
+        assert [h for h in headers if h.lower().startswith("dicomflow-dlq-")] == [], headers
+        assert not set(headers) & set(DLQ_HEADERS)
+    finally:
+        pipeline.stop()
+        peer.close()
+
+
+async def _last_delivery(url: str) -> dict[str, str]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.DELIVERY_STREAM)
+        msg = await js.get_msg(subjects.DELIVERY_STREAM, info.state.last_seq)
+        return dict(msg.headers or {})
+    finally:
+        await nc.close()
 
 
 # -- 3: bounds and purge -------------------------------------------------------------------

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 import trustme
 from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import DeliveryDeferred
-from dicomflow.shared.settings import DestinationSettings, DestinationTlsSettings
+from dicomflow.shared.settings import DestinationTlsSettings
 from pydicom import dcmread
 
 from dicomflow.embedded.layout import to_toml

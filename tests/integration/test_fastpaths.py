@@ -15,9 +15,10 @@ import pynetdicom
 import pytest
 import trustme
 from dicomflow.scp_gateway.service import _shutdown, build_ae, build_tls, start_servers
+from dicomflow.scp_gateway.settings import ScpSettings
 from dicomflow.scp_gateway.tlslistener import TlsAssociationServer
 from dicomflow.shared import patches
-from dicomflow.shared.settings import DicomTlsSettings, ScpSettings
+from dicomflow.shared.settings import DicomTlsSettings
 from dicomflow.shared.telemetry.metrics import Metrics
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE, evt

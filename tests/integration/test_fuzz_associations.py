@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dicomflow.scp_gateway.receiver import Rejected, identify
+from dicomflow.scp_gateway.admission import Rejected, identify
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import (

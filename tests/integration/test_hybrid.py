@@ -16,6 +16,7 @@ import nats
 import psutil
 import pytest
 from dicomflow.shared.contracts import subjects
+from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.nats import hybridtopology, natsconn
 from dicomflow.shared.storage import objectstore
 from dicomflow.shared.storage.retrieval import fetch_verified
@@ -187,7 +188,7 @@ def test_store_and_forward_through_a_cut_link(hybrid: Hybrid, tmp_path: Path) ->
 
     async def decrypt_all() -> None:
         settings = hybrid.settings("edge")
-        keyring = settings.encryption.keyring()
+        keyring = load_keyring(settings.encryption)
         store = objectstore.build_store(settings.storage)
         for f in files:
             key, sha256 = records[f.sop_instance_uid]

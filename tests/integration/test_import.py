@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -10,11 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats
 import pytest
+from dicomflow.shared.contracts import messages, subjects
 from pydicom.uid import CTImageStorage
 
 from dicomflow.embedded.natsserver import NatsServer
-from support.dicomfiles import Made, ct_series, dataset, write
+from support.dicomfiles import Made, ct_series, dataset, with_pixel_bytes, write
 from support.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -111,3 +114,58 @@ def test_import_counts_kill_rerun_and_store_once(tmp_path: Path, nats_server: Na
         assert back.read_bytes() == small[3].path.read_bytes()  # the file as it was
     finally:
         pipeline.stop()
+
+
+def test_import_refuses_what_the_gateway_refuses(tmp_path: Path, nats_server: NatsServer) -> None:
+    """`import` admits as the gateway does: a file over scp.max_dataset_bytes and a file
+    whose message the contract refuses (a transfer syntax that is no UID) are rejected,
+    each named with the reason, and nothing of them reaches INGEST."""
+    limit = 64 * 1024
+    pipeline = Pipeline(
+        tmp_path / "p",
+        nats_server,
+        {"backend": "local", "local_path": tmp_path / "objects"},
+        extra={"scp": {"max_dataset_bytes": limit}},
+    )
+    (ok,) = ct_series(tmp_path / "ok", 1, rows=16, columns=16)
+    big = with_pixel_bytes(tmp_path / "big.dcm", limit + 1)
+    bad = tmp_path / "bad-syntax.dcm"
+    data = ct_series(tmp_path / "bad", 1, rows=16, columns=16)[0].path.read_bytes()
+    syntax = b"1.2.840.10008.1.2.1\x00"  # Explicit VR Little Endian, padded to even
+    assert data.count(syntax) == 1
+    bad.write_bytes(data.replace(syntax, b"1.2.840.10008.1.2.1A"))  # same length: parses
+
+    done = pipeline.cli("import", "--verbose", str(ok.path), str(big.path), str(bad))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "accepted": 1,
+        "duplicate": 0,
+        "conflict": 0,
+        "rejected": 2,
+    }, done.stderr
+    size = big.path.stat().st_size
+    assert (
+        f"rejected {big.path}: dataset of {size} bytes exceeds scp.max_dataset_bytes "
+        f"({limit} bytes)" in done.stderr
+    )
+    assert (
+        f"rejected {bad}: not publishable: Dicomflow-Transfer-Syntax is missing or not a "
+        "DICOM UID" in done.stderr
+    )
+    assert asyncio.run(_ingest_uids(nats_server.url)) == [ok.sop_instance_uid]
+
+
+async def _ingest_uids(url: str) -> list[str]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.INGEST_STREAM)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            if info.state.messages == 0:
+                break
+            msg = await js.get_msg(subjects.INGEST_STREAM, seq)
+            out.append((msg.headers or {})[messages.H_SOP_INSTANCE])
+        return out
+    finally:
+        await nc.close()

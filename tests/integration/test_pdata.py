@@ -18,38 +18,17 @@ from typing import Any
 import pytest
 from dicomflow.scu_gateway import pdata
 from dicomflow.scu_gateway.association import AssociationPool
+from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import DeliveryDeferred
-from dicomflow.shared.settings import DestinationSettings
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
 from support.dicomfiles import dataset_bytes, with_pixel_bytes
 from support.servers import free_port, wait_for_port
+from support.storagescp import Scp
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 PAIR = (str(SecondaryCaptureImageStorage), EXPLICIT_LE)
-
-
-class Scp:
-    def __init__(self, max_pdu: int, status: int = 0x0000) -> None:
-        self.received: list[bytes] = []
-        self.status = status
-        self.port = free_port()
-        self.ae = AE(ae_title="PEER")
-        self.ae.maximum_pdu_size = max_pdu
-        self.ae.add_supported_context(SecondaryCaptureImageStorage, EXPLICIT_LE)
-        self.server = self.ae.start_server(
-            ("127.0.0.1", self.port),
-            block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
-        )
-
-    def _on_store(self, event: Any) -> int:
-        self.received.append(bytes(event.request.DataSet.getvalue()))
-        return self.status
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from dicomflow.encryptor.settings import EncryptorSettings
 from dicomflow.shared.nats import natsconn
-from dicomflow.shared.settings import EncryptorSettings, ReaderSettings, load_settings
+from dicomflow.shared.settings import ReaderSettings, load_settings
 from dicomflow.shared.storage.index import Index, Record, State
 
 from support.dicomfiles import Made

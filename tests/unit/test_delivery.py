@@ -18,6 +18,7 @@ from dicomflow.scu_gateway import delivery, request
 from dicomflow.scu_gateway.association import Pair
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.sender import Senders
+from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.crypto import envelope
@@ -29,7 +30,6 @@ from dicomflow.shared.errors import (
     IntegrityError,
     ObjectMissing,
 )
-from dicomflow.shared.settings import DestinationSettings
 from dicomflow.shared.spoolfolder import LOCK_NAME
 from nats.aio.msg import Msg
 

@@ -14,15 +14,10 @@ from typing import Any
 import pytest
 import trustme
 from dicomflow.scp_gateway.service import build_tls
+from dicomflow.scp_gateway.settings import ScpGatewaySettings, ScpSettings
 from dicomflow.shared.dicom import dicomtls
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.settings import (
-    DestinationTlsSettings,
-    DicomTlsSettings,
-    ScpGatewaySettings,
-    ScpSettings,
-    load_settings,
-)
+from dicomflow.shared.settings import DestinationTlsSettings, DicomTlsSettings, load_settings
 from pydantic import ValidationError
 
 from support.keyfiles import owner_only

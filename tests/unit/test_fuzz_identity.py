@@ -22,8 +22,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from dicomflow.scp_gateway.admission import TOO_LARGE, Rejected, identify
 from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
-from dicomflow.scp_gateway.receiver import TOO_LARGE, Receiver, Rejected, identify
+from dicomflow.scp_gateway.receiver import Receiver
 from dicomflow.shared.contracts import messages
 from dicomflow.shared.telemetry.bundle import Telemetry
 from hypothesis import given

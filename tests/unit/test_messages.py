@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import BodyKind, Instance, parse
+from dicomflow.shared.crypto.envelope import OVERHEAD
 from dicomflow.shared.errors import ContractViolation
 from dicomflow.shared.nats.transport import blob_name
 
@@ -123,3 +124,20 @@ def test_ae_titles_become_one_valid_subject_token_and_back(ae: str) -> None:
 
 def test_distinct_ae_titles_give_distinct_subjects() -> None:
     assert subjects.ingest_subject("A.B", "C") != subjects.ingest_subject("A", "B.C")
+
+
+def test_each_stream_has_its_contract_in_one_table() -> None:
+    """INGEST and SEALED messages are decoded by the table's contract; a stream with no
+    instance contract (EVENTS, DELIVERY, DLQ) is not checked here."""
+    assert set(messages.CONTRACTS) == {subjects.INGEST_STREAM, subjects.SEALED_STREAM}
+    inst = _instance(size=3)
+    assert messages.decode(subjects.INGEST_STREAM, inst.headers(), b"abc") == inst
+    with pytest.raises(ContractViolation, match="the inline body is 2 bytes"):
+        messages.decode(subjects.INGEST_STREAM, inst.headers(), b"ab")
+    sealed = inst.sealed(7, 3 + OVERHEAD, "cd" * 32).signed("ef" * 8, "01" * 64)
+    with pytest.raises(ContractViolation, match="not an A1 envelope"):
+        messages.decode(subjects.SEALED_STREAM, sealed.headers(), b"x" * (3 + OVERHEAD))
+    with pytest.raises(ContractViolation, match="Dicomflow-Key-Id is missing"):
+        messages.decode(subjects.SEALED_STREAM, inst.headers(), b"abc")  # not sealed
+    for stream in (subjects.EVENTS_STREAM, subjects.DELIVERY_STREAM, subjects.DLQ_STREAM):
+        assert messages.decode(stream, inst.headers(), b"") is None

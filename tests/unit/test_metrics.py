@@ -8,6 +8,7 @@ from pathlib import Path
 
 import obstore.store
 import pytest
+from dicomflow.scp_gateway import metrics as scp_metrics
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.settings import TelemetrySettings
 from dicomflow.shared.telemetry.bundle import Telemetry
@@ -41,7 +42,7 @@ def test_known_label_sets_start_at_zero() -> None:
     for outcome in CONSUMER_OUTCOMES:
         key = ("dicomflow_instances_total", (("outcome", outcome), ("stage", "encryptor")))
         assert values[key] == 0.0
-    m.scp_gateway(accept_any=False)
+    scp_metrics.of(m).at_zero(accept_any=False)
     assert values != samples(m)
     calling = {dict(labels).get("calling_ae") for _, labels in samples(m)} - {None}
     assert calling == {"allowed", "not_allowed"}  # classes, never AE titles

@@ -10,14 +10,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from dicomflow.scp_gateway.identity import INFLATE_LIMIT
-from dicomflow.scp_gateway.receiver import (
+from dicomflow.scp_gateway.admission import (
     CANNOT_UNDERSTAND,
     DOES_NOT_MATCH,
     Rejected,
     digest,
     identify,
 )
+from dicomflow.scp_gateway.identity import INFLATE_LIMIT
 from dicomflow.scp_gateway.service import ConnectionLimits
 from pydicom.uid import CTImageStorage
 

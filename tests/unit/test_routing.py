@@ -8,6 +8,7 @@ import pytest
 from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.routing import Router
 from dicomflow.scu_gateway.service import delivery_consumer
+from dicomflow.scu_gateway.settings import DestinationSettings, ScuGatewaySettings, ScuSettings
 from dicomflow.scu_gateway.status import (
     DeliveryDeferred,
     DeliveryRefused,
@@ -18,13 +19,7 @@ from dicomflow.scu_gateway.status import (
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import ConfigError, ContractViolation
-from dicomflow.shared.settings import (
-    ConsumerSettings,
-    DestinationSettings,
-    ScuGatewaySettings,
-    ScuSettings,
-    load_settings,
-)
+from dicomflow.shared.settings import ConsumerSettings, load_settings
 from dicomflow.shared.storage.index import Record, State
 
 DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}

@@ -12,7 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from dicomflow.encryptor.settings import EncryptorSettings
 from dicomflow.shared.contracts.messages import BodyKind, Instance, parse
+from dicomflow.shared.crypto.keyload import load_signer, load_verifier
 from dicomflow.shared.crypto.sealsign import (
     PRIVATE_NAME,
     PUBLIC_NAME,
@@ -25,7 +27,8 @@ from dicomflow.shared.crypto.sealsign import (
     signer_id,
 )
 from dicomflow.shared.errors import ConfigError, KeyFileError, SealNotTrusted
-from dicomflow.shared.settings import EncryptorSettings, StoreWriterSettings, load_settings
+from dicomflow.shared.settings import load_settings
+from dicomflow.store_writer.settings import StoreWriterSettings
 
 from dicomflow.cli.main import main
 from support.keyfiles import write_secret
@@ -287,12 +290,12 @@ def test_garbage_and_encrypted_key_files(tmp_path: Path) -> None:
 
 def test_the_encryptor_refuses_to_start_without_a_signing_key() -> None:
     with pytest.raises(ConfigError, match=r"encryption\.signing_key is not set"):
-        load_settings(EncryptorSettings).encryption.signer()
+        load_signer(load_settings(EncryptorSettings).encryption)
 
 
 def test_the_store_writer_refuses_to_start_without_a_trusted_key() -> None:
     with pytest.raises(ConfigError, match=r"encryption\.trusted_signing_keys is not set"):
-        load_settings(StoreWriterSettings).encryption.verifier()
+        load_verifier(load_settings(StoreWriterSettings).encryption)
 
 
 def test_settings_from_a_shared_file_and_the_environment(
@@ -304,12 +307,12 @@ def test_settings_from_a_shared_file_and_the_environment(
         f'[encryption]\nsigning_key = "{private}"\ntrusted_signing_keys = ["{public}"]\n'
         f'[encryption.master_key]\nid = 1\npath = "{tmp_path / "m.key"}"\n'
     )
-    signer = load_settings(EncryptorSettings, config).encryption.signer()
-    assert load_settings(StoreWriterSettings, config).encryption.verifier().signers == (
+    signer = load_signer(load_settings(EncryptorSettings, config).encryption)
+    assert load_verifier(load_settings(StoreWriterSettings, config).encryption).signers == (
         signer.signer,
     )
     monkeypatch.setenv("DICOMFLOW_ENCRYPTION__TRUSTED_SIGNING_KEYS", f'["{public}", "{other}"]')
-    verifier = load_settings(StoreWriterSettings, config).encryption.verifier()
+    verifier = load_verifier(load_settings(StoreWriterSettings, config).encryption)
     assert len(verifier.signers) == 2 and signer.signer in verifier.signers
 
 

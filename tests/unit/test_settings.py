@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dicomflow.encryptor.settings import EncryptorSettings
+from dicomflow.scp_gateway.settings import ScpGatewaySettings
+from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.settings import (
-    EncryptorSettings,
-    ScpGatewaySettings,
-    StoreWriterSettings,
-    load_settings,
-)
+from dicomflow.shared.settings import load_settings
+from dicomflow.store_writer.settings import StoreWriterSettings
 
 from support.keyfiles import write_secret
 
@@ -58,10 +57,10 @@ def test_missing_or_malformed_config_file(tmp_path: Path) -> None:
 
 def test_encryptor_refuses_to_start_without_a_usable_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="master_key is not set"):
-        load_settings(EncryptorSettings).encryption.keyring()
+        load_keyring(load_settings(EncryptorSettings).encryption)
     short = tmp_path / "short.key"
     write_secret(short, "c2hvcnQ=\n")  # 5 bytes
     config = tmp_path / "c.toml"
     config.write_text(f'[encryption.master_key]\nid = 1\npath = "{short}"\n')
     with pytest.raises(ConfigError, match="32 bytes"):
-        load_settings(EncryptorSettings, config).encryption.keyring()
+        load_keyring(load_settings(EncryptorSettings, config).encryption)

@@ -10,9 +10,10 @@ from typing import Any
 import obstore
 import pytest
 from dicomflow.shared.errors import ConfigError, StorageUnavailable
-from dicomflow.shared.settings import StorageSettings, StoreWriterSettings, load_settings
+from dicomflow.shared.settings import StorageSettings, load_settings
 from dicomflow.shared.storage import objectstore
 from dicomflow.shared.storage.backends import parse_connection_string
+from dicomflow.store_writer.settings import StoreWriterSettings
 from obstore.store import AzureStore, GCSStore, S3Store
 
 SECRET = "c2VjcmV0LWtleS1zZWNyZXQta2V5LXNlY3JldC1rZXktMTIz"  # noqa: S105 (a made-up value)

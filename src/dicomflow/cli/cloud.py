@@ -37,11 +37,12 @@ from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.sites import CloudDir, SiteBundle
 from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.scu_gateway.settings import ScuSettings
 from dicomflow.shared.crypto.sealsign import PUBLIC_NAME, generate_signing_key_pair
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.nats import hybridconfig, hybridtopology, natscerts, natsconn, zones
 from dicomflow.shared.nats.natsauth import ADMIN, ServerTls
-from dicomflow.shared.settings import NatsSettings, ScuSettings, problems
+from dicomflow.shared.settings import NatsSettings, problems
 
 STAGE = "store-writer"
 ROUTER_STAGE = "scu-gateway"  # with --routing: the router, holding no key

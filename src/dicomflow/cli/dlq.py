@@ -32,18 +32,19 @@ from nats.js.errors import NotFoundError
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.send import check_destination
 from dicomflow.scu_gateway import request
+from dicomflow.scu_gateway.settings import ScuGatewaySettings
 from dicomflow.shared.contracts import messages, subjects
-from dicomflow.shared.contracts.messages import BodyKind, Instance
-from dicomflow.shared.errors import BrokerUnavailable, ConfigError, DicomflowError
-from dicomflow.shared.nats import blobsweeper, natsconn
-from dicomflow.shared.settings import ScuGatewaySettings
-from dicomflow.shared.stage.consumer import (
-    DLQ_HEADERS,
+from dicomflow.shared.contracts.deadletters import (
+    BODY_SEALED,
     H_DLQ_BODY,
     H_DLQ_DELIVERIES,
     H_DLQ_REASON,
     H_DLQ_SUBJECT,
+    without_dlq_headers,
 )
+from dicomflow.shared.contracts.messages import BodyKind, Instance
+from dicomflow.shared.errors import BrokerUnavailable, ConfigError, DicomflowError
+from dicomflow.shared.nats import blobsweeper, natsconn
 
 # The stages that dead-letter, by the stream they consume (their names in the services).
 ENCRYPTOR = "encryptor"  # INGEST
@@ -179,7 +180,7 @@ def _target(letter: DeadLetter, to: str | None) -> tuple[str, dict[str, str]]:
     """Where ``letter`` is republished, and with which headers: from the stage its
     subject names and the contract of that stage's stream, never from a header.
     Raises LetterRefused."""
-    headers = {k: v for k, v in letter.headers.items() if k not in DLQ_HEADERS}
+    headers = without_dlq_headers(letter.headers)  # a replayed message is no dead letter
     headers[messages.H_MSG_ID] = f"replay:{letter.seq}"
     stage = letter.stage
     try:
@@ -200,7 +201,7 @@ def _target(letter: DeadLetter, to: str | None) -> tuple[str, dict[str, str]]:
 
 def _from_encryptor(letter: DeadLetter) -> str:
     kept = letter.headers.get(H_DLQ_BODY, "")
-    if kept == "sealed":  # sealed and signed by the encryptor: onto SEALED
+    if kept == BODY_SEALED:  # sealed and signed by the encryptor: onto SEALED
         return _sealed(letter)
     if kept:
         raise LetterRefused(
@@ -208,15 +209,13 @@ def _from_encryptor(letter: DeadLetter) -> str:
             "replay; purge it and have the instance sent again"
         )
     # Dead-lettered as received, by an earlier dicomflow: plaintext onto INGEST.
-    messages.check_delivery(subjects.INGEST_STREAM, letter.headers, letter.data)
-    instance = messages.parse(letter.headers)
+    instance = messages.decode_ingest(letter.headers, letter.data)
     _check_digest(instance, letter.data, instance.sha256)
     return subjects.ingest_subject(instance.called_ae, instance.calling_ae)
 
 
 def _sealed(letter: DeadLetter) -> str:
-    messages.check_delivery(subjects.SEALED_STREAM, letter.headers, letter.data)
-    instance = messages.parse(letter.headers, sealed=True, signed=True)
+    instance = messages.decode_sealed(letter.headers, letter.data)
     _check_digest(instance, letter.data, instance.sealed_sha256)
     return subjects.sealed_subject(instance.called_ae, instance.calling_ae)
 

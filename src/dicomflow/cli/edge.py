@@ -42,12 +42,13 @@ from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.sites import EdgeDir, SiteBundle
 from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.scp_gateway.settings import ScpSettings
 from dicomflow.shared.crypto.keyring import generate_master_key_file
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.nats import hybridconfig, hybridtopology, natscerts, natsconn
 from dicomflow.shared.nats.natsauth import ADMIN, ServerTls
 from dicomflow.shared.nats.zones import Zone
-from dicomflow.shared.settings import NatsSettings, ScpSettings
+from dicomflow.shared.settings import NatsSettings
 
 STAGE_ORDER = ("encryptor", "scp-gateway")  # downstream first
 SCU_STAGE = "scu-gateway"  # with --forward, started first

@@ -4,8 +4,11 @@ Each file is published to INGEST exactly as the scp-gateway publishes a received
 instance (the Part-10 bytes, their SHA-256, the identity read from a bounded prefix),
 so the encryptor and store writer treat it the same way. A file is
 
-- *rejected* when it is not a DICOM Part-10 file or lacks a SOP Class, SOP Instance,
-  Study or Series UID;
+- *rejected* when the gateway would refuse it: the one admission of both
+  (``scp_gateway.admission``) refuses a file over ``scp.max_dataset_bytes``, one that is
+  not a DICOM Part-10 file or lacks a SOP Class, SOP Instance, Study or Series UID, and
+  one whose message the contract refuses (e.g. a transfer syntax that is not a UID);
+  with ``--verbose`` each is named on stderr with the reason;
 - a *duplicate* when the index already holds its SOP Instance UID with the same
   SHA-256, or this run already published the same bytes (a copy under another name);
 - *accepted* otherwise (published); *conflict* when the index holds the UID with other
@@ -20,32 +23,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
-
 from dicomflow.cli.options import add_settings_options, settings_from
-from dicomflow.scp_gateway.identity import Unreadable, read_identity
+from dicomflow.scp_gateway.admission import CANNOT_UNDERSTAND, Arrival, Rejected, admitted
+from dicomflow.scp_gateway.settings import ScpGatewaySettings
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.nats.transport import Transport
-from dicomflow.shared.settings import ScpGatewaySettings
 from dicomflow.shared.storage.index import Index
 
-_CHUNK = 1024 * 1024
 PROGRESS_EVERY = 25
-
-
-class Rejected(Exception):
-    """This file cannot be imported; the message says why."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,36 +80,17 @@ def files_under(paths: list[Path]) -> Iterator[Path]:
             raise ConfigError(f"{path} is neither a file nor a folder")
 
 
-def describe(path: Path, called_ae: str, calling_ae: str) -> Instance:
-    """The Instance the gateway would publish for this file; raises Rejected."""
+def describe(path: Path, called_ae: str, calling_ae: str, max_dataset_bytes: int) -> Instance:
+    """The Instance the gateway would publish for this file; raises Rejected when the
+    gateway would refuse it (the same admission: size limit, identity, contract)."""
+    arrival = Arrival(calling_ae=calling_ae, called_ae=called_ae)
     try:
-        meta = read_file_meta_info(path)
-        with path.open("rb") as fp:
-            identity = read_identity(fp)
-    except (Unreadable, InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise Rejected(f"not a DICOM Part-10 file ({type(exc).__name__})") from exc
-    sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
-    for name, value in (
-        ("SOP Class UID", sop_class),
-        ("SOP Instance UID", identity.sop_instance_uid),
-        ("Study Instance UID", identity.study_uid),
-        ("Series Instance UID", identity.series_uid),
-    ):
-        if not _is_uid(value):
-            raise Rejected(f"{name} is missing or not a UID")
-    size, sha256 = _digest(path)
-    return Instance(
-        sop_class_uid=sop_class,
-        sop_instance_uid=identity.sop_instance_uid,
-        study_uid=identity.study_uid,
-        series_uid=identity.series_uid,
-        modality=identity.modality,
-        calling_ae=calling_ae,
-        called_ae=called_ae,
-        transfer_syntax=identity.transfer_syntax,
-        size=size,
-        sha256=sha256,
-    )
+        received = path.stat().st_size
+        admission = admitted(received, lambda: path.open("rb"), arrival, max_dataset_bytes)
+        with admission as (instance, _body):
+            return instance
+    except OSError as exc:
+        raise Rejected(CANNOT_UNDERSTAND, f"cannot be read ({type(exc).__name__})") from exc
 
 
 async def _import(args: argparse.Namespace) -> int:
@@ -134,7 +109,11 @@ async def _import(args: argparse.Namespace) -> int:
         for done, path in enumerate(files, start=1):
             try:
                 instance = await asyncio.to_thread(
-                    describe, path, settings.scp.ae_title, args.calling_ae
+                    describe,
+                    path,
+                    settings.scp.ae_title,
+                    args.calling_ae,
+                    settings.scp.max_dataset_bytes,
                 )
             except Rejected as exc:
                 counts["rejected"] += 1
@@ -170,20 +149,6 @@ async def _publish(
         )
     seen.add(instance.msg_id)
     return "accepted" if found is None else "conflict"
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    sha = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fp:
-        while chunk := fp.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest()
-
-
-def _is_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and all(p.isdigit() and p.isascii() for p in value.split("."))
 
 
 def _line(counts: Counter[str]) -> str:

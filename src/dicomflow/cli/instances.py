@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.reading import Reader, open_reader
+from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.errors import (
     ConfigError,
     ContractViolation,
@@ -135,7 +136,7 @@ async def _get_by_layout(settings: ReaderSettings, sop_instance_uid: str, out: P
     try:
         await fetch_unindexed(
             objectstore.build_store(settings.storage),
-            settings.encryption.keyring(),
+            load_keyring(settings.encryption),
             object_key=key,
             sop_instance_uid=sop_instance_uid,
             out=out,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomflow.shared.crypto import keycheck
+from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.crypto.keyring import KeyRing
 from dicomflow.shared.errors import StoreError
 from dicomflow.shared.nats import natsconn
@@ -41,7 +42,7 @@ class Reader:
 
 @asynccontextmanager
 async def open_reader(settings: ReaderSettings, *, decrypt: bool = True) -> AsyncIterator[Reader]:
-    keyring = settings.encryption.keyring() if decrypt else None
+    keyring = load_keyring(settings.encryption) if decrypt else None
     store = objectstore.build_store(settings.storage)
     nc = await natsconn.connect_once(settings.nats, "cli")
     try:

@@ -9,6 +9,7 @@ import sys
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.reading import open_reader
+from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.crypto.keyring import MAX_KEY_ID
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.settings import ReaderSettings
@@ -86,7 +87,7 @@ async def _rekey(args: argparse.Namespace) -> int:
     if not 0 <= target <= MAX_KEY_ID:
         raise ConfigError(f"--to {target}: key ids are 0 to {MAX_KEY_ID}")
     settings = settings_from(args, ReaderSettings)
-    keyring = settings.encryption.keyring()
+    keyring = load_keyring(settings.encryption)
     if keyring.current.key_id != target:
         raise ConfigError(
             f"--to {target}, but the current master key is {keyring.current.key_id}: "

@@ -13,9 +13,9 @@ import sys
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.scu_gateway import request
+from dicomflow.scu_gateway.settings import ScuGatewaySettings, ScuSettings
 from dicomflow.shared.errors import ConfigError, StoreError
 from dicomflow.shared.nats import natsconn
-from dicomflow.shared.settings import ScuGatewaySettings, ScuSettings
 from dicomflow.shared.storage.index import Index, Record, State
 
 

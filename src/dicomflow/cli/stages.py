@@ -10,18 +10,16 @@ from typing import Any
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.encryptor import service as encryptor
+from dicomflow.encryptor.settings import EncryptorSettings
 from dicomflow.scp_gateway import service as scp_gateway
+from dicomflow.scp_gateway.settings import ScpGatewaySettings
 from dicomflow.scu_gateway import service as scu_gateway
-from dicomflow.shared.settings import (
-    EncryptorSettings,
-    ScpGatewaySettings,
-    ScuGatewaySettings,
-    ServiceSettings,
-    StoreWriterSettings,
-)
+from dicomflow.scu_gateway.settings import ScuGatewaySettings
+from dicomflow.shared.settings import ServiceSettings
 from dicomflow.shared.stage import runner
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.store_writer import service as store_writer
+from dicomflow.store_writer.settings import StoreWriterSettings
 
 Serve = Callable[[Any, asyncio.Event, Telemetry], Awaitable[None]]
 

@@ -19,10 +19,12 @@ from dicomflow.embedded.datalock import DataDirLock
 from dicomflow.embedded.layout import DataDir, to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.scp_gateway.settings import ScpSettings
+from dicomflow.scu_gateway.settings import ScuSettings
 from dicomflow.shared.crypto.keyring import generate_master_key_file
 from dicomflow.shared.crypto.sealsign import PRIVATE_NAME, PUBLIC_NAME, generate_signing_key_pair
 from dicomflow.shared.errors import ConfigError
-from dicomflow.shared.settings import NatsSettings, ScpSettings, ScuSettings, problems
+from dicomflow.shared.settings import NatsSettings, problems
 
 STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first
 SCU_STAGE = "scu-gateway"  # runs with --forward, started before the others
