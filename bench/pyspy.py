@@ -2,9 +2,10 @@
 
 ``Recorder`` runs ``py-spy record --nonblocking --threads -f raw`` on each Python stage
 for the measured window (the stage is never paused; py-spy reads its memory). py-spy
-leaves out samples of threads the kernel reports as not running, so what is left
-is where the CPU went. A stack is given one cause: the innermost frame that a rule
-below recognizes, by the library its file is in or by the source line of dicomflow's
+leaves out samples of threads the kernel reports as sleeping; a sample whose innermost
+frame is a blocking wait (epoll, a condition, an idle executor thread) is a thread woken
+but not yet running (the cores are shared) and is left out here too. A stack is given
+one cause: the innermost frame that a rule below recognizes, by the library its file is in or by the source line of dicomflow's
 own frame (what it calls: C functions, hashlib or the AES-GCM cipher, have no Python
 frame of their own). Each process's measured CPU (/proc, user + system) is then split
 over the causes in proportion to their samples: ms of CPU per image per cause.
@@ -128,6 +129,14 @@ DUL_PARTS: list[tuple[str, re.Pattern[str]]] = [
     ("hand-offs (queues, wakers)", re.compile(r"poke|_Waker|_Gate|notify|Queue\.(put|get)")),
     ("clock sleeps, wakeups", re.compile(r"Clock\.sleep$|Condition\.wait$")),
 ]
+# A sample whose innermost frame is a blocking wait: on this machine py-spy reports such
+# a thread as active when the kernel has it runnable, i.e. woken but not yet given a
+# core (2 shared cores). That is waiting for a CPU, not using one: left out of the split.
+WAIT = "(left out) runnable at a blocking wait: woken, waiting for a core"
+WAITS = re.compile(
+    r"^(\w*Selector\.select|_worker|Condition\.wait|Event\.wait|Thread\.join"
+    r"|\w*Clock\.sleep|Queue\.get|_GatheringFuture\.\w+)$"
+)
 HOP = re.compile(r"threadsafe|_write_to_self|set_result|_chain_future|_call_set_state|^_worker$")
 NATS_WRITE = "nats client socket write (flusher)"
 NATS_READ = "nats client read loop (receive, parse)"
@@ -144,6 +153,8 @@ def _dul_part(stack: tuple[Frame, ...]) -> str:
 
 def cause_of(stack: tuple[Frame, ...]) -> str:
     """One cause for one stack (root first): see the module docstring."""
+    if stack and WAITS.match(stack[-1].func):
+        return WAIT
     cut = max((i for i, f in enumerate(stack) if DISPATCH.match(f.func)), default=-1)
     task = stack[cut + 1 :]
     inner = next((i for i in range(len(task) - 1, -1, -1) if task[i].project), None)
@@ -253,9 +264,13 @@ def report(out: Path, cpu_s: dict[str, float], images: int) -> dict[str, dict[st
             continue
         stacks = read_raw(path)
         causes = account(stacks)
+        waits = causes.pop(WAIT, 0)
         total = sum(causes.values()) or 1
         table[name] = {"total (/proc)": round(per_image, 2)}
-        print(f"  {name}: {per_image:.2f} ms/image ({total} samples)")
+        print(
+            f"  {name}: {per_image:.2f} ms/image ({total} samples; {waits} more were at a "
+            "blocking wait, runnable but not running, and are left out)"
+        )
         for cause, n in causes.most_common():
             ms = per_image * n / total
             table[name][cause] = round(ms, 3)
