@@ -4,11 +4,13 @@
 for the measured window (the stage is never paused; py-spy reads its memory). py-spy
 leaves out samples of threads the kernel reports as sleeping; a sample whose innermost
 frame is a blocking wait (epoll, a condition, an idle executor thread) is a thread woken
-but not yet running (the cores are shared) and is left out here too. A stack is given
-one cause: the innermost frame that a rule below recognizes, by the library its file is in or by the source line of dicomflow's
-own frame (what it calls: C functions, hashlib or the AES-GCM cipher, have no Python
-frame of their own). Each process's measured CPU (/proc, user + system) is then split
-over the causes in proportion to their samples: ms of CPU per image per cause.
+but not yet running (the cores are shared) and is left out here too.
+
+A stack is given one cause: the innermost frame that a rule below recognizes, by the
+library its file is in or by the source line of dicomflow's own frame (what it calls:
+C functions, hashlib or the AES-GCM cipher, have no Python frame of their own). Each
+process's measured CPU (/proc, user + system) is then split over the causes in
+proportion to their samples: ms of CPU per image per cause.
 
 ``python bench/pyspy.py DIR`` re-reads the files a run left in DIR and prints the
 account again (for changing the rules without running the benchmark again).
