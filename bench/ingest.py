@@ -605,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in summary["ratios_images_per_s"].items():
             print(f"  {key}: {value}")
         print_floor_and_targets(results, floor, summary["issue17"])
+        if args.profile is not None:
+            print("  (the one-association dicomflow run was profiled: py-spy slowed it)")
         profiled = _find(results, "dicomflow", 1)
         if args.profile is not None and profiled is not None:
             nats_split = profiled.get("nats_cpu_user_system_s")
