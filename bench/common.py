@@ -47,6 +47,8 @@ DURABILITY = {
     "orthanc": "a power cut: SyncStorageArea true (its default) fsyncs each file it stores",
     "dicomflow": "a power cut: nats-server with sync_interval always fsyncs before the "
     "acknowledgement the gateway answers Success on (as `dicomflow up` runs it)",
+    "floor": "a power cut: the same nats-server settings as dicomflow's (sync_interval "
+    "always); each body is acknowledged by JetStream twice, once per stream",
 }
 
 LOG_CONFIG = """\

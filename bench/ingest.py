@@ -61,6 +61,9 @@ from common import (
     wait_listening,
     wait_log,
 )
+from floor import FloorResult, run_floor
+from pyspy import Recorder, cpu_split
+from pyspy import report as profile_report
 
 from dicomflow.embedded.natsserver import NatsServer
 from support.dicomfiles import Made, ct_series
@@ -68,6 +71,10 @@ from support.pipeline import Pipeline
 from support.servers import free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
+TARGETS = ("storescp", "orthanc", "floor", "dicomflow")
+# Issue 17's targets, against the floor of the design measured in the same run.
+RATE_TARGET = 0.8  # dicomflow all-stored images/s over the floor's, 1 and 4 associations
+CPU_TARGET = 2.0  # dicomflow CPU/image (all processes) over the floor's nats-server CPU/image
 
 
 # -- targets --------------------------------------------------------------------------
@@ -169,12 +176,14 @@ def run_orthanc(files: list[Made], associations: int, work: Path) -> dict[str, A
 
 
 def run_dicomflow(
-    files: list[Made], associations: int, work: Path, timeout: float
+    files: list[Made], associations: int, work: Path, timeout: float, profile: Path | None = None
 ) -> dict[str, Any]:
+    """``profile``: py-spy each Python stage into that folder over the measured window."""
     server = NatsServer(work / "nats", sync_interval=NATS_SYNC_INTERVAL)
     pipeline: Pipeline | None = None
     listener: StoredListener | None = None
     sampler: MemorySampler | None = None
+    recorder: Recorder | None = None
     result: dict[str, Any] = {}
     try:
         server.start()
@@ -188,10 +197,18 @@ def run_dicomflow(
             assert stage.pid is not None
             roots[name] = (stage.pid, False)
         sampler = MemorySampler(roots).start()
+        if profile is not None:
+            stages = {name: pid for name, (pid, _) in roots.items() if name != "nats-server"}
+            recorder = Recorder(stages, profile).start()
+            nats_split = cpu_split(server.pid)
         sent = send(files, associations, pipeline.port, pipeline.ae_title, work / "scu")
         expected = {f.sop_instance_uid for f in files}
         complete = listener.wait(expected, timeout)
         memory = sampler.finish()
+        if recorder is not None:
+            recorder.stop()
+            user, system = (b - a for a, b in zip(nats_split, cpu_split(server.pid), strict=True))
+            result["nats_cpu_user_system_s"] = (round(user, 2), round(system, 2))
         memory["dicomflow total (sum of peaks)"] = round(
             sum(v for k, v in memory.items() if k in roots), 1
         )
@@ -207,7 +224,7 @@ def run_dicomflow(
             for line in list(getattr(server, "_lines", []))
             if "[WRN]" in line or "[ERR]" in line
         ]
-        result = {
+        result |= {
             "sent": sent,
             "memory_mib": memory,
             "cpu_s_during_run": sampler.cpu_s,
@@ -223,6 +240,8 @@ def run_dicomflow(
     finally:
         if sampler is not None:
             sampler.finish()
+        if recorder is not None:
+            recorder.stop()
         if listener is not None:
             listener.stop()
         if pipeline is not None:
@@ -352,31 +371,117 @@ def print_table(results: list[dict[str, Any]]) -> None:
         )
 
 
-def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
+def _find(results: list[dict[str, Any]], target: str, assoc: int) -> dict[str, Any] | None:
+    return next((r for r in results if r["target"] == target and r["associations"] == assoc), None)
+
+
+def ratios(results: list[dict[str, Any]], floor: FloorResult | None) -> dict[str, Any]:
     def rate(target: str, assoc: int) -> float | None:
-        for r in results:
-            if r["target"] == target and r["associations"] == assoc:
-                if target == "dicomflow":
-                    return r["end_to_end"]["images_per_s"]  # type: ignore[no-any-return]
-                return r["cstore_images_per_s"]  # type: ignore[no-any-return]
-        return None
+        r = _find(results, target, assoc)
+        if r is None:
+            return None
+        if target == "dicomflow":
+            return r["end_to_end"]["images_per_s"]  # type: ignore[no-any-return]
+        return r["cstore_images_per_s"]  # type: ignore[no-any-return]
 
     out: dict[str, Any] = {}
     for assoc in (1, 4):
         ours = rate("dicomflow", assoc)
-        for other in ("orthanc", "storescp"):
-            theirs = rate(other, assoc)
+        theirs_by = {"orthanc": rate("orthanc", assoc), "storescp": rate("storescp", assoc)}
+        theirs_by["floor"] = floor.images_per_s if floor else None
+        for other, theirs in theirs_by.items():
             if ours and theirs:
                 out[f"dicomflow_e2e/{other} ({assoc} assoc)"] = round(ours / theirs, 3)
     return out
+
+
+def cpu_ms_per_image(r: dict[str, Any]) -> dict[str, float]:
+    """Each process's CPU over the run, per image; 'all' is their sum."""
+    per = {k: round(v * 1000 / r["images"], 2) for k, v in r["cpu_s_during_run"].items()}
+    per["all"] = round(sum(per.values()), 2)
+    return per
+
+
+def issue17_figures(results: list[dict[str, Any]], floor: FloorResult | None) -> dict[str, Any]:
+    """Issue 17's figures: dicomflow against the floor of the design, same run."""
+    out: dict[str, Any] = {}
+    for assoc in (1, 4):
+        r = _find(results, "dicomflow", assoc)
+        if r is None or floor is None:
+            continue
+        rate = r["end_to_end"]["images_per_s"]
+        cpu = cpu_ms_per_image(r)["all"]
+        out[f"{assoc} assoc"] = {
+            "rate_over_floor": round(rate / floor.images_per_s, 3) if rate else None,
+            "rate_target": RATE_TARGET,
+            "cpu_ms_per_image": cpu,
+            "cpu_over_floor_nats": round(cpu / floor.nats_cpu_ms_per_image, 2),
+            "cpu_target": CPU_TARGET,
+        }
+    return out
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def print_floor_and_targets(
+    results: list[dict[str, Any]], floor: FloorResult | None, figures: dict[str, Any]
+) -> None:
+    if floor is not None:
+        print(
+            "\nFloor of the design (two JetStream work-queue streams, sync_interval always; "
+            "one nats-py client, batches of 16):"
+        )
+        print(
+            f"  {floor.images} images in {floor.seconds:.3f} s: {floor.images_per_s} img/s, "
+            f"nats-server {floor.nats_cpu_ms_per_image} ms CPU/image "
+            f"(the client: {floor.client_cpu_ms_per_image} ms/image, not counted)"
+        )
+    if figures:
+        print("\nIssue 17 targets (dicomflow all stored, against the floor, same run):")
+        for key, f in figures.items():
+            rate = f["rate_over_floor"]
+            print(
+                f"  {key}: rate {_fmt(rate, 0)} of the floor (target >= {RATE_TARGET}) "
+                f"{_verdict(None if rate is None else rate >= RATE_TARGET)}; "
+                f"CPU {f['cpu_ms_per_image']} ms/image, all processes = "
+                f"{f['cpu_over_floor_nats']} x the floor's nats-server (target <= {CPU_TARGET}x) "
+                f"{_verdict(f['cpu_over_floor_nats'] <= CPU_TARGET)}"
+            )
+    rows = [
+        (assoc, _find(results, "dicomflow", assoc), _find(results, "orthanc", assoc))
+        for assoc in (1, 4)
+    ]
+    rows = [(a, d, o) for a, d, o in rows if d is not None and o is not None]
+    if rows:
+        print(
+            "\nGateway acknowledged rate and C-STORE p99, beside Orthanc's "
+            "(same files, same storescu; per-request times from storescu's log timestamps):"
+        )
+        for assoc, d, o in rows:
+            assert d is not None and o is not None
+            ratio = round(d["cstore_images_per_s"] / o["cstore_images_per_s"], 3)
+            print(
+                f"  {assoc} assoc: dicomflow gateway {d['cstore_images_per_s']} img/s, "
+                f"p99 {d['latency_ms']['p99']} ms; Orthanc {o['cstore_images_per_s']} img/s, "
+                f"p99 {o['latency_ms']['p99']} ms; rate ratio {ratio}"
+            )
+    print("\nCPU ms per image, each process (user+system over the run):")
+    for r in results:
+        parts = ", ".join(f"{k} {v}" for k, v in cpu_ms_per_image(r).items())
+        print(f"  {r['target']:<10} {r['associations']} assoc: {parts}")
+    if floor is not None:
+        print(f"  {'floor':<10}         nats-server {floor.nats_cpu_ms_per_image}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=(
             "Ingest benchmark: DCMTK storescu (1 and 4 associations) into DCMTK storescp, "
-            "Orthanc and the dicomflow pipeline (local storage). Prints a table and "
-            "writes JSON results."
+            "Orthanc and the dicomflow pipeline (local storage), and the floor of the "
+            "design (the same bodies through two durable JetStream streams). Prints a "
+            "table and issue 17's figures and writes JSON results."
         )
     )
     parser.add_argument("--count", type=int, default=300, help="images per series (300)")
@@ -389,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--targets",
-        default="storescp,orthanc,dicomflow",
-        help="comma-separated subset of storescp,orthanc,dicomflow (all)",
+        default=",".join(TARGETS),
+        help=f"comma-separated subset of {','.join(TARGETS)} (all)",
     )
     parser.add_argument(
         "--timeout", type=float, default=600, help="seconds to wait for dicomflow to store all"
@@ -398,16 +503,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder (files, logs, outputs)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="py-spy the dicomflow stages on the one-association run (pip install py-spy); "
+        "raw stacks and the account of CPU ms/image by cause go to DIR (re-read with "
+        "`python bench/pyspy.py DIR`). py-spy takes CPU too: the rates of that run are lower",
+    )
     args = parser.parse_args(argv)
     if args.count < 4:
         parser.error("--count must be at least 4 (four associations)")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(targets) - {"storescp", "orthanc", "dicomflow"}
+    unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
 
     root = Path(tempfile.mkdtemp(prefix="dicomflow-bench-"))
     results: list[dict[str, Any]] = []
+    floor: FloorResult | None = None
     try:
         t = time.monotonic()
         sets = {
@@ -422,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         for target in targets:
+            if target == "floor":
+                print("floor (two durable JetStream streams)...", flush=True)
+                floor = run_floor([f.path for f in sets[1]], root / "floor")
+                if not args.keep:
+                    shutil.rmtree(root / "floor", ignore_errors=True)
+                continue
             for assoc in (1, 4):
                 work = root / f"{target}-{assoc}"
                 work.mkdir()
@@ -432,14 +553,15 @@ def main(argv: list[str] | None = None) -> int:
                 elif target == "orthanc":
                     raw = run_orthanc(files, assoc, work)
                 else:
-                    raw = run_dicomflow(files, assoc, work, args.timeout)
+                    profile = args.profile if assoc == 1 else None
+                    raw = run_dicomflow(files, assoc, work, args.timeout, profile)
                 result = summarize(target, assoc, files, raw)
                 results.append(result)
                 if not result["ok"]:
                     print(f"  WARNING: not every image confirmed: {result}", flush=True)
                 if not args.keep:
                     shutil.rmtree(work, ignore_errors=True)
-        summary = {
+        summary: dict[str, Any] = {
             "benchmark": "ingest",
             "when": datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": {
@@ -462,13 +584,37 @@ def main(argv: list[str] | None = None) -> int:
                 "success_survives": {t: DURABILITY[t] for t in targets},
             },
             "results": results,
-            "ratios_images_per_s": ratios(results),
+            "floor": (
+                None
+                if floor is None
+                else {
+                    "images": floor.images,
+                    "seconds": round(floor.seconds, 3),
+                    "images_per_s": floor.images_per_s,
+                    "nats_cpu_ms_per_image": floor.nats_cpu_ms_per_image,
+                    "client_cpu_ms_per_image": floor.client_cpu_ms_per_image,
+                    "memory_mib": floor.memory_mib,
+                }
+            ),
+            "ratios_images_per_s": ratios(results, floor),
+            "issue17": issue17_figures(results, floor),
         }
         print()
         print_table(results)
         print("\nRatios (dicomflow all-stored images/s over theirs):")
         for key, value in summary["ratios_images_per_s"].items():
             print(f"  {key}: {value}")
+        print_floor_and_targets(results, floor, summary["issue17"])
+        if args.profile is not None:
+            print("  (the one-association dicomflow run was profiled: py-spy slowed it)")
+        profiled = _find(results, "dicomflow", 1)
+        if args.profile is not None and profiled is not None:
+            nats_split = profiled.get("nats_cpu_user_system_s")
+            summary["profile"] = profile_report(
+                args.profile, profiled["cpu_s_during_run"], profiled["images"]
+            )
+            if nats_split:
+                print(f"  nats-server user/system CPU s: {nats_split[0]} / {nats_split[1]}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"\nresults written to {args.out}")

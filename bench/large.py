@@ -17,8 +17,9 @@ One run:
 
 3. prints per target and phase the throughput (decimal MB of the files' bytes per
    second) and the peak RSS of every server process, with PASS/FAIL against the targets
-   of issue 3: every dicomflow service below 300 MiB peak RSS, and large-object
-   throughput (all stored) at least half of storescp's;
+   of issue 17: every dicomflow service below 300 MiB peak RSS, and large-object
+   throughput (all stored) at least 0.35 of storescp's (issue 3 asked 0.5; issue 17
+   set 0.35 with nats-server fsyncing before each acknowledgement, as ``up`` runs it);
 4. fetches the big instance back with ``dicomflow get`` and compares the SHA-256 of its
    dataset (the bytes after the File Meta Information) with the sent file's, streaming,
    and reports the peak RSS of that ``get``.
@@ -63,6 +64,7 @@ import numpy as np
 from common import (
     DCMTK_ENV,
     MIB,
+    NATS_SYNC_INTERVAL,
     REPO,
     STORESCP,
     STORESCU,
@@ -89,7 +91,7 @@ from support.servers import free_port
 
 GIB = 1024 * MIB
 RSS_TARGET_MIB = 300.0
-THROUGHPUT_TARGET = 0.5  # dicomflow all-stored MB/s over storescp's
+THROUGHPUT_TARGET = 0.35  # dicomflow all-stored MB/s over storescp's (issue 17)
 DICOMFLOW_PROCS = ("scp-gateway", "encryptor", "store-writer", "nats-server")
 PIECE = 64 * MIB
 
@@ -292,7 +294,7 @@ def run_dicomflow(
     big: Made, batch: list[Made], work: Path, args: argparse.Namespace, big_digest: str
 ) -> dict[str, Any]:
     total = sum(f.path.stat().st_size for f in [big, *batch])
-    server = NatsServer(work / "nats")
+    server = NatsServer(work / "nats", sync_interval=NATS_SYNC_INTERVAL)  # as `up` runs it
     pipeline: Pipeline | None = None
     listener: StoredListener | None = None
     sampler: WindowSampler | None = None
@@ -477,7 +479,10 @@ def report(
         )
 
     summary: dict[str, Any] = {"ratios": {}, "verdicts": {}}
-    print(f"\nRatios (dicomflow all-stored MB/s / storescp MB/s; target >= {THROUGHPUT_TARGET}):")
+    print(
+        "\nRatios (dicomflow all-stored MB/s / storescp MB/s; 'big' is the big object end "
+        f"to end; target >= {THROUGHPUT_TARGET}):"
+    )
     for ref in (r for r in results if r["target"].startswith("storescp")):
         for phase in ("big", "batch"):
             ours = flow["mb_per_s"][f"{phase}_stored"] if flow else None
