@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import cast
 
 from dicomflow.cli.natsconfig import Bundle, new_seed
-from dicomflow.cli.up import DEFAULT_CALLING_AE, WARNING, forwarding, stage_credentials
+from dicomflow.cli.up import (
+    DEFAULT_CALLING_AE,
+    WARNING,
+    forwarding,
+    receiver_arguments,
+    stage_credentials,
+)
 from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.sites import EdgeDir, SiteBundle
@@ -66,20 +72,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help="state folder (default: ./dicomflow-edge)",
     )
-    parser.add_argument("--port", type=int, default=11112, help="DICOM port (default: 11112)")
-    parser.add_argument(
-        "--host",
-        default="0.0.0.0",  # noqa: S104 (a DICOM receiver)
-        help="address the DICOM receiver listens on (default: all interfaces)",
-    )
-    parser.add_argument("--ae-title", default="DICOMFLOW", help="called AE title")
-    parser.add_argument(
-        "--allow-ae",
-        action="append",
-        metavar="CALLING_AET",
-        dest="allow_ae",
-        help=f"calling AE title allowed to send; repeat for more (default: {DEFAULT_CALLING_AE})",
-    )
+    receiver_arguments(parser)
     parser.add_argument(
         "--objects",
         type=Path,

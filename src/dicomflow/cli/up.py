@@ -74,26 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help="state folder (default: ./dicomflow-data)",
     )
-    parser.add_argument(
-        "--port", type=int, default=11112, help="DICOM port to listen on (default: 11112)"
-    )
-    parser.add_argument(
-        "--host",
-        default="0.0.0.0",  # noqa: S104 (a DICOM receiver)
-        help="address to listen on (default: all interfaces)",
-    )
-    parser.add_argument(
-        "--ae-title",
-        default="DICOMFLOW",
-        help="called AE title of the receiver (default: DICOMFLOW)",
-    )
-    parser.add_argument(
-        "--allow-ae",
-        action="append",
-        metavar="CALLING_AET",
-        dest="allow_ae",
-        help=f"calling AE title allowed to send; repeat for more (default: {DEFAULT_CALLING_AE})",
-    )
+    receiver_arguments(parser)
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -131,6 +112,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "authenticates with its own least-privilege NKey user",
     )
     parser.set_defaults(func=run)
+
+
+def receiver_arguments(parser: argparse.ArgumentParser) -> None:
+    """The DICOM receiver's options, alike in `up` and `edge`."""
+    parser.add_argument(
+        "--port", type=int, default=11112, help="DICOM port to listen on (default: 11112)"
+    )
+    parser.add_argument(
+        "--host",
+        default="0.0.0.0",  # noqa: S104 (a DICOM receiver)
+        help="address to listen on (default: all interfaces)",
+    )
+    parser.add_argument(
+        "--ae-title",
+        default="DICOMFLOW",
+        help="called AE title of the receiver (default: DICOMFLOW)",
+    )
+    parser.add_argument(
+        "--allow-ae",
+        action="append",
+        metavar="CALLING_AET",
+        dest="allow_ae",
+        help=f"calling AE title allowed to send; repeat for more (default: {DEFAULT_CALLING_AE})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
