@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -29,10 +30,17 @@ from dicomflow.shared.dicom import dicomtls
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.nats.transport import Transport
-from dicomflow.shared.patches import REACTORS, SCP_PDU_LIMIT, SCP_TLS_SERVER, reactors
+from dicomflow.shared.patches import (
+    REACTORS,
+    SCP_PDU_LIMIT,
+    SCP_REUSE_PORT,
+    SCP_TLS_SERVER,
+    reactors,
+)
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.metrics import Metrics
 from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,29 @@ def check_client_aes(scp: ScpSettings) -> None:
             )
 
 
+def _reuse_port(server: Any) -> None:
+    """SO_REUSEPORT before the bind: several gateway processes listen on one port and the
+    kernel spreads the connections among them (pynetdicom's ``server_bind`` sets
+    SO_REUSEADDR only, and ignores socketserver's ``allow_reuse_port``)."""
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's server, bound with SO_REUSEPORT (``scp.reuse_port``)."""
+
+    def server_bind(self) -> None:
+        _reuse_port(self)
+        super().server_bind()
+
+
+class ReusePortTlsServer(TlsAssociationServer):
+    """The TLS listener, bound with SO_REUSEPORT."""
+
+    def server_bind(self) -> None:
+        _reuse_port(self)
+        super().server_bind()
+
+
 def start_servers(
     ae: AE,
     scp: ScpSettings,
@@ -105,8 +136,17 @@ def start_servers(
 ) -> list[Any]:
     """The plain and/or the TLS association server, listening, in their own threads."""
     servers: list[Any] = []
+    reuse_port = scp.reuse_port and SCP_REUSE_PORT.install()
     if context is None or scp.tls.plain_listener:
-        servers.append(ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers))
+        if reuse_port:
+            server = ae.make_server(
+                (scp.host, scp.port), evt_handlers=handlers, server_class=ReusePortServer
+            )
+            servers.append(_listen(ae, server, "AcceptorServer"))
+        else:
+            servers.append(
+                ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers)
+            )
     if context is not None:
         scp_metrics.of(metrics).tls_at_zero(dicomtls.REFUSAL_KINDS)
         handshakes = scp_metrics.of(metrics).scp_tls_handshakes
@@ -129,15 +169,21 @@ def start_servers(
             (scp.host, scp.tls.port),
             ssl_context=context,
             evt_handlers=tls_handlers,
-            server_class=TlsAssociationServer,
+            server_class=ReusePortTlsServer if reuse_port else TlsAssociationServer,
             handshake_timeout=scp.tls.handshake_timeout,
             on_handshake=lambda outcome: handshakes.labels(outcome).inc(),
         )
-        # What AE.start_server(block=False) does, with our server class.
-        threading.Thread(target=server.serve_forever, name="DicomTlsAcceptor", daemon=True).start()
-        ae._servers.append(server)  # so that AssociationServer.shutdown finds it
-        servers.append(server)
+        servers.append(_listen(ae, server, "DicomTlsAcceptor"))
     return servers
+
+
+def _listen(ae: AE, server: Any, thread: str) -> Any:
+    """What AE.start_server(block=False) does with a server of our own class: serve in a
+    daemon thread, registered in AE._servers (where AssociationServer.shutdown removes
+    it); only on the pynetdicom the fences named at the call verified."""
+    threading.Thread(target=server.serve_forever, name=thread, daemon=True).start()
+    ae._servers.append(server)
+    return server
 
 
 async def serve(settings: ScpGatewaySettings, stop: asyncio.Event, telemetry: Telemetry) -> None:

@@ -16,6 +16,11 @@ class ScpSettings(Section):
     ae_title: AETitle = Field(default="DICOMFLOW", min_length=1, max_length=16)
     host: str = "0.0.0.0"  # noqa: S104  (a DICOM receiver listens on the imaging network)
     port: int = Field(default=11112, ge=0, lt=65536)
+    reuse_port: bool = Field(
+        default=False,
+        description="listen with SO_REUSEPORT, so that several gateway processes on one host "
+        "share the port (the kernel spreads the connections); `up --replicas` sets it",
+    )
     allowed_calling_aes: list[AETitle] = Field(default_factory=list)
     accept_any_calling_ae: bool = False
     max_associations: int = Field(default=32, ge=1)

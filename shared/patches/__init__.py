@@ -20,6 +20,7 @@ __all__ = [
     "PROCESS_EXIT",
     "REACTORS",
     "SCP_PDU_LIMIT",
+    "SCP_REUSE_PORT",
     "SCP_SPOOL",
     "SCP_TLS_SERVER",
     "SCU_PDATA",
@@ -67,6 +68,15 @@ SCP_TLS_SERVER = Fence(
     "the DICOM TLS port is pynetdicom's own server: handshakes run in its accepting "
     "thread, and refused ones are neither logged nor counted",
 )
+# services/scp_gateway/service.py, start_servers: a listener made with SO_REUSEPORT (made
+# by AE.make_server, registered in AE._servers as AE.start_server would).
+SCP_REUSE_PORT = Fence(
+    "scp_reuse_port",
+    PYNETDICOM,
+    _PYNETDICOM,
+    "scp.reuse_port is ignored: one gateway process alone can listen on the DICOM port "
+    "(with `up --replicas`, the others cannot start)",
+)
 # services/scp_gateway/spool.py: pynetdicom's dataset file factory, counted per association.
 SCP_SPOOL = Fence(
     "scp_spool",
@@ -98,6 +108,7 @@ ALL = (
     SCU_RESPONSE,
     SCP_PDU_LIMIT,
     SCP_TLS_SERVER,
+    SCP_REUSE_PORT,
     SCP_SPOOL,
     NATS_IO,
     PROCESS_EXIT,

@@ -55,6 +55,7 @@ def installers(spool: Spool) -> dict[str, Callable[[], bool]]:
         "scu_response": response.FENCE.install,
         "scp_pdu_limit": patches.SCP_PDU_LIMIT.install,
         "scp_tls_server": patches.SCP_TLS_SERVER.install,
+        "scp_reuse_port": patches.SCP_REUSE_PORT.install,
         "scp_spool": spool.install,
         "nats_io": natsio.install,
         "process_exit": process.install,

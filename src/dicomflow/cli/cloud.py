@@ -22,21 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 import tomllib
 from pathlib import Path
-from types import FrameType
 
 from pydantic import ValidationError
 
 from dicomflow.cli.natsconfig import Bundle, new_seed
-from dicomflow.cli.up import METRICS_PORT_ENV, StopFlag, stage_credentials
+from dicomflow.cli.up import stage_credentials
 from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.sites import CloudDir, SiteBundle
-from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.embedded.supervisor import Supervisor
 from dicomflow.scu_gateway.settings import ScuSettings
 from dicomflow.shared.crypto.sealsign import PUBLIC_NAME, generate_signing_key_pair
 from dicomflow.shared.errors import ConfigError
@@ -211,33 +209,29 @@ def run(args: argparse.Namespace) -> int:
     bundle = cloud.nats
     _server_config(cloud, args, sites)
 
-    stop = StopFlag()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    nats = NatsServer(
-        cloud.nats_store, config_file=bundle.server_config, log_file=cloud.logs / "nats-server.log"
-    ).start()
-    stages: list[StageProcess] = []
-    try:
+    with Supervisor(
+        cloud.config,
+        cloud.logs,
+        metrics_base=args.metrics_port,
+        metrics_order=(STAGE, ROUTER_STAGE),
+        revive="hub",
+    ) as supervisor:
+        nats = supervisor.start_nats(
+            NatsServer(
+                cloud.nats_store,
+                config_file=bundle.server_config,
+                log_file=cloud.logs / "nats-server.log",
+            )
+        )
         admin = NatsSettings(servers=[nats.url], nkey_seed_file=bundle.seed(ADMIN))
         asyncio.run(_topology(admin, sites))
         config = _config(cloud, nats.url, bundle)
         if scu is not None:
             config["scu"] = scu
         cloud.config.write_text(to_toml(config))
-        for i, name in enumerate((STAGE, ROUTER_STAGE) if scu is not None else (STAGE,)):
-            env = {
-                **stage_env(cloud.config),
-                **stage_credentials(bundle, name, tls=False),
-                METRICS_PORT_ENV: str(0 if args.metrics_port == 0 else args.metrics_port + i),
-            }
-            stages.append(StageProcess(name, cloud.config, cloud.logs, env))
-        for stage in stages:
-            stage.start()
+        for name in (STAGE, ROUTER_STAGE) if scu is not None else (STAGE,):
+            supervisor.add(name, stage_credentials(bundle, name, tls=False))
+        supervisor.start()
         print(
             f"\ndicomflow cloud is up.\n"
             f"  Leafnode listener: {args.leafnode_host}:{args.leafnode_port} (TLS, client "
@@ -252,25 +246,22 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         next_look = time.monotonic() + SITES_INTERVAL
-        while not stop.wait(0.5):
-            if nats.revive():
-                print("dicomflow: the hub nats-server died; restarted it", file=sys.stderr)
-            for stage in stages:
-                stage.supervise()
-            if time.monotonic() >= next_look:
-                next_look = time.monotonic() + SITES_INTERVAL
-                try:
-                    added = cloud.registered()
-                except ValueError:  # a registration being written: next time
-                    continue
-                if added != sites:
-                    sites = added
-                    _take_into_use(cloud, args, sites, nats, admin, stages, scu)
+
+        def look_for_sites() -> None:
+            nonlocal next_look, sites
+            if time.monotonic() < next_look:
+                return
+            next_look = time.monotonic() + SITES_INTERVAL
+            try:
+                added = cloud.registered()
+            except ValueError:  # a registration being written: next time
+                return
+            if added != sites:
+                sites = added
+                _take_into_use(cloud, args, sites, nats, admin, supervisor, scu)
+
+        supervisor.run(every=look_for_sites)
         print("dicomflow: stopping...", file=sys.stderr)
-    finally:
-        for stage in reversed(stages):
-            stage.stop()
-        nats.stop()
     print("dicomflow: stopped.", file=sys.stderr)
     return 0
 
@@ -301,7 +292,7 @@ def _take_into_use(
     sites: dict[str, str],
     nats: NatsServer,
     admin: NatsSettings,
-    stages: list[StageProcess],
+    supervisor: Supervisor,
     scu: dict[str, object] | None,
 ) -> None:
     """A site was added while the cloud runs (`cloud add-site`): the hub re-reads its
@@ -315,9 +306,7 @@ def _take_into_use(
     if scu is not None:
         config["scu"] = scu
     cloud.config.write_text(to_toml(config))
-    for stage in stages:
-        stage.stop()
-        stage.start()
+    supervisor.restart()
     print(
         f"dicomflow cloud: sites now {', '.join(sorted(sites))} (config reloaded)",
         file=sys.stderr,

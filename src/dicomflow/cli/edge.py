@@ -22,26 +22,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import cast
 
 from dicomflow.cli.natsconfig import Bundle, new_seed
 from dicomflow.cli.up import (
     DEFAULT_CALLING_AE,
-    METRICS_PORT_ENV,
     WARNING,
-    StopFlag,
-    _wait_for_port,
     forwarding,
+    receiver_arguments,
     stage_credentials,
 )
 from dicomflow.embedded.layout import to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from dicomflow.embedded.sites import EdgeDir, SiteBundle
-from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.embedded.supervisor import Supervisor
 from dicomflow.scp_gateway.settings import ScpSettings
 from dicomflow.shared.crypto.keyring import generate_master_key_file
 from dicomflow.shared.errors import ConfigError
@@ -77,20 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help="state folder (default: ./dicomflow-edge)",
     )
-    parser.add_argument("--port", type=int, default=11112, help="DICOM port (default: 11112)")
-    parser.add_argument(
-        "--host",
-        default="0.0.0.0",  # noqa: S104 (a DICOM receiver)
-        help="address the DICOM receiver listens on (default: all interfaces)",
-    )
-    parser.add_argument("--ae-title", default="DICOMFLOW", help="called AE title")
-    parser.add_argument(
-        "--allow-ae",
-        action="append",
-        metavar="CALLING_AET",
-        dest="allow_ae",
-        help=f"calling AE title allowed to send; repeat for more (default: {DEFAULT_CALLING_AE})",
-    )
+    receiver_arguments(parser)
     parser.add_argument(
         "--objects",
         type=Path,
@@ -153,43 +136,30 @@ def run(args: argparse.Namespace) -> int:
         ).encode(),
     )
 
-    stop = StopFlag()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    nats = NatsServer(data.nats_store, config_file=bundle.server_config).start()
-    stages: list[StageProcess] = []
-    try:
+    with Supervisor(
+        data.config,
+        data.logs,
+        metrics_base=args.metrics_port,
+        metrics_order=(*STAGE_ORDER, SCU_STAGE),
+        revive="leaf",
+    ) as supervisor:
+        nats = supervisor.start_nats(NatsServer(data.nats_store, config_file=bundle.server_config))
         config = _config(data, nats.url, args, allowed, bundle)
         if scu is not None:
             config["scu"] = scu
         data.config.write_text(to_toml(config))
         asyncio.run(_topology(nats.url, bundle, site))
-        env = stage_env(data.config)
-        names = (SCU_STAGE, *STAGE_ORDER) if scu is not None else STAGE_ORDER
-        offsets = {name: i for i, name in enumerate((*STAGE_ORDER, SCU_STAGE))}
-        for name in names:
-            port = 0 if args.metrics_port == 0 else args.metrics_port + offsets[name]
-            extra = {SEALED_SEED_ENV: str(bundle.seed(hybridconfig.SEALED_SCU))}
-            stages.append(
-                StageProcess(
-                    name,
-                    data.config,
-                    data.logs,
-                    {
-                        **env,
-                        **stage_credentials(bundle, name, tls=False),
-                        **(extra if name == SCU_STAGE else {}),
-                        METRICS_PORT_ENV: str(port),
-                    },
-                )
+        sealed = {SEALED_SEED_ENV: str(bundle.seed(hybridconfig.SEALED_SCU))}
+        for name in (SCU_STAGE, *STAGE_ORDER) if scu is not None else STAGE_ORDER:
+            supervisor.add(
+                name,
+                {
+                    **stage_credentials(bundle, name, tls=False),
+                    **(sealed if name == SCU_STAGE else {}),
+                },
             )
-        for stage in stages:
-            stage.start()
-        if _wait_for_port(args.host, args.port, stop, stages):
+        supervisor.start()
+        if supervisor.wait_for_port(args.host, args.port):
             print(
                 f"\ndicomflow edge {site} is up.\n"
                 f"  Send DICOM to:     AE title {args.ae_title}, port {args.port} "
@@ -205,16 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        while not stop.wait(0.5):
-            if nats.revive():
-                print("dicomflow: the leaf nats-server died; restarted it", file=sys.stderr)
-            for stage in stages:
-                stage.supervise()
+        supervisor.run()
         print("dicomflow: stopping (in-flight work finishes first)...", file=sys.stderr)
-    finally:
-        for stage in reversed(stages):
-            stage.stop()
-        nats.stop()
     print("dicomflow: stopped.", file=sys.stderr)
     return 0
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import socket
 import sys
-import time
 from pathlib import Path
-from types import FrameType
 
 from pydantic import ValidationError
 
@@ -18,7 +14,7 @@ from dicomflow.cli.natsconfig import Bundle, write_bundle
 from dicomflow.embedded.datalock import DataDirLock
 from dicomflow.embedded.layout import DataDir, to_toml
 from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
-from dicomflow.embedded.supervisor import StageProcess, stage_env
+from dicomflow.embedded.supervisor import Supervisor, metrics_port
 from dicomflow.scp_gateway.settings import ScpSettings
 from dicomflow.scu_gateway.settings import ScuSettings
 from dicomflow.shared.crypto.keyring import generate_master_key_file
@@ -28,8 +24,11 @@ from dicomflow.shared.settings import NatsSettings, problems
 
 STAGE_ORDER = ("store-writer", "encryptor", "scp-gateway")  # started downstream first
 SCU_STAGE = "scu-gateway"  # runs with --forward, started before the others
-METRICS_OFFSETS = {name: i for i, name in enumerate((*STAGE_ORDER, SCU_STAGE))}
-METRICS_PORT_ENV = "DICOMFLOW_TELEMETRY__METRICS_PORT"
+METRICS_ORDER = (*STAGE_ORDER, SCU_STAGE)  # the stages' metrics ports from --metrics-port
+# --replicas runs this many processes of each of these (the scu-gateway stays one): the
+# consumer stages share their durable consumer, the gateways the DICOM port.
+REPLICATED = frozenset(STAGE_ORDER)
+MAX_REPLICAS = 16
 SEED_ENV = "DICOMFLOW_NATS__NKEY_SEED_FILE"
 MANAGE_TOPOLOGY_ENV = "DICOMFLOW_NATS__MANAGE_TOPOLOGY"
 CERT_ENV = "DICOMFLOW_NATS__TLS__CERT_FILE"
@@ -51,31 +50,6 @@ WARNING = """
 *  keep it in a secret store, and configure [encryption.master_key].
 ************************************************************************************
 """
-
-
-class StopFlag:
-    """Set from a signal handler, polled by the main loop.
-
-    Not a ``threading.Event``: its ``set`` takes a lock that ``wait`` holds, so a signal
-    arriving while the main thread waits on it deadlocks (seen with a second SIGTERM).
-    Setting a plain attribute is safe at any point.
-    """
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def wait(self, seconds: float) -> bool:
-        """Sleep up to ``seconds`` (in short steps); True once the flag is set."""
-        deadline = time.monotonic() + seconds
-        while not self._set and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self._set
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,34 +76,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help="state folder (default: ./dicomflow-data)",
     )
-    parser.add_argument(
-        "--port", type=int, default=11112, help="DICOM port to listen on (default: 11112)"
-    )
-    parser.add_argument(
-        "--host",
-        default="0.0.0.0",  # noqa: S104 (a DICOM receiver)
-        help="address to listen on (default: all interfaces)",
-    )
-    parser.add_argument(
-        "--ae-title",
-        default="DICOMFLOW",
-        help="called AE title of the receiver (default: DICOMFLOW)",
-    )
-    parser.add_argument(
-        "--allow-ae",
-        action="append",
-        metavar="CALLING_AET",
-        dest="allow_ae",
-        help=f"calling AE title allowed to send; repeat for more (default: {DEFAULT_CALLING_AE})",
-    )
+    receiver_arguments(parser)
     parser.add_argument(
         "--metrics-port",
         type=int,
         default=DEFAULT_METRICS_PORT,
         metavar="PORT",
         help="first of the loopback ports serving each stage's /metrics, /livez and /readyz "
-        "(one per stage, in the order store-writer, encryptor, scp-gateway, scu-gateway; 0: free "
-        f"ports, logged by each stage; default: {DEFAULT_METRICS_PORT})",
+        "(one per stage, in the order store-writer, encryptor, scp-gateway, scu-gateway, then "
+        "the same four again for each further replica; 0: free ports, logged by each stage; "
+        f"default: {DEFAULT_METRICS_PORT})",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes of each stage but the scu-gateway: the encryptors and store-writers "
+        "share their work, the scp-gateways share the DICOM port (each its own log, "
+        f"DIR/logs/STAGE-2.log..., and metrics port; 1-{MAX_REPLICAS}, default: 1)",
     )
     parser.add_argument(
         "--forward",
@@ -151,11 +116,41 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(func=run)
 
 
+def receiver_arguments(parser: argparse.ArgumentParser) -> None:
+    """The DICOM receiver's options, alike in `up` and `edge`."""
+    parser.add_argument(
+        "--port", type=int, default=11112, help="DICOM port to listen on (default: 11112)"
+    )
+    parser.add_argument(
+        "--host",
+        default="0.0.0.0",  # noqa: S104 (a DICOM receiver)
+        help="address to listen on (default: all interfaces)",
+    )
+    parser.add_argument(
+        "--ae-title",
+        default="DICOMFLOW",
+        help="called AE title of the receiver (default: DICOMFLOW)",
+    )
+    parser.add_argument(
+        "--allow-ae",
+        action="append",
+        metavar="CALLING_AET",
+        dest="allow_ae",
+        help=f"calling AE title allowed to send; repeat for more (default: {DEFAULT_CALLING_AE})",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
-    if not 0 <= args.metrics_port < 65536 - len(METRICS_OFFSETS):
-        raise ConfigError(f"--metrics-port {args.metrics_port} is not a TCP port (0-65531)")
+    if not 1 <= args.replicas <= MAX_REPLICAS:
+        raise ConfigError(f"--replicas {args.replicas}: run 1 to {MAX_REPLICAS} of each stage")
+    last = 65536 - len(METRICS_ORDER) * args.replicas
+    if not 0 <= args.metrics_port < last:
+        raise ConfigError(
+            f"--metrics-port {args.metrics_port} is not a TCP port that leaves room for every "
+            f"stage's (0-{last - 1})"
+        )
     allowed = args.allow_ae or [DEFAULT_CALLING_AE]
     ScpSettings(ae_title=args.ae_title, allowed_calling_aes=allowed)  # validates AE titles
     scu = forwarding(args.forward, args.ae_title)
@@ -171,6 +166,8 @@ def _run(
     for folder in (data.objects, data.keys, data.logs):
         folder.mkdir(parents=True, exist_ok=True)
     data.keys.chmod(0o700)
+    # Made here, private, rather than by the first of several gateways to start.
+    data.spool.mkdir(mode=0o700, exist_ok=True)
     if not data.dev_key.exists():
         generate_master_key_file(data.dev_key)
         print(WARNING.format(path=data.dev_key), file=sys.stderr)
@@ -179,14 +176,6 @@ def _run(
     if not (data.signing / PRIVATE_NAME).exists():
         data.signing.mkdir(mode=0o700, exist_ok=True)
         generate_signing_key_pair(data.signing)  # refuses if only half a pair is there
-
-    stop = StopFlag()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
 
     bundle = Bundle(data.nats_security)
     write_bundle(
@@ -199,41 +188,32 @@ def _run(
         reuse=True,
     )
     # Every child is started from this (the main) thread and ends with this process.
-    nats = NatsServer(data.nats_store, config_file=bundle.server_config, owned=True).start()
-    stages: list[StageProcess] = []
-    try:
+    with Supervisor(
+        data.config,
+        data.logs,
+        metrics_base=args.metrics_port,
+        metrics_order=METRICS_ORDER,
+        owned=True,
+    ) as supervisor:
+        nats = supervisor.start_nats(
+            NatsServer(data.nats_store, config_file=bundle.server_config, owned=True)
+        )
         config = _config(data, nats.url, args, allowed, bundle)
         if scu is not None:
             config["scu"] = scu
         data.config.write_text(to_toml(config))
         asyncio.run(topology.setup(NatsSettings.model_validate(config["nats"])))
-        env = stage_env(data.config)
-        stages = [
-            StageProcess(
+        for name in ((SCU_STAGE,) if scu is not None else ()) + STAGE_ORDER:
+            supervisor.add(
                 name,
-                data.config,
-                data.logs,
-                {
-                    **env,
-                    **stage_credentials(bundle, name, tls=args.nats_tls),
-                    METRICS_PORT_ENV: str(_metrics_port(args, name)),
-                },
-                owned=True,
+                stage_credentials(bundle, name, tls=args.nats_tls),
+                replicas=args.replicas if name in REPLICATED else 1,
             )
-            for name in ((SCU_STAGE,) if scu is not None else ()) + STAGE_ORDER
-        ]
-        for stage in stages:
-            stage.start()
-        if _wait_for_port(args.host, args.port, stop, stages):
+        supervisor.start()
+        if supervisor.wait_for_port(args.host, args.port):
             _banner(args, allowed, data, nats.url)
-        while not stop.wait(0.5):
-            for stage in stages:
-                stage.supervise()
+        supervisor.run()
         print("dicomflow: stopping (in-flight work finishes first)...", file=sys.stderr)
-    finally:
-        for stage in reversed(stages):
-            stage.stop()
-        nats.stop()
     print("dicomflow: stopped.", file=sys.stderr)
     return 0
 
@@ -269,8 +249,11 @@ def _config(
             "host": args.host,
             "port": args.port,
             "allowed_calling_aes": allowed,
-            # received datasets stay in the data folder (the gateway makes it 0700)
+            # received datasets stay in the data folder (0700), each gateway in a folder of
+            # its own inside it
             "spool_dir": data.spool,
+            # with --replicas, every gateway process listens on the one DICOM port
+            **({"reuse_port": True} if args.replicas > 1 else {}),
         },
         "storage": {"backend": "local", "local_path": data.objects, "layout": "flat"},
         "encryption": {
@@ -312,30 +295,16 @@ def forwarding(specs: list[str], calling_ae: str) -> dict[str, object] | None:
     return table
 
 
-def _metrics_port(args: argparse.Namespace, stage: str) -> int:
-    return 0 if args.metrics_port == 0 else int(args.metrics_port) + METRICS_OFFSETS[stage]
-
-
-def _wait_for_port(host: str, port: int, stop: StopFlag, stages: list[StageProcess]) -> bool:
-    probe = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
-    deadline = time.monotonic() + 60
-    while not stop.is_set() and time.monotonic() < deadline:
-        try:
-            with socket.create_connection((probe, port), timeout=0.5):
-                return True
-        except OSError:
-            for stage in stages:
-                stage.supervise()
-            stop.wait(0.2)
-    return False
-
-
 def _metrics_urls(args: argparse.Namespace) -> str:
     if args.metrics_port == 0:
         return "free loopback ports, logged in each stage's log"
     stages = (*STAGE_ORDER, SCU_STAGE) if args.forward else STAGE_ORDER
     return ", ".join(
-        f"{name} http://127.0.0.1:{_metrics_port(args, name)}/metrics" for name in stages
+        f"{name if replica == 0 else f'{name}-{replica + 1}'} http://127.0.0.1:"
+        f"{metrics_port(args.metrics_port, METRICS_ORDER, name, replica)}/metrics"
+        for replica in range(args.replicas)
+        for name in stages
+        if replica == 0 or name in REPLICATED
     )
 
 
@@ -345,6 +314,15 @@ def _forwards(args: argparse.Namespace) -> str:
     return "\n  Forwarded to:      " + ", ".join(args.forward) + " (every stored instance)"
 
 
+def _replicas(args: argparse.Namespace) -> str:
+    if args.replicas == 1:
+        return ""
+    return (
+        f"\n  Replicas:          {args.replicas} processes each of "
+        f"{', '.join(STAGE_ORDER)} (the gateways share port {args.port})"
+    )
+
+
 def _banner(args: argparse.Namespace, allowed: list[str], data: DataDir, nats_url: str) -> None:
     print(
         f"""
@@ -352,7 +330,7 @@ dicomflow is up.
   Send DICOM to:     AE title {args.ae_title}, port {args.port} (listening on {args.host})
   Calling AEs:       {", ".join(allowed)}  (others are rejected; add with --allow-ae)
   For example:       storescu -aet {allowed[0]} -aec {args.ae_title} localhost {args.port} FILE.dcm
-  Encrypted objects: {data.objects}{_forwards(args)}
+  Encrypted objects: {data.objects}{_forwards(args)}{_replicas(args)}
   NATS (JetStream):  {nats_url}, state in {data.nats_store}
   NATS users:        one NKey user per stage, admin for the commands below; seeds and
                      the generated nats-server.conf in {data.nats_security}

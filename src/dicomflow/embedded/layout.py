@@ -1,4 +1,4 @@
-"""Where `dicomflow up --data-dir DIR` keeps its state, and the config it writes there."""
+"""Where `dicomflow up`, `edge` and `cloud` keep their state, and the config they write there."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from dicomflow.shared.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class DataDir:
+class StateDir:
+    """What the state folder of `up`, `edge` and `cloud` holds alike."""
+
     root: Path
 
     @property
@@ -31,6 +33,14 @@ class DataDir:
         return self.root / "keys"
 
     @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+class DataDir(StateDir):
+    """``dicomflow up --data-dir DIR`` (and, with its site bundle, ``edge``)."""
+
+    @property
     def dev_key(self) -> Path:
         return self.keys / "master-1.key"
 
@@ -43,10 +53,6 @@ class DataDir:
     def nats_security(self) -> Path:
         """The generated nats-server config, NKey seeds (0600) and TLS certificates."""
         return self.keys / "nats"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
 
     @property
     def spool(self) -> Path:

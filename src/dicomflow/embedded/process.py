@@ -16,7 +16,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,28 @@ def die_with_parent() -> Callable[[], None] | None:
 
 def terminate(proc: subprocess.Popen[Any] | None, timeout: float) -> bool:
     """Stop ``proc`` if it still runs; True if it had to be killed."""
-    if proc is None or proc.poll() is not None:
-        return False
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return True
-    return False
+    return terminate_all([proc], timeout)[0]
+
+
+def terminate_all(procs: Sequence[subprocess.Popen[Any] | None], timeout: float) -> list[bool]:
+    """SIGTERM to each of ``procs`` still running, then up to ``timeout`` seconds for all
+    of them; SIGKILL whoever is left. For each: whether it had to be killed."""
+    running = [proc is not None and proc.poll() is None for proc in procs]
+    for proc, runs in zip(procs, running, strict=True):
+        if proc is not None and runs:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    killed: list[bool] = []
+    for proc, runs in zip(procs, running, strict=True):
+        if proc is None or not runs:
+            killed.append(False)
+            continue
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            killed.append(True)
+        else:
+            killed.append(False)
+    return killed

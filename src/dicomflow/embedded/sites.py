@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomflow.cli.natsconfig import Bundle
-from dicomflow.embedded.layout import DataDir
+from dicomflow.embedded.layout import DataDir, StateDir
 from dicomflow.shared.crypto.sealsign import PRIVATE_NAME, PUBLIC_NAME
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.nats import zones
@@ -89,31 +89,8 @@ class SiteBundle:
         return SiteBundle(target)
 
 
-@dataclass(frozen=True)
-class CloudDir:
+class CloudDir(StateDir):
     """``dicomflow cloud --data-dir DIR``."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "dicomflow.toml"
-
-    @property
-    def nats_store(self) -> Path:
-        return self.root / "nats"
-
-    @property
-    def objects(self) -> Path:
-        return self.root / "objects"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def keys(self) -> Path:
-        return self.root / "keys"
 
     @property
     def nats(self) -> Bundle:
