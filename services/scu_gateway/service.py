@@ -46,7 +46,7 @@ from dicomflow.scu_gateway.routing import Router
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import BodyKind
 from dicomflow.shared.crypto import keycheck
-from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
+from dicomflow.shared.errors import ConfigError, PermanentError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.patches import reactors
 from dicomflow.shared.settings import ConsumerSettings, DestinationSettings, ScuGatewaySettings
@@ -115,7 +115,7 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
     async def handle(msg: Msg) -> AfterAck | None:
         try:
             after_ack = await handler(msg)
-        except (PermanentError, EnvelopeError):
+        except PermanentError:
             metrics.deliveries.labels(destination, "refused").inc()
             raise
         except Exception:
