@@ -160,7 +160,7 @@ class ErrorTable:
 
     def target(self, exc: BaseException) -> type[DicomflowError] | None:
         """The dicomflow type ``exc`` becomes, or None where it leaves unchanged."""
-        if isinstance(exc, DicomflowError) or isinstance(exc, self.answers):
+        if isinstance(exc, (DicomflowError, *self.answers)):
             return None
         for source, target in self.rows:
             if isinstance(exc, source):
