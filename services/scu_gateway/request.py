@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import H_OBJECT_KEY, BodyKind, Instance
-from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
+from dicomflow.shared.errors import ContractViolation
+from dicomflow.shared.nats.errormap import nats_errors
 from dicomflow.shared.storage.index import Record
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 H_DESTINATION = "Dicomflow-Destination"
@@ -122,12 +122,10 @@ async def publish(
     """Queue ``req`` (with ``body``, the sealed object, if relayed) on its destination's
     subject (at ``site`` of the hybrid edge, if given); BrokerUnavailable unless
     acknowledged."""
-    try:
+    with nats_errors("could not queue a delivery request"):
         await js.publish(
             subjects.deliver_subject(req.destination, site),
             body,
             headers=req.headers(),
             timeout=publish_timeout,
         )
-    except (NatsError, TimeoutError) as exc:
-        raise BrokerUnavailable(f"could not queue a delivery request: {exc!r}") from exc

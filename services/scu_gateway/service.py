@@ -49,7 +49,7 @@ from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import BodyKind
 from dicomflow.shared.crypto import keycheck
 from dicomflow.shared.crypto.keyload import load_keyring
-from dicomflow.shared.errors import ConfigError, EnvelopeError, PermanentError
+from dicomflow.shared.errors import ConfigError, PermanentError
 from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.patches import reactors
 from dicomflow.shared.settings import ConsumerSettings
@@ -118,7 +118,7 @@ def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
     async def handle(msg: Msg) -> AfterAck | None:
         try:
             after_ack = await handler(msg)
-        except (PermanentError, EnvelopeError):
+        except PermanentError:
             scu_metrics.of(metrics).deliveries.labels(destination, "refused").inc()
             raise
         except Exception:

@@ -45,6 +45,7 @@ from dicomflow.shared.crypto.keyload import load_verifier
 from dicomflow.shared.crypto.sealsign import SealVerifier
 from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
 from dicomflow.shared.nats import blobsweeper, hybridtopology, natsconn, topology
+from dicomflow.shared.nats.errormap import nats_errors
 from dicomflow.shared.nats.transport import BlobMissing, Transport
 from dicomflow.shared.settings import StorageSettings
 from dicomflow.shared.stage.consumer import AfterAck, Consumer
@@ -56,7 +57,6 @@ from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.metrics import Metrics
 from dicomflow.store_writer.settings import DuplicatePolicy, StoreWriterSettings
 from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
@@ -238,15 +238,13 @@ class StoreWriter:
         headers[messages.H_MSG_ID] = f"stored:{record.object_key}:{instance.sha256}"
         headers[messages.H_OBJECT_KEY] = record.object_key
         headers[messages.H_SEALED_BODY] = instance.body.value
-        try:
+        with nats_errors("could not publish the dicom.stored event"):
             await self._js.publish(
                 subjects.stored_subject(instance.called_ae, instance.calling_ae),
                 b"",
                 headers=headers,
                 timeout=self._timeout,
             )
-        except (NatsError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"could not publish the dicom.stored event: {exc!r}") from exc
 
 
 async def _timed(metrics: Metrics, operation: str, request: Callable[[], Awaitable[T]]) -> T:

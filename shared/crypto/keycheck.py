@@ -17,8 +17,8 @@ import logging
 
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
-from dicomflow.shared.errors import BrokerUnavailable, ConfigError
-from nats.errors import Error as NatsError
+from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.nats.errormap import nats_errors
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -44,11 +44,9 @@ async def check(js: JetStreamContext, keyring: KeyRing, *, record: bool = True) 
             f"the {subjects.KEYS_BUCKET} bucket is missing: run `dicomflow topology` "
             "(or `dicomflow up`) with this version first"
         ) from None
-    try:
+    with nats_errors("could not check the master keys"):
         for key in keyring.keys:
             await _check_key(kv, key, record)
-    except NatsError as exc:
-        raise BrokerUnavailable(f"could not check the master keys: {exc!r}") from exc
 
 
 async def _check_key(kv: KeyValue, key: MasterKey, record: bool) -> None:

@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.contracts.messages import H_BLOB
+from dicomflow.shared.nats import errormap
 from dicomflow.shared.nats.transport import purge_blob
 from dicomflow.shared.settings import NatsSettings
 from dicomflow.shared.stage.consumer import Consumer
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -146,9 +146,10 @@ async def run_periodically(
     """Sweep now and every ``interval`` seconds until ``stop``; failures are retried."""
     while not stop.is_set():
         try:
-            await sweep(js, grace, buckets)
-        except (NatsError, TimeoutError) as exc:
-            log.warning("blob sweep failed, will retry: %r", exc)
+            with errormap.nats_errors("blob sweep failed"):
+                await sweep(js, grace, buckets)
+        except errormap.RETRY_LATER as exc:
+            log.warning("%s; will retry", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
 

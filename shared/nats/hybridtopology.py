@@ -36,9 +36,8 @@ import time
 from collections.abc import AsyncIterator, Iterable
 
 from dicomflow.shared.contracts import subjects
-from dicomflow.shared.nats import topology, zones
+from dicomflow.shared.nats import errormap, topology, zones
 from dicomflow.shared.settings import ConsumerSettings, NatsSettings
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -279,8 +278,9 @@ async def run_janitor(js: JetStreamContext, stop: asyncio.Event) -> None:
     """``clear_uplinked`` now and every ``JANITOR_INTERVAL`` seconds until ``stop``."""
     while not stop.is_set():
         try:
-            await clear_uplinked(js)
-        except (NatsError, TimeoutError) as exc:
-            log.warning("uplink janitor failed, will retry: %r", exc)
+            with errormap.nats_errors("uplink janitor failed"):
+                await clear_uplinked(js)
+        except errormap.RETRY_LATER as exc:
+            log.warning("%s; will retry", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=JANITOR_INTERVAL)

@@ -19,11 +19,10 @@ import nkeys
 from dicomflow.shared.crypto.keyfiles import read_key_file
 from dicomflow.shared.crypto.tlsfiles import load_ca, load_chain
 from dicomflow.shared.errors import BrokerUnavailable, ConfigError
+from dicomflow.shared.nats.errormap import nats_errors
 from dicomflow.shared.patches import natsio
 from dicomflow.shared.settings import NatsSettings
 from nats.aio.client import Client
-from nats.errors import Error as NatsError
-from nats.errors import NoServersError
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +43,23 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
 
     while True:
         try:
-            nc = await _connect(
-                servers=settings.servers,
-                name=f"dicomflow-{name}",
-                connect_timeout=settings.connect_timeout,
-                **security,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1.0,
-                error_cb=_on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=_on_reconnect,
-            )
-        except (NoServersError, NatsError, OSError, TimeoutError) as exc:
+            with nats_errors("could not connect to NATS"):
+                nc = await _connect(
+                    servers=settings.servers,
+                    name=f"dicomflow-{name}",
+                    connect_timeout=settings.connect_timeout,
+                    **security,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1.0,
+                    error_cb=_on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=_on_reconnect,
+                )
+        except BrokerUnavailable as exc:
             if stop is not None and stop.is_set():
                 raise
-            log.warning("NATS not reachable (%r); retrying in %.1fs", exc, delay)
+            log.warning("NATS not reachable (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
         else:
@@ -70,7 +70,11 @@ async def connect(settings: NatsSettings, name: str, stop: asyncio.Event | None 
 async def connect_once(settings: NatsSettings, name: str) -> Client:
     """Connect for a command-line tool: fail at once with an actionable message."""
     security = security_options(settings)
-    try:
+    with nats_errors(
+        f"cannot connect to NATS at {', '.join(settings.servers)}",
+        "is dicomflow (or `dicomflow up`) running, and do nats.tls and nats.nkey_seed_file "
+        "match the server?",
+    ):
         return await _connect(
             servers=settings.servers,
             name=f"dicomflow-{name}",
@@ -79,12 +83,6 @@ async def connect_once(settings: NatsSettings, name: str) -> Client:
             allow_reconnect=False,
             max_reconnect_attempts=0,
         )
-    except (NoServersError, NatsError, OSError, TimeoutError) as exc:
-        raise BrokerUnavailable(
-            f"cannot connect to NATS at {', '.join(settings.servers)} "
-            f"({type(exc).__name__}: {exc}); is dicomflow (or `dicomflow up`) running, and "
-            "do nats.tls and nats.nkey_seed_file match the server?"
-        ) from exc
 
 
 async def _connect(**options: Any) -> Client:

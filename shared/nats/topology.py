@@ -41,11 +41,9 @@ from typing import Any
 
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.errors import BrokerUnavailable, ConfigError
-from dicomflow.shared.nats import zones
+from dicomflow.shared.nats import errormap, zones
 from dicomflow.shared.nats.zones import Zone
 from dicomflow.shared.settings import ConsumerSettings, NatsSettings
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -57,7 +55,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +139,7 @@ async def ensure(js: JetStreamContext, nats: NatsSettings, *, migrate: bool = Fa
     while True:
         try:
             await _ensure_once(js, nats, migrate)
-        except (NatsTimeoutError, TimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+        except errormap.NOT_ANSWERING as exc:
             if time.monotonic() + delay > deadline:
                 raise BrokerUnavailable(
                     f"JetStream did not complete the topology setup within {SETUP_DEADLINE:g} s "

@@ -36,12 +36,13 @@ from typing import IO
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.contracts.messages import BodyKind, Instance
 from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
+from dicomflow.shared.nats.errormap import nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ObjectInfo, ObjectMetaOptions, PubAck
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
 
@@ -126,12 +127,10 @@ class Transport:
         return sent
 
     async def _publish(self, subject: str, data: bytes, sent: Instance) -> PubAck:
-        try:
+        with nats_errors("JetStream did not acknowledge the publish"):
             return await self._js.publish(
                 subject, data, timeout=self._timeout, headers=sent.headers()
             )
-        except (NatsError, TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(f"JetStream did not acknowledge the publish: {exc!r}") from exc
 
     async def put_blob(self, name: str, body: AsyncIterator[bytes]) -> tuple[int, str]:
         """Write what ``body`` yields as the blob ``name``, in the JetStream object-store
@@ -150,10 +149,8 @@ class Transport:
         (where this user may purge); a crash leaves chunks without metadata, which the
         blob sweeper removes.
         """
-        try:
+        with nats_errors("JetStream did not acknowledge the blob"):
             return await self._put_blob(name, body)
-        except (NatsError, TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(f"JetStream did not acknowledge the blob: {exc!r}") from exc
 
     async def _put_blob(self, name: str, body: AsyncIterator[bytes]) -> tuple[int, str]:
         bucket = _bucket_of(name)
@@ -232,14 +229,12 @@ class Transport:
     async def _open_blob(self, instance: Instance) -> tuple[IO[bytes], str]:
         spool = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115 (returned)
         try:
-            digest = await self._read_blob(instance.blob, spool)
-            spool.seek(0)
-        except (NotFoundError, ObjectNotFoundError) as exc:
+            with nats_errors(f"could not read blob {instance.blob}"):
+                digest = await self._read_blob(instance.blob, spool)
+                spool.seek(0)
+        except NotFoundError as exc:
             spool.close()
             raise BlobMissing(f"blob {instance.blob} named by the message does not exist") from exc
-        except (NatsError, TimeoutError) as exc:
-            spool.close()
-            raise BrokerUnavailable(f"could not read blob {instance.blob}: {exc!r}") from exc
         except BaseException:
             spool.close()
             raise
@@ -272,13 +267,12 @@ class Transport:
         """
         chunks = self._blob_chunks(instance.blob, None)
         try:
-            async with contextlib.aclosing(chunks):
-                async for data in chunks:
-                    yield data
-        except (NotFoundError, ObjectNotFoundError) as exc:
+            with nats_errors(f"could not read blob {instance.blob}"):
+                async with contextlib.aclosing(chunks):
+                    async for data in chunks:
+                        yield data
+        except NotFoundError as exc:
             raise BlobMissing(f"blob {instance.blob} named by the message does not exist") from exc
-        except (NatsError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"could not read blob {instance.blob}: {exc!r}") from exc
 
     async def _blob_chunks(
         self, name: str, digest: hashlib._Hash | None
@@ -366,12 +360,13 @@ class Transport:
     async def delete_blob_named(self, name: str) -> None:
         """Best effort, as ``delete_blob``."""
         bucket = _bucket_of(name)
-        with contextlib.suppress(NotFoundError, ObjectNotFoundError):
+        with contextlib.suppress(NotFoundError):
             try:
-                info = await (await self.blobs(bucket)).get_info(name)
-                await purge_blob(self._js, bucket, name, info.nuid)
-            except (NatsError, TimeoutError) as exc:
-                log.warning("could not delete blob: %r", exc)
+                with nats_errors("could not delete the blob"):
+                    info = await (await self.blobs(bucket)).get_info(name)
+                    await purge_blob(self._js, bucket, name, info.nuid)
+            except BrokerUnavailable as exc:
+                log.warning("%s; the blob sweeper will remove it", exc)
 
 
 async def purge_blob(js: JetStreamContext, bucket: str, name: str, nuid: str | None) -> None:

@@ -12,8 +12,9 @@ whose input is plaintext gives a ``letter`` hook that turns the message into wha
 dead-lettered instead (the encryptor seals it: ``Letter``), and whose ``after`` step
 runs once the original is terminated (deleting the plaintext blob).
 
-A failure for want of NATS or storage (``BrokerUnavailable``, ``StorageUnavailable``)
-is first tried again in place for ``consumer.outage_grace`` seconds (``_ride_out``):
+A failure for want of NATS or storage (an ``Outage``: ``BrokerUnavailable``,
+``StorageUnavailable``) is first tried again in place for ``consumer.outage_grace``
+seconds (``_ride_out``):
 an outage of seconds does not spend the message's deliveries.
 
 Every stage's metrics are counted here, once: messages and bytes by outcome, handling
@@ -45,11 +46,11 @@ from dicomflow.shared.contracts.messages import H_SEALED_SIZE, H_SIZE, H_TRACEPA
 from dicomflow.shared.errors import (
     BrokerUnavailable,
     DicomflowError,
-    EnvelopeError,
+    Outage,
     PermanentError,
     ProcessingError,
-    StorageUnavailable,
 )
+from dicomflow.shared.nats.errormap import nats_errors
 from dicomflow.shared.settings import ConsumerSettings
 from dicomflow.shared.stage.budget import ByteBudget
 from dicomflow.shared.stage.disposition import Action, Disposition, backoff, decide
@@ -92,7 +93,7 @@ def dropped(headers: dict[str, str], note: str, after: AfterAck | None = None) -
     return Letter(kept, b"", note, after)
 
 
-OUTAGES = (BrokerUnavailable, StorageUnavailable)  # retried in place (``_ride_out``)
+OUTAGES = (Outage,)  # retried in place (``_ride_out``)
 LAG_INTERVAL = 5.0
 LEFTOVER_INTERVAL = 60.0
 
@@ -246,7 +247,8 @@ class Consumer:
                     stop, "acknowledging", lambda: _ack(msg), self._settings.outage_grace
                 )
             elif outcome.action is Action.NAK:
-                await msg.nak(delay=outcome.delay)
+                with nats_errors("nak failed"):
+                    await msg.nak(delay=outcome.delay)
             else:
                 extra = error.dead_letter_headers() if isinstance(error, ProcessingError) else {}
                 # Not settled, a message on its last delivery would get none to come and
@@ -258,10 +260,11 @@ class Consumer:
                     lambda: self._dead_letter(msg, outcome.reason, delivered, extra),
                     grace=None,
                 )
-                await msg.term()
+                with nats_errors("term failed"):
+                    await msg.term()
                 if after is not None:
                     await after()
-                permanent = isinstance(error, PermanentError | EnvelopeError)
+                permanent = isinstance(error, PermanentError)
                 kind = "permanent" if permanent else "exhausted"
                 self._metrics.dead_letters.labels(self._stage, kind).inc()
         except (NatsError, TimeoutError, BrokerUnavailable) as exc:
@@ -339,12 +342,10 @@ class Consumer:
                 **extra,
             }
         )
-        try:
+        with nats_errors("dead-letter publish failed"):
             await self._dlq_js.publish(
                 subjects.dlq_subject(self._stage), data, headers=headers, timeout=10.0
             )
-        except (NatsError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"dead-letter publish failed: {exc!r}") from exc
         return after
 
     async def _watch_lag(self, stop: asyncio.Event) -> None:
@@ -408,10 +409,8 @@ class Consumer:
 
 
 async def _ack(msg: Msg) -> None:
-    try:
+    with nats_errors("ack failed"):
         await msg.ack_sync(timeout=10.0)
-    except (NatsError, TimeoutError) as exc:
-        raise BrokerUnavailable(f"ack failed: {exc!r}") from exc
 
 
 def _declared_size(msg: Msg) -> int:

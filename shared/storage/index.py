@@ -19,6 +19,7 @@ from typing import Any
 
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.errors import BrokerUnavailable, StoreError
+from dicomflow.shared.nats.errormap import nats_errors
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -114,32 +115,32 @@ class Index:
 
     async def get(self, key: str) -> tuple[Record, int] | None:
         try:
-            entry = await self._kv.get(key)
+            with nats_errors("index read failed"):
+                entry = await self._kv.get(key)
         except (KeyNotFoundError, KeyDeletedError):
             return None
-        except NatsError as exc:
-            raise BrokerUnavailable(f"index read failed: {exc!r}") from exc
         if entry.value is None or entry.revision is None:
             return None
         return Record.from_json(entry.value), entry.revision
 
     async def create(self, key: str, record: Record) -> int:
         try:
-            return await self._kv.create(key, record.to_json())
+            with nats_errors("index write failed"):
+                try:
+                    return await self._kv.create(key, record.to_json())
+                except NatsError as exc:
+                    if "wrong last sequence" in str(exc):
+                        raise Conflict from exc
+                    raise
         except KeyWrongLastSequenceError as exc:
             raise Conflict from exc
-        except NatsError as exc:
-            if "wrong last sequence" in str(exc):
-                raise Conflict from exc
-            raise BrokerUnavailable(f"index write failed: {exc!r}") from exc
 
     async def update(self, key: str, record: Record, revision: int) -> int:
         try:
-            return await self._kv.update(key, record.to_json(), last=revision)
+            with nats_errors("index write failed"):
+                return await self._kv.update(key, record.to_json(), last=revision)
         except KeyWrongLastSequenceError as exc:
             raise Conflict from exc
-        except NatsError as exc:
-            raise BrokerUnavailable(f"index write failed: {exc!r}") from exc
 
     async def keys(self) -> list[str]:
         """Every live key, in order.
@@ -152,7 +153,7 @@ class Index:
         """
         stream = f"KV_{subjects.INDEX_BUCKET}"
         prefix = f"$KV.{subjects.INDEX_BUCKET}."
-        try:
+        with nats_errors("index listing failed"):
             info = await self._js.stream_info(stream)
             if not info.state.messages:
                 return []
@@ -170,8 +171,6 @@ class Index:
                 headers_only=True,
                 inactive_threshold=60.0,
             )
-        except NatsError as exc:
-            raise BrokerUnavailable(f"index listing failed: {exc!r}") from exc
         keys: list[str] = []
         try:
             while True:

@@ -2,8 +2,9 @@
 
 The same code runs against a local folder, S3, Azure Blob, Google Cloud Storage (see
 ``backends``), or obstore's ``MemoryStore`` in unit tests. Every failure of the backend
-becomes ``StorageUnavailable`` (retried by the consumer), except "not found" and
-"already exists", which callers decide on.
+becomes ``StorageUnavailable`` (an outage, ridden out by the consumer) through the
+storage edge's one table (``errormap``), except "not found" and "already exists", which
+callers decide on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import obstore
 from dicomflow.shared.errors import StorageUnavailable
 from dicomflow.shared.settings import StorageSettings
 from dicomflow.shared.storage import backends
-from obstore.exceptions import AlreadyExistsError, BaseError
+from dicomflow.shared.storage.errormap import storage_errors
+from dicomflow.shared.telemetry.redact import redact
+from obstore.exceptions import AlreadyExistsError
 from obstore.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -71,26 +74,25 @@ async def put(
     """
     attributes = _attributes(settings)
     try:
-        if size <= settings.multipart_chunk_size:
-            mode: Literal["create", "overwrite"] = "create" if create else "overwrite"
-            await obstore.put_async(store, key, body.read(), mode=mode, attributes=attributes)
-            return
-        if create and await exists(store, key):
-            raise ObjectExists(key)
-        await obstore.put_async(
-            store,
-            key,
-            body,
-            use_multipart=True,
-            chunk_size=settings.multipart_chunk_size,
-            max_concurrency=settings.multipart_concurrency,
-            attributes=attributes,
-        )
-        await _check_size(store, key, size)
+        with storage_errors("writing object failed"):
+            if size <= settings.multipart_chunk_size:
+                mode: Literal["create", "overwrite"] = "create" if create else "overwrite"
+                await obstore.put_async(store, key, body.read(), mode=mode, attributes=attributes)
+                return
+            if create and await exists(store, key):
+                raise ObjectExists(key)
+            await obstore.put_async(
+                store,
+                key,
+                body,
+                use_multipart=True,
+                chunk_size=settings.multipart_chunk_size,
+                max_concurrency=settings.multipart_concurrency,
+                attributes=attributes,
+            )
+            await _check_size(store, key, size)
     except AlreadyExistsError as exc:
         raise ObjectExists(key) from exc
-    except (BaseError, OSError) as exc:
-        raise StorageUnavailable(f"writing object failed: {type(exc).__name__}: {exc}") from exc
 
 
 async def _check_size(store: ObjectStore, key: str, size: int) -> None:
@@ -101,8 +103,10 @@ async def _check_size(store: ObjectStore, key: str, size: int) -> None:
     if found != size:
         held = "nothing" if found is None else f"{found} bytes"
         raise StorageUnavailable(
-            f"the store acknowledged the upload of {key} ({size} bytes) but holds {held}; "
-            "writing it again"
+            redact(
+                f"the store acknowledged the upload of {key} ({size} bytes) but holds "
+                f"{held}; writing it again"
+            )
         )
 
 
@@ -115,34 +119,25 @@ def _attributes(settings: StorageSettings) -> Attributes | None:
 
 async def exists(store: ObjectStore, key: str) -> bool:
     try:
-        await obstore.head_async(store, key)
+        with storage_errors("checking object failed"):
+            await obstore.head_async(store, key)
     except FileNotFoundError:
         return False
-    except (BaseError, OSError) as exc:
-        raise StorageUnavailable(f"checking object failed: {type(exc).__name__}: {exc}") from exc
     return True
 
 
 async def size_of(store: ObjectStore, key: str) -> int:
     """The object's size; a missing one raises FileNotFoundError."""
-    try:
+    with storage_errors("checking object failed"):
         return int((await obstore.head_async(store, key))["size"])
-    except FileNotFoundError:
-        raise
-    except (BaseError, OSError) as exc:
-        raise StorageUnavailable(f"checking object failed: {type(exc).__name__}: {exc}") from exc
 
 
 async def read_chunks(store: ObjectStore, key: str) -> AsyncIterator[bytes]:
     """Stream an object; a missing one raises FileNotFoundError."""
-    try:
+    with storage_errors("reading object failed"):
         result = await obstore.get_async(store, key)
         async for chunk in result.stream(min_chunk_size=CHUNK):
             yield bytes(chunk)
-    except FileNotFoundError:
-        raise
-    except (BaseError, OSError) as exc:
-        raise StorageUnavailable(f"reading object failed: {type(exc).__name__}: {exc}") from exc
 
 
 async def sha256_of(store: ObjectStore, key: str) -> str:
@@ -158,9 +153,5 @@ async def read_range(store: ObjectStore, key: str, start: int, end: int) -> byte
     A missing object raises FileNotFoundError; an object shorter than ``end`` returns
     what it has.
     """
-    try:
+    with storage_errors("reading object failed"):
         return bytes(await obstore.get_range_async(store, key, start=start, end=end))
-    except FileNotFoundError:
-        raise
-    except (BaseError, OSError) as exc:
-        raise StorageUnavailable(f"reading object failed: {type(exc).__name__}: {exc}") from exc

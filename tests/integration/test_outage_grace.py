@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import nats
 import pytest
 from dicomflow.shared.errors import BrokerUnavailable, StorageUnavailable, TransientError
 from dicomflow.shared.settings import ConsumerSettings
 from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.storage.index import Index
 from dicomflow.shared.telemetry.bundle import Telemetry
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
+from nats.js.kv import KeyValue
 
 from dicomflow.embedded.natsserver import NatsServer
 
@@ -28,12 +32,16 @@ STREAM = "WORKQ"
 DURABLE = "worker"
 
 
+Failure = Exception | Callable[[JetStreamContext], Awaitable[object]]
+
+
 async def consume_one(
-    server: NatsServer, settings: ConsumerSettings, failures: list[Exception]
+    server: NatsServer, settings: ConsumerSettings, failures: list[Failure]
 ) -> tuple[list[int], int]:
-    """Publish one message and consume it; the handler raises ``failures`` in turn, then
-    succeeds. Returns the delivery number of every handler call and the stream's
-    message count at the end (0: acknowledged)."""
+    """Publish one message and consume it; the handler raises ``failures`` in turn (or
+    awaits one, given the JetStream context, which raises), then succeeds. Returns the
+    delivery number of every handler call and the stream's message count at the end (0:
+    acknowledged)."""
     nc = await nats.connect(server.url)
     js = nc.jetstream()
     await js.add_stream(name=STREAM, subjects=["wq.>"], retention=RetentionPolicy.WORK_QUEUE)
@@ -53,7 +61,10 @@ async def consume_one(
     async def handler(msg: Msg) -> AfterAck | None:
         calls.append(msg.metadata.num_delivered)
         if failures:
-            raise failures.pop(0)
+            failure = failures.pop(0)
+            if isinstance(failure, Exception):
+                raise failure
+            await failure(js)
         done.set()
         return None
 
@@ -118,4 +129,31 @@ async def test_other_transient_failures_are_not_retried_in_place(
         nats_server, SETTINGS.model_copy(), [TransientError("peer busy")]
     )
     assert calls == [1, 2]
+    assert left == 0
+
+
+class ResetKeyValue:
+    """A real index bucket whose next read fails as a connection reset by the peer does,
+    with the OSError nats-py lets through from its socket."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, key: str) -> KeyValue.Entry:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+async def index_read_reset(js: JetStreamContext) -> None:
+    kv = await js.create_key_value(bucket="RESETS")
+    await Index(cast(KeyValue, ResetKeyValue(kv)), js).get("1.2.826.0.1.3680043.8.498.1")
+
+
+async def test_a_connection_reset_under_an_index_read_is_ridden_out(
+    nats_server: NatsServer,
+) -> None:
+    # A raw OSError from a NATS call in the handler is an outage (the NATS edge's table):
+    # three in a row are all tried again within the first delivery, none spends one.
+    settings = SETTINGS.model_copy(update={"max_deliver": 5})
+    calls, left = await consume_one(nats_server, settings, [index_read_reset] * 3)
+    assert calls == [1] * 4
     assert left == 0

@@ -25,7 +25,6 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -43,8 +42,9 @@ from dicomflow.shared.contracts.deadletters import (
     without_dlq_headers,
 )
 from dicomflow.shared.contracts.messages import BodyKind, Instance
-from dicomflow.shared.errors import BrokerUnavailable, ConfigError, DicomflowError
+from dicomflow.shared.errors import ConfigError, DicomflowError
 from dicomflow.shared.nats import blobsweeper, natsconn
+from dicomflow.shared.nats.errormap import nats_errors
 
 # The stages that dead-letter, by the stream they consume (their names in the services).
 ENCRYPTOR = "encryptor"  # INGEST
@@ -264,13 +264,11 @@ async def _replay(args: argparse.Namespace) -> int:
                 print(f"refused: {exc}; left in the DLQ", file=sys.stderr)
                 refused += 1
                 continue
-            try:
+            with nats_errors(f"replay of {letter.seq} failed"):
                 await js.publish(
                     subject, letter.data, headers=headers, timeout=settings.nats.publish_timeout
                 )
                 await js.delete_msg(subjects.DLQ_STREAM, letter.seq)
-            except (NatsError, TimeoutError) as exc:
-                raise BrokerUnavailable(f"replay of {letter.seq} failed: {exc!r}") from exc
             print(f"replayed {letter.seq} onto {subject}", file=sys.stderr)
             count += 1
     finally:
@@ -297,15 +295,13 @@ async def _purge(args: argparse.Namespace) -> int:
         if not args.yes and not await _confirmed(count):
             print("nothing purged", file=sys.stderr)
             return 1
-        try:
+        with nats_errors("purge failed"):
             if args.all:  # only what was counted: letters arriving meanwhile stay
                 await js.purge_stream(subjects.DLQ_STREAM, seq=below)
             else:
                 for seq in sorted(set(args.seqs)):
                     await js.delete_msg(subjects.DLQ_STREAM, seq)
             blobs = await blobsweeper.sweep(js, settings.nats.blob_orphan_grace)
-        except (NatsError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"purge failed: {exc!r}") from exc
     finally:
         await nc.close()
     print(f"purged {count} dead letter(s); removed {blobs} orphaned blob(s)", file=sys.stderr)
