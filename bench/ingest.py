@@ -75,6 +75,7 @@ TARGETS = ("storescp", "orthanc", "floor", "dicomflow")
 # Issue 17's targets, against the floor of the design measured in the same run.
 RATE_TARGET = 0.8  # dicomflow all-stored images/s over the floor's, 1 and 4 associations
 CPU_TARGET = 2.0  # dicomflow CPU/image (all processes) over the floor's nats-server CPU/image
+REPLICATED = ("scp-gateway", "encryptor", "store-writer")  # what --replicas multiplies
 
 
 # -- targets --------------------------------------------------------------------------
@@ -176,9 +177,15 @@ def run_orthanc(files: list[Made], associations: int, work: Path) -> dict[str, A
 
 
 def run_dicomflow(
-    files: list[Made], associations: int, work: Path, timeout: float, profile: Path | None = None
+    files: list[Made],
+    associations: int,
+    work: Path,
+    timeout: float,
+    profile: Path | None = None,
+    replicas: int = 1,
 ) -> dict[str, Any]:
-    """``profile``: py-spy each Python stage into that folder over the measured window."""
+    """``profile``: py-spy each Python stage into that folder over the measured window.
+    ``replicas``: processes of each stage (the gateways share the port, as `up --replicas`)."""
     server = NatsServer(work / "nats", sync_interval=NATS_SYNC_INTERVAL)
     pipeline: Pipeline | None = None
     listener: StoredListener | None = None
@@ -187,7 +194,13 @@ def run_dicomflow(
     result: dict[str, Any] = {}
     try:
         server.start()
-        pipeline = Pipeline(work, server, {"backend": "local", "local_path": work / "objects"})
+        pipeline = Pipeline(
+            work,
+            server,
+            {"backend": "local", "local_path": work / "objects"},
+            extra={"scp": {"reuse_port": True}} if replicas > 1 else {},
+            more={stage: replicas - 1 for stage in REPLICATED} if replicas > 1 else {},
+        )
         pipeline.start()
         wait_log(pipeline, "encryptor", "encryptor ready")
         wait_log(pipeline, "store-writer", "store-writer ready")
@@ -425,6 +438,43 @@ def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("PASS" if ok else "FAIL")
 
 
+def scale_out_figures(
+    single: dict[str, Any] | None, scaled: dict[str, Any], replicas: int
+) -> dict[str, Any]:
+    """Four associations, one process per stage against ``replicas``, same run."""
+
+    def figures(r: dict[str, Any] | None) -> dict[str, Any]:
+        if r is None:
+            return {"all_stored_images_per_s": None, "gateway_images_per_s": None}
+        return {
+            "all_stored_images_per_s": r.get("end_to_end", {}).get("images_per_s"),
+            "gateway_images_per_s": r["cstore_images_per_s"],
+            "cpu_ms_per_image": cpu_ms_per_image(r).get("all"),
+            "ok": r["ok"],
+        }
+
+    one, many = figures(single), figures(scaled)
+    a, b = one["all_stored_images_per_s"], many["all_stored_images_per_s"]
+    return {
+        "associations": 4,
+        "replicas": replicas,
+        "one_process_per_stage": one,
+        "replicated": many,
+        "all_stored_ratio": round(b / a, 2) if a and b else None,
+    }
+
+
+def print_scale_out(figures: dict[str, Any]) -> None:
+    one, many, n = figures["one_process_per_stage"], figures["replicated"], figures["replicas"]
+    print(f"\nScale-out (4 associations, all stored; 1 against {n} processes per stage):")
+    print(
+        f"  1 process/stage: {one['all_stored_images_per_s']} img/s "
+        f"(gateway {one['gateway_images_per_s']}); {n} processes/stage: "
+        f"{many['all_stored_images_per_s']} img/s (gateway {many['gateway_images_per_s']}); "
+        f"ratio {figures['all_stored_ratio']}"
+    )
+
+
 def print_floor_and_targets(
     results: list[dict[str, Any]], floor: FloorResult | None, figures: dict[str, Any]
 ) -> None:
@@ -512,7 +562,18 @@ def main(argv: list[str] | None = None) -> int:
         "raw stacks and the account of CPU ms/image by cause go to DIR (re-read with "
         "`python bench/pyspy.py DIR`). py-spy takes CPU too: the rates of that run are lower",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        metavar="N",
+        help="also run dicomflow on four associations with N processes of each stage "
+        "(scp-gateway sharing the port, encryptor, store-writer) and print the rate "
+        "against one process per stage (default 2; 1 skips it)",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.replicas <= 16:
+        parser.error("--replicas must be 1 to 16")
     if args.count < 4:
         parser.error("--count must be at least 4 (four associations)")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -561,6 +622,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  WARNING: not every image confirmed: {result}", flush=True)
                 if not args.keep:
                     shutil.rmtree(work, ignore_errors=True)
+        scale_out: dict[str, Any] | None = None
+        if "dicomflow" in targets and args.replicas > 1:
+            work = root / f"dicomflow-4-x{args.replicas}"
+            work.mkdir()
+            print(f"dicomflow, 4 associations, {args.replicas} processes per stage...", flush=True)
+            raw = run_dicomflow(sets[4], 4, work, args.timeout, None, args.replicas)
+            scaled = summarize("dicomflow", 4, sets[4], raw)
+            if not scaled["ok"]:
+                print(f"  WARNING: not every image confirmed: {scaled}", flush=True)
+            scale_out = scale_out_figures(_find(results, "dicomflow", 4), scaled, args.replicas)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
         summary: dict[str, Any] = {
             "benchmark": "ingest",
             "when": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -598,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "ratios_images_per_s": ratios(results, floor),
             "issue17": issue17_figures(results, floor),
+            "scale_out": scale_out,
         }
         print()
         print_table(results)
@@ -607,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         print_floor_and_targets(results, floor, summary["issue17"])
         if args.profile is not None:
             print("  (the one-association dicomflow run was profiled: py-spy slowed it)")
+        if scale_out is not None:
+            print_scale_out(scale_out)
         profiled = _find(results, "dicomflow", 1)
         if args.profile is not None and profiled is not None:
             nats_split = profiled.get("nats_cpu_user_system_s")
