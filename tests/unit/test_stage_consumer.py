@@ -251,15 +251,21 @@ async def test_headers_off_the_contract_are_dropped_not_handed_to_the_letter_hoo
 
 async def test_a_batch_handler_settles_each_delivery_by_its_own_outcome() -> None:
     seen: list[list[str]] = []
+    after: list[str] = []
+
+    async def after_ack() -> None:
+        after.append("ran")
+
+    errors: dict[str, Exception | None] = {
+        "ok": None,
+        "bad": PermanentError("no"),
+        "busy": TransientError("busy"),
+    }
 
     async def handle(batch: Sequence[Delivery[Msg]]) -> Sequence[Outcome]:
         seen.append([d.message.subject for d in batch])
-        return [
-            Outcome(error=None if d.message.subject == "ok" else PermanentError("no"))
-            if d.message.subject != "busy"
-            else Outcome(error=TransientError("busy"))
-            for d in batch
-        ]
+        # after_ack steps everywhere: only the acked delivery's may run
+        return [Outcome(after_ack, errors[d.message.subject]) for d in batch]
 
     made, engine, _ = consumer(handle)
     msgs = [received({}, subject=s, seq=i) for i, s in enumerate(["ok", "bad", "busy"], 1)]
@@ -272,6 +278,7 @@ async def test_a_batch_handler_settles_each_delivery_by_its_own_outcome() -> Non
         ("term", "bad"),
         ("nak", "busy"),
     ]
+    assert after == ["ran"]
 
 
 async def test_a_batch_hands_again_only_the_deliveries_an_outage_failed() -> None:
