@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from dicomflow.scu_gateway import metrics as scu_metrics
 from dicomflow.scu_gateway import pdata, request, response
@@ -46,14 +46,15 @@ from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.routing import Router
 from dicomflow.scu_gateway.settings import DestinationSettings, ScuGatewaySettings
 from dicomflow.shared.contracts import messages, subjects
-from dicomflow.shared.contracts.messages import BodyKind
+from dicomflow.shared.contracts.messages import BodyKind, Instance
 from dicomflow.shared.crypto import keycheck
 from dicomflow.shared.crypto.keyload import load_keyring
 from dicomflow.shared.errors import ConfigError, PermanentError
-from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.patches import reactors
 from dicomflow.shared.settings import ConsumerSettings
-from dicomflow.shared.stage.consumer import AfterAck, Consumer, Handler
+from dicomflow.shared.stage import bootstrap, delivery
+from dicomflow.shared.stage.consumer import Consumer
+from dicomflow.shared.stage.delivery import AfterAck, Delivery, Handler
 from dicomflow.shared.storage import objectstore
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.metrics import Metrics
@@ -88,7 +89,8 @@ class Routing:
         self._tracing = tracing
         self._sites = sites or {}  # destination -> its site of the hybrid edge, if any
 
-    async def handle(self, msg: Msg) -> AfterAck | None:
+    async def handle(self, delivery: Delivery[Msg]) -> AfterAck | None:
+        msg = delivery.record  # EVENTS: the event's contract is checked here
         instance = self._tracing.propagate(messages.parse(msg.headers, sealed=True))
         object_key = request.object_key_of(msg.headers)
         relayed = (msg.headers or {}).get(messages.H_SEALED_BODY) == BodyKind.INLINE.value
@@ -97,10 +99,13 @@ class Routing:
             await request.publish(self._js, req, self._timeout, site=self._sites.get(destination))
         return None
 
-    async def relay(self, msg: Msg) -> AfterAck | None:
+    async def relay(self, delivery: Delivery[Instance]) -> AfterAck | None:
         """Queue a sealed instance for the relay rules' destinations, its sealed bytes
-        as the request's body (the consumer checked them against the headers)."""
-        instance = self._tracing.propagate(messages.parse(msg.headers, sealed=True))
+        as the request's body (the consumer checked them against the headers: their
+        length and A1 prefix; the deliverer checks the GCM tag and the digest). The
+        request carries no signature: it is the store-writer's to check."""
+        msg = delivery.message
+        instance = self._tracing.propagate(delivery.record.signed("", ""))
         if instance.body is BodyKind.BLOB:
             return None  # too large to travel inline: routed once stored (its event says so)
         for destination in self._router.relay_destinations(instance):
@@ -111,13 +116,16 @@ class Routing:
         return None
 
 
-def counted(handler: Handler, destination: str, metrics: Metrics) -> Handler:
+MsgHandler = Callable[[Msg], Awaitable[AfterAck | None]]
+
+
+def counted(handler: MsgHandler, destination: str, metrics: Metrics) -> Handler[Msg]:
     """``handler`` counting each attempt's outcome for ``destination``: delivered,
     deferred (retried later) or refused (permanent: dead-lettered)."""
 
-    async def handle(msg: Msg) -> AfterAck | None:
+    async def handle(delivery: Delivery[Msg]) -> AfterAck | None:
         try:
-            after_ack = await handler(msg)
+            after_ack = await handler(delivery.record)
         except PermanentError:
             scu_metrics.of(metrics).deliveries.labels(destination, "refused").inc()
             raise
@@ -194,87 +202,63 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
     }
     if store is not None:
         telemetry.readiness.add_storage(store, settings.storage.root_path)
-    nc = await natsconn.connect(settings.nats, STAGE, stop)
-    telemetry.readiness.add_nats(nc)
-    sealed_nc = None
+    wiring = await bootstrap.wire(STAGE, settings, stop, telemetry)
     tasks: list[asyncio.Task[None]] = []
     deliverers: list[Deliverer] = []
     try:
-        js: JetStreamContext = nc.jetstream()
-        await topology.ensure(js, settings.nats)
+        js = wiring.js
         if keyring is not None:
             await keycheck.check(js, keyring)  # refuses a key file that is not its id's key
-        delivery_js = js
+        delivery_link = wiring.main
         if settings.nats_sealed is not None:  # the site's DELIVERY is in its EDGE account
-            sealed_nc = await natsconn.connect(settings.nats_sealed, f"{STAGE}-sealed", stop)
-            telemetry.readiness.add_nats(sealed_nc)
-            delivery_js = sealed_nc.jetstream()
-            await topology.ensure(delivery_js, settings.nats_sealed)
-        consumers: list[Consumer] = []
+            delivery_link = await wiring.connect(settings.nats_sealed, "sealed")
+        consumers: list[Consumer[Msg] | Consumer[Instance]] = []
         sites = {name: dest.site for name, dest in scu.destinations.items()}
         routing = Routing(js, router, settings.nats.publish_timeout, telemetry.tracing, sites)
         if at_edge:
             pass  # no SEALED relay, no EVENTS at a site: the cloud routes
         elif router.relays:
-            await topology.ensure_consumer(
-                js, subjects.SEALED_STREAM, subjects.RELAY_DURABLE, settings.consumer
-            )
             consumers.append(
-                Consumer(
-                    js,
+                await wiring.consumer(
                     stage=RELAY_STAGE,
                     stream=subjects.SEALED_STREAM,
                     durable=subjects.RELAY_DURABLE,
-                    handler=routing.relay,
-                    settings=settings.consumer,
-                    telemetry=telemetry,
+                    decoder=delivery.sealed(wiring.transport),
+                    handler=delivery.one_at_a_time(routing.relay),
                 )
             )
         else:
             await _drop_relay(js)
         if len(router):
-            await topology.ensure_filtered_consumer(
-                js,
-                subjects.EVENTS_STREAM,
-                subjects.ROUTER_DURABLE,
-                f"{subjects.STORED_PREFIX}.>",
-                settings.consumer,
-            )
             consumers.append(
-                Consumer(
-                    js,
+                await wiring.consumer(
                     stage=ROUTER_STAGE,
                     stream=subjects.EVENTS_STREAM,
                     durable=subjects.ROUTER_DURABLE,
-                    handler=routing.handle,
-                    settings=settings.consumer,
-                    telemetry=telemetry,
+                    filter_subject=f"{subjects.STORED_PREFIX}.>",
+                    decoder=delivery.raw,
+                    handler=delivery.one_at_a_time(routing.handle),
                 )
             )
         if keyring is not None and store is not None:  # ``here`` is not empty
             for name, dest in here.items():
                 durable = subjects.deliver_durable(name)
-                consumer_settings = delivery_consumer(settings.consumer, dest)
-                await topology.ensure_filtered_consumer(
-                    delivery_js,
-                    subjects.DELIVERY_STREAM,
-                    durable,
-                    subjects.deliver_subject(name, dest.site),
-                    consumer_settings,
-                )
                 deliverer = Deliverer(
                     name, dest, pools[name], store, keyring, settings.spool_dir, health[name]
                 )
                 deliverers.append(deliverer)
                 consumers.append(
-                    Consumer(
-                        delivery_js,
+                    await wiring.consumer(
                         stage=durable,
                         stream=subjects.DELIVERY_STREAM,
                         durable=durable,
-                        handler=counted(deliverer.handle, name, telemetry.metrics),
-                        settings=consumer_settings,
-                        telemetry=telemetry,
+                        on=delivery_link,
+                        filter_subject=subjects.deliver_subject(name, dest.site),
+                        settings=delivery_consumer(settings.consumer, dest),
+                        decoder=delivery.raw,  # the request's contract: checked by Deliverer
+                        handler=delivery.one_at_a_time(
+                            counted(deliverer.handle, name, telemetry.metrics)
+                        ),
                         gate=health[name].wait_up,
                         dead_letters=js,
                     )
@@ -305,9 +289,7 @@ async def serve(settings: ScuGatewaySettings, stop: asyncio.Event, telemetry: Te
             await asyncio.to_thread(deliverer.close)
         for pool in pools.values():
             await asyncio.to_thread(pool.close)
-        if sealed_nc is not None:
-            await sealed_nc.drain()
-        await nc.drain()
+        await wiring.drain()
 
 
 async def _drop_relay(js: JetStreamContext) -> None:

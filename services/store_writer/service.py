@@ -1,6 +1,6 @@
-"""The store-writer stage.
+"""The store-writer stage: a ``StageSpec`` (``spec``) and its handler (``StoreWriter``).
 
-For each SEALED message, keyed by SOP Instance UID:
+For each SEALED delivery, keyed by SOP Instance UID:
 
 0. Trust it only if a trusted encryptor signing key signed its headers and the SHA-256
    of its sealed body, and the body to be written has that digest (``sealsign``);
@@ -44,11 +44,14 @@ from dicomflow.shared.crypto.envelope import OVERHEAD
 from dicomflow.shared.crypto.keyload import load_verifier
 from dicomflow.shared.crypto.sealsign import SealVerifier
 from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
-from dicomflow.shared.nats import blobsweeper, hybridtopology, natsconn, topology
+from dicomflow.shared.nats import hybridtopology
 from dicomflow.shared.nats.errormap import nats_errors
 from dicomflow.shared.nats.transport import BlobMissing, Transport
 from dicomflow.shared.settings import StorageSettings
-from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.stage import bootstrap, delivery
+from dicomflow.shared.stage.bootstrap import Wiring
+from dicomflow.shared.stage.delivery import AfterAck, Delivery
+from dicomflow.shared.stage.spec import Parts, StageSpec
 from dicomflow.shared.storage import objectstore
 from dicomflow.shared.storage.index import Conflict, Index, Record, State
 from dicomflow.shared.storage.layout import Layout, object_key
@@ -56,7 +59,6 @@ from dicomflow.shared.storage.objectstore import ObjectExists, ObjectStore
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.shared.telemetry.metrics import Metrics
 from dicomflow.store_writer.settings import DuplicatePolicy, StoreWriterSettings
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
@@ -93,22 +95,22 @@ class StoreWriter:
         self._tracing = telemetry.tracing
         self._metrics.storage()
 
-    async def handle(self, msg: Msg) -> AfterAck:
-        instance = messages.parse(msg.headers, sealed=True, signed=True)
+    async def handle(self, delivery: Delivery[Instance]) -> AfterAck:
+        instance = delivery.record
         self._verifier.verify(instance)  # before a blob is fetched
         try:
-            body, sha256 = await self._transport.open_body_hashed(msg, instance)
+            # Checked against the signed digest (SealNotTrusted if it differs).
+            body = await delivery.body.open()
         except BlobMissing:
             # In the hybrid cloud the blob arrives through a source of its own, which can
             # lag behind the message's: wait for it while it may still be on its way.
-            if await hybridtopology.blob_in_transit(self._js, _stored_at(msg)):
+            if await hybridtopology.blob_in_transit(self._js, delivery.stored_at):
                 raise BlobInTransit(
                     "the blob named by the message has not arrived from its site yet "
                     "(the sealed-blob source is catching up or cut off)"
                 ) from None
             raise
         with body:
-            self._verifier.check_digest(instance, sha256)
             if instance.body is BodyKind.BLOB:  # inline bodies were checked on delivery
                 messages.check_envelope(instance, body.read(OVERHEAD))
                 body.seek(0)
@@ -269,14 +271,6 @@ class BlobInTransit(BrokerUnavailable):
     """A sealed blob is still on its way from the site (ridden out as an outage)."""
 
 
-def _stored_at(msg: Msg) -> float | None:
-    """When JetStream stored ``msg`` (epoch seconds), if it says."""
-    try:
-        return float(msg.metadata.timestamp.timestamp())
-    except (AttributeError, ValueError, TypeError):
-        return None
-
-
 def _sha256_file(body: IO[bytes]) -> str:
     digest = hashlib.sha256()
     while chunk := body.read(objectstore.CHUNK):
@@ -284,31 +278,25 @@ def _sha256_file(body: IO[bytes]) -> str:
     return digest.hexdigest()
 
 
-async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
+def spec(settings: StoreWriterSettings) -> StageSpec[Instance]:
+    """The store-writer: SEALED in, objects, index records and ``dicom.stored`` out. It
+    sweeps no blobs: finding the references means reading INGEST and the DLQ, which
+    it may not (``blobsweeper``)."""
     verifier = load_verifier(settings.encryption)  # refuses to start without a trusted key
     store = objectstore.build_store(settings.storage)
     if settings.storage.layout is Layout.LEGACY:
         log.info("legacy layout: object names carry no extension, as the Orthanc plugins write")
-    telemetry.readiness.add_storage(store, settings.storage.root_path)
-    nc = await natsconn.connect(settings.nats, STAGE, stop)
-    telemetry.readiness.add_nats(nc)
-    try:
-        js: JetStreamContext = nc.jetstream()
-        await topology.ensure(js, settings.nats)
-        await topology.ensure_consumer(
-            js, subjects.SEALED_STREAM, subjects.STORE_WRITER_DURABLE, settings.consumer
-        )
+
+    async def build(wiring: Wiring) -> Parts[Instance]:
         writer = StoreWriter(
-            js,
-            Transport(
-                nc, js, publish_timeout=settings.nats.publish_timeout, spool_dir=settings.spool_dir
-            ),
-            await Index.open(js),
+            wiring.js,
+            wiring.transport,
+            await Index.open(wiring.js),
             store,
             settings.storage,
             settings.duplicate_policy,
             settings.nats.publish_timeout,
-            telemetry,
+            wiring.telemetry,
             verifier,
         )
         log.info(
@@ -317,16 +305,17 @@ async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: T
             settings.storage.layout,
             ", ".join(verifier.signers),
         )
-        consumer = Consumer(
-            js,
-            stage=STAGE,
-            stream=subjects.SEALED_STREAM,
-            durable=subjects.STORE_WRITER_DURABLE,
-            handler=writer.handle,
-            settings=settings.consumer,
-            telemetry=telemetry,
-        )
-        telemetry.readiness.started()
-        await blobsweeper.consume_and_sweep(js, consumer, settings.nats, stop)
-    finally:
-        await nc.drain()
+        return Parts(delivery.one_at_a_time(writer.handle))
+
+    return StageSpec(
+        name=STAGE,
+        stream=subjects.SEALED_STREAM,
+        durable=subjects.STORE_WRITER_DURABLE,
+        decoder=delivery.sealed,
+        build=build,
+        readiness=lambda readiness: readiness.add_storage(store, settings.storage.root_path),
+    )
+
+
+async def serve(settings: StoreWriterSettings, stop: asyncio.Event, telemetry: Telemetry) -> None:
+    await bootstrap.serve(spec(settings), settings, stop, telemetry)

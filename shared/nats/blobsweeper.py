@@ -8,7 +8,8 @@ before publishing its message, a consumer that died after acking and before dele
 or a put that died half-way (chunks without metadata). So instead of trying to make
 those steps atomic, a sweep finds blobs that no message names and that are older than a
 grace period (longer than any put-then-publish takes), and deletes them. The encryptor
-sweeps both buckets at start-up and then periodically: finding references means reading
+sweeps both buckets at start-up and then periodically (its ``StageSpec`` names the
+buckets it sweeps: ``shared.stage.spec``): finding references means reading
 INGEST and the DLQ (which holds plaintext of dead-lettered ingest messages), which the
 encryptor may do and the store writer, a least-privilege user that never sees
 plaintext, may not. Sweeps are idempotent, so replicas sweeping at once is harmless.
@@ -26,8 +27,6 @@ from dicomflow.shared.contracts import subjects
 from dicomflow.shared.contracts.messages import H_BLOB
 from dicomflow.shared.nats import errormap
 from dicomflow.shared.nats.transport import purge_blob
-from dicomflow.shared.settings import NatsSettings
-from dicomflow.shared.stage.consumer import Consumer
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -37,7 +36,6 @@ REFERRING_STREAMS = {
     subjects.INGEST_BLOB_BUCKET: (subjects.INGEST_STREAM, subjects.DLQ_STREAM),
     subjects.SEALED_BLOB_BUCKET: (subjects.SEALED_STREAM, subjects.DLQ_STREAM),
 }
-SWEEPER_STREAM = subjects.INGEST_STREAM  # the stream whose consumer (the encryptor) sweeps
 
 
 async def sweep(
@@ -152,17 +150,3 @@ async def run_periodically(
             log.warning("%s; will retry", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
-
-
-async def consume_and_sweep(
-    js: JetStreamContext, consumer: Consumer, nats: NatsSettings, stop: asyncio.Event
-) -> None:
-    """Run a consumer stage whose bodies may arrive as blobs; the encryptor's consumer
-    sweeps orphans beside it (see the module docstring for why only that stage)."""
-    if consumer.stream != SWEEPER_STREAM:
-        await consumer.run(stop)
-        return
-    await asyncio.gather(
-        consumer.run(stop),
-        run_periodically(js, nats.blob_sweep_interval, nats.blob_orphan_grace, stop),
-    )

@@ -1,21 +1,25 @@
 """One durable pull-consumer loop for every stage.
 
-Workers fetch one message at a time, run the stage's handler while sending in-progress
-acks (so slow work is not redelivered), and settle the message as ``disposition``
-decides. A handler returns an optional ``after_ack`` coroutine function, run only once
-the ack went through: that is where consumed blobs are deleted.
+Workers fetch up to ``batch`` messages at a time (one, today) through an ``Engine``,
+decode each against the stream's contract (``delivery``: a forged or malformed message
+never reaches the handler), hand the stage's handler the batch of ``Delivery`` records
+while sending in-progress acks (so slow work is not redelivered), and settle each
+message as ``disposition`` decides from its ``Outcome``. An outcome's ``after_ack``
+step runs only once the ack went through: that is where consumed blobs are deleted.
 
 Dead-lettering publishes the original headers and body to ``dicomflow.dlq.<stage>``
 with the reason, and only then terminates the original: a dead-letter publish that
 fails is tried again until it goes through, so nothing is lost in between. A stage
 whose input is plaintext gives a ``letter`` hook that turns the message into what is
 dead-lettered instead (the encryptor seals it: ``Letter``), and whose ``after`` step
-runs once the original is terminated (deleting the plaintext blob).
+runs once the original is terminated (deleting the plaintext blob). The hook sees the
+delivery when its headers decoded, and a message whose headers break the contract is
+dead-lettered with its body dropped (``dropped``).
 
 A failure for want of NATS or storage (an ``Outage``: ``BrokerUnavailable``,
 ``StorageUnavailable``) is first tried again in place for ``consumer.outage_grace``
-seconds (``_ride_out``):
-an outage of seconds does not spend the message's deliveries.
+seconds (``_ride_out``; for the handler, the deliveries of a batch that failed so are
+handed again): an outage of seconds does not spend the message's deliveries.
 
 Every stage's metrics are counted here, once: messages and bytes by outcome, handling
 time, redeliveries, dead letters, and the lag of the stage's durable consumer (pending
@@ -29,9 +33,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.deadletters import (
@@ -50,24 +54,33 @@ from dicomflow.shared.errors import (
     PermanentError,
     ProcessingError,
 )
-from dicomflow.shared.nats.errormap import nats_errors
+from dicomflow.shared.nats.errormap import RETRY_LATER, nats_errors
 from dicomflow.shared.settings import ConsumerSettings
 from dicomflow.shared.stage.budget import ByteBudget
+from dicomflow.shared.stage.delivery import (
+    AfterAck,
+    BatchHandler,
+    Decoder,
+    Delivery,
+    Outcome,
+    R,
+)
 from dicomflow.shared.stage.disposition import Action, Disposition, backoff, decide
+from dicomflow.shared.stage.engine import Engine, PullEngine
 from dicomflow.shared.telemetry.bundle import Telemetry
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, RetentionPolicy
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanKind, StatusCode
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-AfterAck = Callable[[], Awaitable[None]]
-Handler = Callable[[Msg], Awaitable[AfterAck | None]]
 Gate = Callable[[asyncio.Event], Awaitable[None]]  # returns when fetching may go on
+EngineFactory = Callable[[], Awaitable[Engine]]
+
+__all__ = ["AfterAck", "Consumer", "Gate", "Letter", "LetterHook", "dropped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +95,7 @@ class Letter:
     after: AfterAck | None = None
 
 
-LetterHook = Callable[[Msg], Awaitable[Letter]]
+LetterHook = Callable[[Delivery[R]], Awaitable[Letter]]
 
 
 def dropped(headers: dict[str, str], note: str, after: AfterAck | None = None) -> Letter:
@@ -98,7 +111,20 @@ LAG_INTERVAL = 5.0
 LEFTOVER_INTERVAL = 60.0
 
 
-class Consumer:
+@dataclass(slots=True)
+class _Received(Generic[R]):
+    """One fetched message on its way through ``process``."""
+
+    msg: Msg
+    delivered: int
+    size: int
+    span: Span
+    heartbeat: asyncio.Task[None]
+    delivery: Delivery[R] | None = None
+    outcome: Outcome = field(default_factory=Outcome)
+
+
+class Consumer(Generic[R]):
     def __init__(
         self,
         js: JetStreamContext,
@@ -106,18 +132,26 @@ class Consumer:
         stage: str,
         stream: str,
         durable: str,
-        handler: Handler,
+        decoder: Decoder[R],
+        handler: BatchHandler[R],
         settings: ConsumerSettings,
         telemetry: Telemetry,
         gate: Gate | None = None,
-        letter: LetterHook | None = None,
+        letter: LetterHook[R] | None = None,
         dead_letters: JetStreamContext | None = None,
+        batch: int = 1,
+        engine: EngineFactory | None = None,
     ) -> None:
-        """``gate``, if given, is awaited (with the stop event) before every fetch: while
+        """``decoder`` turns each message into what ``handler`` is handed (``delivery``).
+        ``gate``, if given, is awaited (with the stop event) before every fetch: while
         it holds, messages stay in the stream, spending none of their deliveries.
         ``letter``, if given, makes what is dead-lettered from each message (``Letter``).
         ``dead_letters``: the JetStream holding the DLQ, if not ``js``'s (a hybrid edge's
-        scu-gateway consumes in the EDGE account, its DLQ is in LOCAL)."""
+        scu-gateway consumes in the EDGE account, its DLQ is in LOCAL). ``batch``: the
+        most messages handed to ``handler`` at once. ``engine``: makes the pull engine
+        (default: a pull subscription bound to ``durable``)."""
+        if batch < 1:
+            raise ValueError("a consumer's batch must be at least 1")
         self._js = js
         self._dlq_js = dead_letters or js
         self._gate = gate
@@ -125,7 +159,11 @@ class Consumer:
         self._stage = stage
         self._stream = stream
         self._durable = durable
+        self._decoder = decoder
         self._handler = handler
+        self._batch = batch
+        self._engine_factory = engine or (lambda: PullEngine.bind(js, durable, stream))
+        self._engine: Engine | None = None
         self._settings = settings
         self._budget = ByteBudget(settings.max_inflight_bytes)
         self._metrics = telemetry.metrics
@@ -142,9 +180,10 @@ class Consumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process messages until ``stop`` is set; in-flight messages finish first."""
-        sub = await self._js.pull_subscribe_bind(self._durable, self._stream)
+        engine = await self._engine_factory()
+        self._engine = engine
         workers = [
-            asyncio.create_task(self._work(sub, stop), name=f"{self._stage}-worker-{i}")
+            asyncio.create_task(self._work(engine, stop), name=f"{self._stage}-worker-{i}")
             for i in range(self._settings.concurrency)
         ]
         lag = asyncio.create_task(self._watch_lag(stop), name=f"{self._stage}-lag")
@@ -154,101 +193,169 @@ class Consumer:
             lag.cancel()
             for worker in workers:
                 worker.cancel()
-            with contextlib.suppress(NatsError):
-                await sub.unsubscribe()
+            await engine.close()
 
-    async def _work(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
+    async def _work(self, engine: Engine, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if self._gate is not None:
                 await self._gate(stop)
                 if stop.is_set():
                     return
             try:
-                msgs = await sub.fetch(1, timeout=1.0)
-            except (NatsTimeoutError, TimeoutError):
-                continue
-            except NatsError as exc:
-                log.warning("fetch failed, retrying: %r", exc)
+                msgs = await engine.fetch(self._batch, wait=1.0)
+            except BrokerUnavailable as exc:
+                log.warning("%s, retrying", exc)
                 await _sleep_unless(stop, 1.0)
                 continue
-            for msg in msgs:
-                await self._process(msg, stop)
+            if msgs:
+                await self.process(msgs, stop)
 
-    async def _process(self, msg: Msg, stop: asyncio.Event) -> None:
-        delivered = msg.metadata.num_delivered
-        size = _declared_size(msg)
+    async def process(self, msgs: Sequence[Msg], stop: asyncio.Event) -> list[Action]:
+        """Decode, handle and settle ``msgs`` (one batch); return what became of each.
+
+        Each message has a span of its own continuing its ``traceparent``, in-progress
+        acks while it waits for the byte budget, is handled, and while an ack or a
+        dead-letter publish rides out an outage (stopped before a nak).
+        """
+        engine = self._engine or await self._bind_engine()
         start = time.perf_counter()
-        parent = (msg.headers or {}).get(H_TRACEPARENT, "")
-        with self._tracing.span(
-            self._stage,
-            parent=parent,
-            kind=SpanKind.CONSUMER,
-            attributes={"dicomflow.stage": self._stage, "dicomflow.delivery": delivered},
-        ) as span:
-            outcome = await self._handle_and_settle(msg, delivered, size, stop)
-            span.set_attribute("dicomflow.outcome", outcome.value)
-            if outcome is not Action.ACK:
-                span.set_status(StatusCode.ERROR)
+        with contextlib.ExitStack() as spans:
+            received: list[_Received[R]] = []
+            for msg in msgs:
+                delivered = msg.metadata.num_delivered
+                span = spans.enter_context(
+                    self._tracing.span(
+                        self._stage,
+                        parent=(msg.headers or {}).get(H_TRACEPARENT, ""),
+                        kind=SpanKind.CONSUMER,
+                        attributes={
+                            "dicomflow.stage": self._stage,
+                            "dicomflow.delivery": delivered,
+                        },
+                    )
+                )
+                heartbeat = asyncio.create_task(self._keep_alive(engine, msg))
+                received.append(_Received(msg, delivered, _declared_size(msg), span, heartbeat))
+            try:
+                actions = await self._handle_and_settle(engine, received, stop)
+            finally:
+                for item in received:
+                    item.heartbeat.cancel()
+            for item, action in zip(received, actions, strict=True):
+                item.span.set_attribute("dicomflow.outcome", action.value)
+                if action is not Action.ACK:
+                    item.span.set_status(StatusCode.ERROR)
         m, stage = self._metrics, self._stage
-        m.instances.labels(stage, outcome.value).inc()
-        m.bytes.labels(stage, outcome.value).inc(size)
-        m.handle_seconds.labels(stage, outcome.value).observe(time.perf_counter() - start)
-        if delivered > 1:
-            m.redeliveries.labels(stage).inc()
+        elapsed = time.perf_counter() - start
+        for item, action in zip(received, actions, strict=True):
+            m.instances.labels(stage, action.value).inc()
+            m.bytes.labels(stage, action.value).inc(item.size)
+            m.handle_seconds.labels(stage, action.value).observe(elapsed)
+            if item.delivered > 1:
+                m.redeliveries.labels(stage).inc()
+        return actions
+
+    async def _bind_engine(self) -> Engine:
+        self._engine = await self._engine_factory()
+        return self._engine
 
     async def _handle_and_settle(
-        self, msg: Msg, delivered: int, size: int, stop: asyncio.Event
-    ) -> Action:
-        # In-progress acks while queued for the budget, while handling, and while an ack
-        # or a dead-letter publish rides out an outage; stopped before a nak.
-        heartbeat = asyncio.create_task(self._keep_alive(msg))
-        after_ack: AfterAck | None = None
-        error: BaseException | None = None
-        try:
+        self, engine: Engine, received: list[_Received[R]], stop: asyncio.Event
+    ) -> list[Action]:
+        # The contract first: a forged or malformed message never reaches the handler.
+        ready: list[_Received[R]] = []
+        for item in received:
             try:
-                # The contract first: a forged or malformed message never reaches the handler.
-                messages.check_delivery(self._stream, msg.headers, msg.data)
-                async with self._budget.hold(size):
-                    after_ack = await self._ride_out(
-                        stop, "handling", lambda: self._handler(msg), self._settings.outage_grace
-                    )
-            except Exception as exc:  # noqa: BLE001 (every failure is mapped by disposition.decide)
-                error = exc
-            outcome = decide(error, delivered, self._settings)
+                decoded = self._decoder(item.msg)
+            except Exception as exc:  # noqa: BLE001 (mapped by disposition.decide)
+                item.outcome = Outcome(error=exc)
+                continue
+            item.delivery = Delivery(
+                decoded.record, decoded.body, item.delivered, item.msg, item.span
+            )
+            if decoded.error is not None:
+                item.outcome = Outcome(error=decoded.error)
+            else:
+                ready.append(item)
+        if ready:
+            async with self._budget.hold(sum(item.size for item in ready)):
+                await self._handle(ready, stop)
+        actions: list[Action] = []
+        for item in received:
+            error = item.outcome.error
+            outcome = decide(error, item.delivered, self._settings)
             if outcome.action is Action.NAK:
-                heartbeat.cancel()
+                item.heartbeat.cancel()
                 log.warning(
                     "%s: transient failure (delivery %d), retrying in %.1fs: %s",
                     self._stage,
-                    delivered,
+                    item.delivered,
                     outcome.delay,
                     outcome.reason,
                     exc_info=None if isinstance(error, DicomflowError) else error,
                 )
-            await self._settle(msg, outcome, delivered, error, stop)
-        finally:
-            heartbeat.cancel()
-        if outcome.action is Action.ACK and after_ack is not None:
-            await after_ack()
-        return outcome.action
+            await self._settle(engine, item, outcome, stop)
+            item.heartbeat.cancel()
+            actions.append(outcome.action)
+        for item, action in zip(received, actions, strict=True):
+            if action is Action.ACK and item.outcome.after_ack is not None:
+                await item.outcome.after_ack()
+        return actions
+
+    async def _handle(self, ready: list[_Received[R]], stop: asyncio.Event) -> None:
+        """Hand ``ready`` to the handler; the deliveries that failed for want of NATS or
+        storage are handed again in place, for up to ``consumer.outage_grace`` seconds
+        with backoff, the heartbeats keeping them ours meanwhile, and no longer once
+        ``stop`` is set (see ``_ride_out``)."""
+        deadline = time.monotonic() + self._settings.outage_grace
+        tries = 0
+        pending = ready
+        while True:
+            batch = [item.delivery for item in pending if item.delivery is not None]
+            try:
+                outcomes = list(await self._handler(batch))
+            except Exception as exc:  # noqa: BLE001 (mapped by disposition.decide)
+                outcomes = [Outcome(error=exc)] * len(pending)
+            if len(outcomes) != len(pending):
+                wrong = RuntimeError(
+                    f"the handler answered {len(outcomes)} outcome(s) for {len(batch)} deliveries"
+                )
+                outcomes = [Outcome(error=wrong)] * len(pending)
+            for item, outcome in zip(pending, outcomes, strict=True):
+                item.outcome = outcome
+            failed = [item for item in pending if isinstance(item.outcome.error, OUTAGES)]
+            if not failed:
+                return
+            tries += 1
+            delay = backoff(tries, self._settings)
+            if stop.is_set() or time.monotonic() + delay > deadline:
+                return
+            log.warning(
+                "%s: handling failed (%s), trying again in %.1fs; the message is kept",
+                self._stage,
+                failed[0].outcome.error,
+                delay,
+            )
+            self._metrics.outage_retries.labels(self._stage).inc(len(failed))
+            await _sleep_unless(stop, delay)
+            pending = failed
 
     async def _settle(
         self,
-        msg: Msg,
+        engine: Engine,
+        item: _Received[R],
         outcome: Disposition,
-        delivered: int,
-        error: BaseException | None,
         stop: asyncio.Event,
     ) -> None:
+        msg, error = item.msg, item.outcome.error
         try:
             if outcome.action is Action.ACK:
                 # The work is done: an ack lost to a short outage would cost a delivery.
                 await self._ride_out(
-                    stop, "acknowledging", lambda: _ack(msg), self._settings.outage_grace
+                    stop, "acknowledging", lambda: engine.ack(msg), self._settings.outage_grace
                 )
             elif outcome.action is Action.NAK:
-                with nats_errors("nak failed"):
-                    await msg.nak(delay=outcome.delay)
+                await engine.nak(msg, outcome.delay)
             else:
                 extra = error.dead_letter_headers() if isinstance(error, ProcessingError) else {}
                 # Not settled, a message on its last delivery would get none to come and
@@ -257,17 +364,16 @@ class Consumer:
                 after = await self._ride_out(
                     stop,
                     "dead-lettering",
-                    lambda: self._dead_letter(msg, outcome.reason, delivered, extra),
+                    lambda: self._dead_letter(item, outcome.reason, extra),
                     grace=None,
                 )
-                with nats_errors("term failed"):
-                    await msg.term()
+                await engine.term(msg)
                 if after is not None:
                     await after()
                 permanent = isinstance(error, PermanentError)
                 kind = "permanent" if permanent else "exhausted"
                 self._metrics.dead_letters.labels(self._stage, kind).inc()
-        except (NatsError, TimeoutError, BrokerUnavailable) as exc:
+        except (NatsError, TimeoutError, OSError, BrokerUnavailable) as exc:
             # Not settled: JetStream redelivers after AckWait. Nothing is lost.
             log.warning("%s: could not settle message (%s): %r", self._stage, outcome.action, exc)
 
@@ -308,25 +414,29 @@ class Consumer:
                 await _sleep_unless(stop, delay)
 
     async def _dead_letter(
-        self, msg: Msg, reason: str, delivered: int, extra: dict[str, str]
+        self, item: _Received[R], reason: str, extra: dict[str, str]
     ) -> AfterAck | None:
         """Publish the dead letter; return the ``letter`` hook's ``after`` step."""
         log.error("%s: dead-lettering message: %s", self._stage, reason)
+        msg = item.msg
         headers = dict(msg.headers or {})
         data = msg.data
         after: AfterAck | None = None
         if self._letter is not None:
-            try:
-                letter = await self._letter(msg)
-            except OUTAGES:
-                raise  # ridden out: tried again
-            except Exception as exc:  # noqa: BLE001 (the body is dropped, never kept as it was)
-                log.error(  # the type only: an error's text may name the instance
-                    "%s: the dead-letter hook failed (%s); the body is dropped",
-                    self._stage,
-                    type(exc).__name__,
-                )
-                letter = dropped(headers, f"body not kept: {type(exc).__name__}")
+            if item.delivery is None:
+                letter = dropped(headers, "body not kept: its headers break the contract")
+            else:
+                try:
+                    letter = await self._letter(item.delivery)
+                except OUTAGES:
+                    raise  # ridden out: tried again
+                except Exception as exc:  # noqa: BLE001 (the body is dropped, never kept as it was)
+                    log.error(  # the type only: an error's text may name the instance
+                        "%s: the dead-letter hook failed (%s); the body is dropped",
+                        self._stage,
+                        type(exc).__name__,
+                    )
+                    letter = dropped(headers, f"body not kept: {type(exc).__name__}")
             headers, data, after = dict(letter.headers), letter.data, letter.after
             reason = f"{reason}; {letter.note}" if letter.note else reason
         headers.pop("Nats-Msg-Id", None)
@@ -336,7 +446,7 @@ class Consumer:
                 H_DLQ_REASON: reason[:1000],
                 H_DLQ_STAGE: self._stage,
                 H_DLQ_SUBJECT: msg.subject,
-                H_DLQ_DELIVERIES: str(delivered),
+                H_DLQ_DELIVERIES: str(item.delivered),
                 H_DLQ_STREAM_SEQ: str(seq),
                 "Nats-Msg-Id": f"{self._stage}:{self._stream}:{seq}",
                 **extra,
@@ -354,18 +464,20 @@ class Consumer:
         ack_pending = self._metrics.consumer_ack_pending.labels(self._stage)
         while not stop.is_set():
             try:
-                info = await self._js.consumer_info(self._stream, self._durable, timeout=5.0)
-            except (NatsError, TimeoutError) as exc:
-                log.debug("%s: consumer info unavailable: %r", self._stage, exc)
+                with nats_errors("consumer info unavailable"):
+                    info = await self._js.consumer_info(self._stream, self._durable, timeout=5.0)
+            except RETRY_LATER as exc:
+                log.debug("%s: %s", self._stage, exc)
             else:
                 pending.set(info.num_pending or 0)
                 ack_pending.set(info.num_ack_pending or 0)
                 if self._work_queue and time.monotonic() >= self._next_leftover_check:
                     self._next_leftover_check = time.monotonic() + LEFTOVER_INTERVAL
                     try:
-                        await self._remove_acked_leftovers(info)
-                    except (NatsError, TimeoutError) as exc:
-                        log.debug("%s: leftover check failed: %r", self._stage, exc)
+                        with nats_errors("leftover check failed"):
+                            await self._remove_acked_leftovers(info)
+                    except RETRY_LATER as exc:
+                        log.debug("%s: %s", self._stage, exc)
             await _sleep_unless(stop, LAG_INTERVAL)
 
     async def _remove_acked_leftovers(self, info: ConsumerInfo) -> None:
@@ -400,17 +512,11 @@ class Consumer:
                 )
         self._settled_floor = floor
 
-    async def _keep_alive(self, msg: Msg) -> None:
+    async def _keep_alive(self, engine: Engine, msg: Msg) -> None:
         interval = max(self._settings.ack_wait / 3, 0.5)
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(NatsError, TimeoutError):
-                await msg.in_progress()
-
-
-async def _ack(msg: Msg) -> None:
-    with nats_errors("ack failed"):
-        await msg.ack_sync(timeout=10.0)
+            await engine.in_progress(msg)
 
 
 def _declared_size(msg: Msg) -> int:

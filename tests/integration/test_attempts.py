@@ -30,6 +30,7 @@ from dicomflow.shared.crypto.sealsign import load_signing_key
 from dicomflow.shared.nats import topology
 from dicomflow.shared.nats.transport import Transport
 from dicomflow.shared.settings import NatsSettings, load_settings
+from dicomflow.shared.stage import delivery
 from dicomflow.shared.storage.index import Index, Record, State
 from dicomflow.shared.storage.layout import Layout, object_key
 from dicomflow.shared.telemetry.tracing import Tracing
@@ -151,14 +152,16 @@ async def _seal_twice(config: Path, url: str) -> None:
         )
         [msg] = await sub.fetch(1, timeout=10)
         assert messages.parse(msg.headers).body is BodyKind.BLOB
+        transport = Transport(nc, js, publish_timeout=5.0)
         encryptor = Encryptor(
-            Transport(nc, js, publish_timeout=5.0),
+            transport,
             load_keyring(settings.encryption),
             load_signer(settings.encryption),
             Tracing("encryptor"),
         )
-        await encryptor.handle(msg)  # published, then "died" before the ack
-        after_ack = await encryptor.handle(msg)  # the redelivery seals it again
+        got = delivery.deliver(delivery.ingest(transport), msg)
+        await encryptor.handle(got)  # published, then "died" before the ack
+        after_ack = await encryptor.handle(got)  # the redelivery seals it again
         await msg.ack_sync()
         await after_ack()
     finally:

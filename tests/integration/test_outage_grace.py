@@ -16,7 +16,9 @@ import nats
 import pytest
 from dicomflow.shared.errors import BrokerUnavailable, StorageUnavailable, TransientError
 from dicomflow.shared.settings import ConsumerSettings
-from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.stage import delivery
+from dicomflow.shared.stage.consumer import Consumer
+from dicomflow.shared.stage.delivery import AfterAck, Delivery
 from dicomflow.shared.storage.index import Index
 from dicomflow.shared.telemetry.bundle import Telemetry
 from nats.aio.msg import Msg
@@ -58,8 +60,8 @@ async def consume_one(
     calls: list[int] = []
     done = asyncio.Event()
 
-    async def handler(msg: Msg) -> AfterAck | None:
-        calls.append(msg.metadata.num_delivered)
+    async def handler(d: Delivery[Msg]) -> AfterAck | None:
+        calls.append(d.attempt)
         if failures:
             failure = failures.pop(0)
             if isinstance(failure, Exception):
@@ -74,7 +76,8 @@ async def consume_one(
         stage="worker",
         stream=STREAM,
         durable=DURABLE,
-        handler=handler,
+        decoder=delivery.raw,
+        handler=delivery.one_at_a_time(handler),
         settings=settings,
         telemetry=Telemetry.create("test"),
     )

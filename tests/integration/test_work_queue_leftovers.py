@@ -15,7 +15,9 @@ from pathlib import Path
 import nats
 import pytest
 from dicomflow.shared.settings import ConsumerSettings
-from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.stage import delivery
+from dicomflow.shared.stage.consumer import Consumer
+from dicomflow.shared.stage.delivery import AfterAck, Delivery
 from dicomflow.shared.telemetry.bundle import Telemetry
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
 
@@ -88,8 +90,8 @@ async def test_acked_messages_that_reappear_below_the_ack_floor_are_removed(
 
         handled: list[str] = []
 
-        async def handler(msg: nats.aio.msg.Msg) -> AfterAck | None:
-            handled.append(msg.subject)
+        async def handler(d: Delivery[nats.aio.msg.Msg]) -> AfterAck | None:
+            handled.append(d.message.subject)
             return None
 
         nc = await nats.connect(server.url)
@@ -99,7 +101,8 @@ async def test_acked_messages_that_reappear_below_the_ack_floor_are_removed(
             stage="worker",
             stream=STREAM,
             durable=DURABLE,
-            handler=handler,
+            decoder=delivery.raw,
+            handler=delivery.one_at_a_time(handler),
             settings=ConsumerSettings(concurrency=1),
             telemetry=Telemetry.create("test"),
         )
