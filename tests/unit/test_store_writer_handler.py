@@ -24,12 +24,13 @@ from dicomflow.shared.crypto.sealsign import SealSigner, SealVerifier
 from dicomflow.shared.errors import DuplicateConflict, SealNotTrusted
 from dicomflow.shared.nats import topology
 from dicomflow.shared.nats.transport import Transport
-from dicomflow.shared.settings import DuplicatePolicy, NatsSettings, StorageSettings
+from dicomflow.shared.settings import NatsSettings, StorageSettings
 from dicomflow.shared.stage import delivery
 from dicomflow.shared.storage.index import Index, State
 from dicomflow.shared.storage.layout import Layout, object_key
 from dicomflow.shared.telemetry.bundle import Telemetry
 from dicomflow.store_writer.service import StoreWriter
+from dicomflow.store_writer.settings import DuplicatePolicy
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from obstore.store import MemoryStore
