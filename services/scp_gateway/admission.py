@@ -6,7 +6,8 @@ import` (a file), in this order:
 1. its size is at most ``scp.max_dataset_bytes`` (checked before anything reads it);
 2. its identity is readable from a bounded prefix (``identity``): SOP Instance, Study
    and Series UIDs, and, for a C-STORE, the SOP Instance UID equal to the request's;
-3. its SHA-256 and size are computed;
+3. its SHA-256 and size are computed (or taken from the spool, which hashed it as it
+   arrived);
 4. the Instance it would be published as passes the message contract
    (``messages.parse`` of its headers): nothing is admitted that the encryptor would
    dead-letter.
@@ -66,13 +67,17 @@ def admitted(
     open_body: Callable[[], AbstractContextManager[BinaryIO]],
     arrival: Arrival,
     max_dataset_bytes: int,
+    sha256: str | None = None,
 ) -> Iterator[tuple[Instance, BinaryIO]]:
     """The Instance of the dataset of ``received`` bytes that ``open_body`` opens, and
-    the body positioned at its start (open while the ``with`` lasts); raises Rejected."""
+    the body positioned at its start (open while the ``with`` lasts); raises Rejected.
+    ``sha256``: the body's, computed as it was received (None: read it here)."""
     check_size(received, max_dataset_bytes)
     with open_body() as fp:
         identity = identify(fp, arrival.sop_instance_uid)
-        size, sha256 = digest(fp)
+        size = received
+        if sha256 is None:
+            size, sha256 = digest(fp)
         instance = Instance(
             sop_class_uid=_given(arrival.sop_class_uid, identity.sop_class_uid),
             sop_instance_uid=identity.sop_instance_uid,

@@ -3,6 +3,10 @@
 The dataset may be gigabytes, so only a bounded prefix is parsed: elements are read up
 to the pixel data, and a deflated dataset is inflated only as far as ``INFLATE_LIMIT``.
 pydicom's ``dcmread`` would inflate a deflated file whole, in memory.
+
+The common case (explicit or implicit VR little endian, nothing unusual before the pixel
+data) is read by ``identityscan`` from the bytes, several times faster; whatever it is
+not sure of is read by pydicom, as before.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from dicomflow.scp_gateway import identityscan
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_preamble
@@ -21,6 +26,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 INFLATE_LIMIT = 16 * 1024 * 1024
+SCAN_PREFIX = 64 * 1024  # of a file: identity elements come within a few KiB
 _READ = 1024 * 1024
 _PIXEL_DATA_GROUP = 0x7FE0
 _IDENTITY: list[BaseTag | int] = [
@@ -72,6 +78,36 @@ class Identity:
 
 def read_identity(fp: BinaryIO) -> Identity:
     """Identity of the Part-10 file ``fp`` (positioned at its start)."""
+    scanned = scan_identity(fp)
+    if scanned is not None:
+        return scanned
+    fp.seek(0)
+    return parse_identity(fp)
+
+
+def scan_identity(fp: BinaryIO) -> Identity | None:
+    """The identity read by ``identityscan`` (None: pydicom must read it); ``fp`` is
+    left anywhere."""
+    if isinstance(fp, io.BytesIO):
+        buf, whole = fp.getvalue(), True  # the body's own bytes, not a copy
+    else:
+        buf = fp.read(SCAN_PREFIX)
+        whole = len(buf) < SCAN_PREFIX
+    found = identityscan.scan(buf, whole)
+    if found is None:
+        return None
+    return Identity(
+        sop_instance_uid=found.sop_instance_uid,
+        study_uid=found.study_uid,
+        series_uid=found.series_uid,
+        modality=_modality(found.modality),
+        transfer_syntax=found.transfer_syntax,
+        sop_class_uid=found.sop_class_uid,
+    )
+
+
+def parse_identity(fp: BinaryIO) -> Identity:
+    """Identity of the Part-10 file ``fp`` (positioned at its start), read by pydicom."""
     syntax, sop_class = _read_meta(fp)
     try:
         if syntax == DeflatedExplicitVRLittleEndian:

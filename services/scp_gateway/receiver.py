@@ -29,8 +29,6 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,7 +43,9 @@ from dicomflow.scp_gateway.admission import (
     Rejected,
     admitted,
 )
+from dicomflow.scp_gateway.hop import HopTimeout, run_on_loop
 from dicomflow.scp_gateway.settings import ScpSettings
+from dicomflow.scp_gateway.spool import Received
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import BrokerUnavailable
@@ -66,15 +66,18 @@ STATUS_CLASSES = {
 }
 
 
-def _file_size(path: Path) -> int:
-    return path.stat().st_size
+def _file_received(path: Path) -> Received:
+    return Received(path.stat().st_size)
 
 
-def _open_body(path: Path, size: int, inline_limit: int) -> BinaryIO:
-    """The received Part-10 file, read: into memory at once when it travels inline (it
-    is at most ``max_payload`` and is published from memory anyway), so identity,
-    digest and publish share one read; otherwise the open file, streamed by each."""
-    if size <= inline_limit:
+def _open_body(path: Path, received: Received, inline_limit: int) -> BinaryIO:
+    """The received Part-10 file: from memory when the spool kept it there; read into
+    memory at once when it travels inline (it is at most ``max_payload`` and is published
+    from memory anyway), so identity, digest and publish share one read; otherwise the
+    open file, streamed by each."""
+    if received.data is not None:
+        return io.BytesIO(received.data)
+    if received.size <= inline_limit:
         return io.BytesIO(path.read_bytes())
     return path.open("rb")
 
@@ -90,13 +93,14 @@ class Receiver:
         telemetry: Telemetry,
         allowed_calling_aes: frozenset[str] | None,
         max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
-        size_of: Callable[[Path], int] = _file_size,
+        received_of: Callable[[Path], Received] = _file_received,
     ) -> None:
-        """``allowed_calling_aes`` None: any calling AE is accepted. ``size_of``: the
-        bytes received for a spooled dataset (the spool's count, which goes on past a
-        file it stopped writing at the limit)."""
+        """``allowed_calling_aes`` None: any calling AE is accepted. ``received_of``:
+        what arrived for a spooled dataset (the spool's count, which goes on past a file
+        it stopped writing at the limit; the dataset itself if it kept it in memory; its
+        SHA-256 if it hashed it as it came)."""
         self._max_dataset_bytes = max_dataset_bytes
-        self._size_of = size_of
+        self._received_of = received_of
         self._transport = transport
         self._loop = loop
         self._timeout = publish_timeout
@@ -149,11 +153,12 @@ class Receiver:
         size = 0
         try:
             request = event.request
-            # pynetdicom spooled the dataset to a Part-10 file as it arrived (chunked
-            # receive): it is never held whole in memory, here or later.
+            # pynetdicom spooled the dataset as a Part-10 file as it arrived (chunked
+            # receive): in memory if it travels inline, else in a file, never held whole
+            # in memory here or later.
             path = Path(event.dataset_path)
             # Before anything reads it: the Part-10 file as it would be published.
-            file_size = self._size_of(path)
+            received = self._received_of(path)
             arrival = Arrival(
                 calling_ae=calling,
                 called_ae=called,
@@ -163,10 +168,11 @@ class Receiver:
                 traceparent=self._tracing.traceparent(),
             )
             with admitted(
-                file_size,
-                lambda: _open_body(path, file_size, self._transport.inline_limit),
+                received.size,
+                lambda: _open_body(path, received, self._transport.inline_limit),
                 arrival,
                 self._max_dataset_bytes,
+                sha256=received.sha256,
             ) as (instance, fp):
                 size = instance.size
                 self._publish(instance, fp, size)
@@ -194,9 +200,7 @@ class Receiver:
             size,
             blob_prefix=messages.INGEST_BLOB_PREFIX,
         )
-        future: Future[Instance] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            future.result(timeout=self._timeout * 3)
-        except FutureTimeout as exc:
-            future.cancel()
+            run_on_loop(self._loop, coro, self._timeout * 3)
+        except HopTimeout as exc:
             raise BrokerUnavailable("publish did not complete in time") from exc

@@ -219,6 +219,7 @@ async def _serve(
             purge_failed_puts=False,  # the gateway may not purge: the sweeper removes them
         )
         scp = settings.scp
+        spool.keep_in_memory(transport.inline_limit)  # published from memory anyway
         receiver = Receiver(
             transport,
             asyncio.get_running_loop(),
@@ -226,7 +227,7 @@ async def _serve(
             telemetry,
             None if scp.accept_any_calling_ae else frozenset(scp.allowed_calling_aes),
             max_dataset_bytes=scp.max_dataset_bytes,
-            size_of=spool.size_of,
+            received_of=spool.received,
         )
         handlers: list[Any] = [
             (

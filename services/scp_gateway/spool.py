@@ -15,7 +15,13 @@ all there. Here:
   never holds more than the limit per dataset; the request is then answered 0xC211, the
   status of the check the receiver makes on a complete file;
 - the files of an association are removed when it ends (released, aborted, or its
-  connection closed), whatever state they are in.
+  connection closed), whatever state they are in;
+- a dataset that travels inline (at most ``keep_in_memory``'s limit, the transport's
+  ``inline_limit``) is kept in memory and never written to disk: it is published from
+  memory anyway, so writing and reading it back bought nothing. A dataset passing that
+  limit goes to its file from then on, with what came before;
+- every dataset is hashed (SHA-256) as it arrives, so the receiver need not read it
+  again to digest it (``Received``).
 
 The counting and the per-association clean-up replace pynetdicom's file factory, an
 internal of the version it was checked against (``FENCE``, ``VERIFIED_PYNETDICOM``); on
@@ -27,12 +33,15 @@ dataset is complete, and leftovers are removed with the folder when the gateway 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import logging
 import os
 import stat
 import tempfile
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -79,18 +88,40 @@ def private_folder(path: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What arrived for one dataset: ``size`` bytes (those discarded past the limit
+    included); ``sha256`` of them when the spool hashed them as they came (None: read
+    the file to digest it); ``data`` when it was kept in memory (None: read the file)."""
+
+    size: int
+    sha256: str | None = None
+    data: bytes | None = None
+
+
 class SpoolFile:
     """One dataset's file, as pynetdicom's ``NamedTemporaryFile`` is used: ``write``,
-    ``file.flush``, ``close`` and ``name``. Past ``limit`` bytes the file is removed and
-    what follows is only counted (``received``)."""
+    ``file.flush``, ``close`` and ``name``. Up to ``memory_limit`` bytes it is kept in
+    memory and its file is not made; past it the file is written (0600). Past ``limit``
+    bytes the file is removed and what follows is only counted (``received``)."""
 
-    def __init__(self, folder: Path, limit: int, on_close: Any) -> None:
-        fd, name = tempfile.mkstemp(dir=folder, prefix="tmp", suffix=".dcm")  # 0600
-        self.name = name
+    def __init__(
+        self, folder: Path, limit: int, on_close: Any, memory_limit: int = 0, name: str = ""
+    ) -> None:
         self.received = 0
         self.limit = limit
         self.calling_ae = "?"
-        self._file: IO[bytes] | None = os.fdopen(fd, "wb")
+        self._memory_limit = min(memory_limit, limit)
+        self._file: IO[bytes] | None = None
+        self._chunks: list[bytes] | None = None
+        self._sha = hashlib.sha256()
+        self._discarding = False
+        if self._memory_limit > 0 and name:
+            self.name = name  # its file, if it ever needs one
+            self._chunks = []
+        else:
+            fd, self.name = tempfile.mkstemp(dir=folder, prefix="tmp", suffix=".dcm")  # 0600
+            self._file = os.fdopen(fd, "wb")
         self._lock = threading.Lock()
         self._on_close = on_close
 
@@ -105,7 +136,7 @@ class SpoolFile:
     def write(self, data: bytes) -> int:
         with self._lock:
             self.received += len(data)
-            if self._file is None:  # over the limit, or the association ended
+            if self._discarding:  # over the limit, or the association ended
                 return len(data)
             if self.over_limit:
                 self._remove()
@@ -117,7 +148,33 @@ class SpoolFile:
                     self.limit,
                 )
                 return len(data)
-            return self._file.write(data)
+            self._sha.update(data)
+            if self._chunks is not None:
+                if self.received <= self._memory_limit:
+                    self._chunks.append(data)
+                    return len(data)
+                self._file = self._spill(self._chunks)
+                self._chunks = None
+            return self._file.write(data) if self._file is not None else len(data)
+
+    def _spill(self, chunks: list[bytes]) -> IO[bytes]:
+        """The file, made with what came before: the dataset passed the memory limit."""
+        fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        file = os.fdopen(fd, "wb")
+        for chunk in chunks:
+            file.write(chunk)
+        return file
+
+    def body(self) -> Received:
+        """What arrived so far (all of it, once pynetdicom hands the request over)."""
+        with self._lock:
+            if self._discarding:
+                return Received(self.received)
+            data = None
+            if self._chunks is not None:
+                data = b"".join(self._chunks)
+                self._chunks = [data]
+            return Received(self.received, self._sha.hexdigest(), data)
 
     def flush(self) -> None:
         with self._lock:
@@ -132,6 +189,8 @@ class SpoolFile:
         self._on_close(self)
 
     def _remove(self) -> None:
+        self._discarding = True
+        self._chunks = None
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
@@ -151,6 +210,8 @@ class Spool:
         self._by_name: dict[str, SpoolFile] = {}
         self._by_assoc: weakref.WeakKeyDictionary[Any, set[SpoolFile]] = weakref.WeakKeyDictionary()
         self._installed = False
+        self._memory_limit = 0
+        self._names = itertools.count()
 
     @classmethod
     def open(cls, scp_spool_dir: Path | None, spool_dir: Path | None, limit: int) -> Spool:
@@ -189,11 +250,23 @@ class Spool:
             self._installed = False
         self._folder.close()
 
+    def keep_in_memory(self, limit: int) -> None:
+        """Keep datasets of at most ``limit`` bytes in memory, not in files (the
+        transport's ``inline_limit``: they are published from memory). 0: files only."""
+        self._memory_limit = limit
+
     def size_of(self, path: Path) -> int:
         """Bytes received for the dataset of ``path`` (those discarded included)."""
+        return self.received(path).size
+
+    def received(self, path: Path) -> Received:
+        """What arrived for the dataset of ``path``; raises FileNotFoundError when
+        neither the spool nor the folder holds it (its association ended)."""
         with self._lock:
             tracked = self._by_name.get(str(path))
-        return tracked.received if tracked is not None else path.stat().st_size
+        if tracked is not None:
+            return tracked.body()
+        return Received(path.stat().st_size)
 
     def on_association_end(self, event: Any) -> None:
         """EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: remove the association's files."""
@@ -207,7 +280,9 @@ class Spool:
     def _create(self, *args: Any, **kwargs: Any) -> SpoolFile:
         """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``,
         called from the DUL thread of the association receiving the dataset."""
-        spool_file = SpoolFile(self.path, self._limit, self._forget)
+        # Named, not yet made: the folder is this process's own, so a counter is unique.
+        name = str(self.path / f"mem{next(self._names)}.dcm")
+        spool_file = SpoolFile(self.path, self._limit, self._forget, self._memory_limit, name)
         assoc = getattr(threading.current_thread(), "assoc", None)
         with self._lock:
             self._by_name[spool_file.name] = spool_file

@@ -1,7 +1,8 @@
 """The scp-gateway's spool on a real gateway: the files of a transfer cut off half-way
 are removed when its association ends, a dataset over ``scp.max_dataset_bytes`` stops
-being written once it passes the limit (and is answered 0xC211), and the spool is a
-private folder, never the system temp folder itself.
+being written once it passes the limit (and is answered 0xC211), a dataset that travels
+inline is never written to disk, and the spool is a private folder, never the system
+temp folder itself.
 
 The sender is pynetdicom, driven PDU by PDU where a transfer must stop half-way or be
 watched as it arrives: each P-DATA-TF PDU is written by the test, not by send_c_store.
@@ -36,7 +37,8 @@ from support.pipeline import Pipeline
 pytestmark = pytest.mark.integration
 
 PDU = 64 * 1024  # the PDUs the test writes
-LIMIT = 1024**2  # scp.max_dataset_bytes
+LIMIT = 4 * 1024**2  # scp.max_dataset_bytes; over the inline limit (about 1 MiB)
+INLINE = 512 * 1024  # a dataset under the inline limit of a default nats-server
 SETTLE = 10.0  # seconds for the gateway to notice an association's end
 
 
@@ -175,10 +177,33 @@ def test_a_dataset_over_the_limit_stops_being_written_while_it_arrives(
     pipeline.wait_drained()
     assert set(pipeline.records()) == {small.sop_instance_uid}
     logs = pipeline.logs("scp-gateway")
-    assert "passed scp.max_dataset_bytes (1048576 bytes) while being received" in logs
+    assert f"passed scp.max_dataset_bytes ({LIMIT} bytes) while being received" in logs
     # The refusal names the size of the whole dataset, counted past the file it stopped.
     [received] = re.findall(r"dataset of (\d+) bytes exceeds scp.max_dataset_bytes", logs)
     assert int(received) > 4 * LIMIT
+
+
+def test_a_dataset_that_travels_inline_is_never_written_to_disk(
+    tmp_path: Path, pipeline: Pipeline, spool_dir: Path
+) -> None:
+    made = with_pixel_bytes(tmp_path / "inline.dcm", INLINE)
+    assoc = _associate(pipeline)
+    try:
+        pdus = _store_pdus(assoc, made)
+        assert len(pdus) > 4
+        seen: dict[Path, int] = {}
+        for pdu in pdus[:-1]:
+            assoc.dul.send_pdu(pdu)
+            time.sleep(0.005)
+            seen.update(_files(spool_dir))
+        time.sleep(0.2)  # all but the last fragment have arrived
+        seen.update(_files(spool_dir))
+        assoc.dul.send_pdu(pdus[-1])
+        assert _response_status(assoc) == 0x0000
+    finally:
+        assoc.release()
+    assert seen == {}, "an inline-sized dataset was written to the spool"
+    assert set(pipeline.wait_stored(1)) == {made.sop_instance_uid}
 
 
 def _spool_of(pipeline: Pipeline) -> Path:

@@ -4,7 +4,8 @@
 bytes and on mutated valid Part-10 files (truncated, flipped, huge lengths, no
 preamble, a wrong transfer syntax in the file meta, deep sequence nesting, deflate
 bombs) it must return an identity the message contract accepts, or raise ``Rejected``
-(``read_identity``: ``Unreadable``) and nothing else, within a bounded time.
+(``read_identity``: ``Unreadable``) and nothing else, within a bounded time. Whenever
+the byte scan (``identityscan``) answers, pydicom must give the same identity.
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from dicomflow.scp_gateway import identity as identity_module
 from dicomflow.scp_gateway.admission import TOO_LARGE, Rejected, identify
-from dicomflow.scp_gateway.identity import Identity, Unreadable, read_identity
+from dicomflow.scp_gateway.identity import (
+    Identity,
+    Unreadable,
+    parse_identity,
+    read_identity,
+    scan_identity,
+)
 from dicomflow.scp_gateway.receiver import Receiver
 from dicomflow.shared.contracts import messages
 from dicomflow.shared.telemetry.bundle import Telemetry
@@ -76,6 +84,7 @@ def seeds() -> tuple[Seed, ...]:
         _part10(ExplicitVRLittleEndian),
         _part10(ExplicitVRLittleEndian, nested=True),
         _part10(ImplicitVRLittleEndian, nested=True),
+        _part10(ImplicitVRLittleEndian),
         _part10(ExplicitVRBigEndian),
         _part10(DeflatedExplicitVRLittleEndian, nested=True),
     )
@@ -324,3 +333,61 @@ def test_a_file_meta_cut_inside_an_element_header_is_unreadable() -> None:
     )
     with pytest.raises(Unreadable):
         read_identity(io.BytesIO(data))
+
+
+def _scan_agrees_with_pydicom(data: bytes) -> bool:
+    """Whether the byte scan answered; when it did, pydicom read the same identity, from
+    memory and from a file (of which the scan sees a prefix)."""
+    answered = False
+    for fp in (io.BytesIO(data), io.BufferedReader(io.BytesIO(data))):  # type: ignore[arg-type]
+        scanned = scan_identity(fp)
+        if scanned is not None:
+            answered = True
+            assert scanned == parse_identity(io.BytesIO(data))
+    return answered
+
+
+@given(mutated_part10())
+def test_the_byte_scan_agrees_with_pydicom_on_mutated_files(case: tuple[bytes, str]) -> None:
+    _scan_agrees_with_pydicom(case[0])
+
+
+@given(st.binary(max_size=2048))
+def test_the_byte_scan_agrees_with_pydicom_after_a_valid_file_meta(body: bytes) -> None:
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"):
+        _scan_agrees_with_pydicom(_file(syntax, body))
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        s
+        for s in seeds()
+        if not s.name.startswith((ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian))
+    ],
+    ids=lambda s: s.name,
+)
+def test_the_common_case_is_read_without_pydicom(
+    seed: Seed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = parse_identity(io.BytesIO(seed.data))
+
+    def no_pydicom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pydicom parsed the dataset")
+
+    monkeypatch.setattr(identity_module, "read_dataset", no_pydicom)
+    assert read_identity(io.BytesIO(seed.data)) == expected
+    monkeypatch.undo()
+    assert _scan_agrees_with_pydicom(seed.data)
+
+
+def test_an_identity_past_the_scanned_prefix_of_a_file_is_read_by_pydicom(tmp_path: Path) -> None:
+    ds = dataset(CTImageStorage, modality="CT", rows=8, columns=8, sop_instance_uid=SOP)
+    ds.add_new(0x00091010, "OB", bytes(identity_module.SCAN_PREFIX))  # before Study/Series
+    path = tmp_path / "long.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with path.open("rb") as fp:
+        assert scan_identity(fp) is None
+        fp.seek(0)
+        found = read_identity(fp)
+    assert (found.sop_instance_uid, found.study_uid) == (SOP, str(ds.StudyInstanceUID))

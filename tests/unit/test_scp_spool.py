@@ -4,6 +4,7 @@ that keeps the file factory of any pynetdicom but the verified one untouched."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -16,6 +17,7 @@ import pytest
 from dicomflow.scp_gateway.spool import (
     FOLDER_PREFIX,
     VERIFIED_PYNETDICOM,
+    Received,
     Spool,
     SpoolFile,
     private_folder,
@@ -107,3 +109,29 @@ def test_the_factory_is_replaced_on_the_verified_pynetdicom_only(
     assert spool.size_of(Path(made.name)) == 10
     made.close()
     assert not Path(made.name).exists()
+
+
+def test_a_dataset_under_the_memory_limit_is_kept_in_memory_then_spilled_whole(
+    spool: Spool,
+) -> None:
+    closed: list[SpoolFile] = []
+    name = str(spool.path / "mem0.dcm")
+    f = SpoolFile(spool.path, 1000, closed.append, memory_limit=500, name=name)
+    f.write(b"a" * 300)
+    f.file.flush()
+    assert not Path(name).exists()
+    kept = f.body()
+    assert (kept.size, kept.data) == (300, b"a" * 300)
+    assert kept.sha256 == hashlib.sha256(b"a" * 300).hexdigest()
+    f.write(b"b" * 300)  # 600 > 500: to the file, with what came before
+    f.file.flush()
+    assert Path(name).read_bytes() == b"a" * 300 + b"b" * 300
+    assert stat.S_IMODE(Path(name).stat().st_mode) == 0o600
+    spilled = f.body()
+    assert spilled.data is None
+    assert spilled.sha256 == hashlib.sha256(b"a" * 300 + b"b" * 300).hexdigest()
+    f.write(b"c" * 600)  # over the limit: removed, only counted, no digest
+    assert not Path(name).exists()
+    assert f.body() == Received(1200)
+    f.close()
+    assert closed == [f]
