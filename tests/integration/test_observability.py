@@ -187,7 +187,8 @@ def _probe(port: int, path: str) -> tuple[int, str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as rsp:
             return int(rsp.status), rsp.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        with exc:  # a 503's response holds the connection until closed
+            return exc.code, exc.read().decode()
 
 
 def test_readiness_follows_nats(tmp_path: Path, nats_server: NatsServer) -> None:

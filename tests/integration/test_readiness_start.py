@@ -23,6 +23,7 @@ def _ready(port: int) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as rsp:
             return int(rsp.status)
     except urllib.error.HTTPError as exc:
+        exc.close()  # a 503's response holds the connection: closed, not left to the collector
         return exc.code
 
 
