@@ -24,12 +24,12 @@ import logging
 import os
 from pathlib import Path
 
-from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.sender import Senders
 from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import DeliveryRefused, DestinationUnreachable, error_for
+from dicomflow.shared.contracts import deliveries
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.crypto.keyring import KeyRing
 from dicomflow.shared.errors import (
@@ -86,8 +86,8 @@ class Deliverer:
         self._spool_folder.close()
 
     async def handle(self, msg: Msg) -> AfterAck | None:
-        req = request.parse(msg.headers)
-        request.check_body(req, msg.data)
+        req = deliveries.parse(msg.headers)
+        deliveries.check_body(req, msg.data)
         if req.destination != self._name:
             raise ContractViolation(
                 f"request for destination {req.destination} reached the consumer of {self._name}"

@@ -39,13 +39,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from dicomflow.scu_gateway import metrics as scu_metrics
-from dicomflow.scu_gateway import pdata, request, response
+from dicomflow.scu_gateway import pdata, response
 from dicomflow.scu_gateway.association import AssociationPool
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.health import DestinationHealth
 from dicomflow.scu_gateway.routing import Router
 from dicomflow.scu_gateway.settings import DestinationSettings, ScuGatewaySettings
-from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts import deliveries, messages, subjects
 from dicomflow.shared.contracts.messages import BodyKind, Instance
 from dicomflow.shared.crypto import keycheck
 from dicomflow.shared.crypto.keyload import load_keyring
@@ -92,11 +92,13 @@ class Routing:
     async def handle(self, delivery: Delivery[Msg]) -> AfterAck | None:
         msg = delivery.record  # EVENTS: the event's contract is checked here
         instance = self._tracing.propagate(messages.parse(msg.headers, sealed=True))
-        object_key = request.object_key_of(msg.headers)
+        object_key = deliveries.object_key_of(msg.headers)
         relayed = (msg.headers or {}).get(messages.H_SEALED_BODY) == BodyKind.INLINE.value
         for destination in self._router.destinations(instance, relayed=relayed):
-            req = request.DeliveryRequest(instance, object_key, destination)
-            await request.publish(self._js, req, self._timeout, site=self._sites.get(destination))
+            req = deliveries.DeliveryRequest(instance, object_key, destination)
+            await deliveries.publish(
+                self._js, req, self._timeout, site=self._sites.get(destination)
+            )
         return None
 
     async def relay(self, delivery: Delivery[Instance]) -> AfterAck | None:
@@ -109,8 +111,8 @@ class Routing:
         if instance.body is BodyKind.BLOB:
             return None  # too large to travel inline: routed once stored (its event says so)
         for destination in self._router.relay_destinations(instance):
-            req = request.DeliveryRequest(instance, "", destination, relayed=True)
-            await request.publish(
+            req = deliveries.DeliveryRequest(instance, "", destination, relayed=True)
+            await deliveries.publish(
                 self._js, req, self._timeout, body=msg.data, site=self._sites.get(destination)
             )
         return None

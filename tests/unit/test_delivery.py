@@ -14,12 +14,13 @@ from pathlib import Path
 
 import obstore
 import pytest
-from dicomflow.scu_gateway import delivery, request
+from dicomflow.scu_gateway import delivery
 from dicomflow.scu_gateway.association import Pair
 from dicomflow.scu_gateway.delivery import Deliverer
 from dicomflow.scu_gateway.sender import Senders
 from dicomflow.scu_gateway.settings import DestinationSettings
 from dicomflow.scu_gateway.status import DeliveryDeferred, DeliveryRefused
+from dicomflow.shared.contracts import deliveries
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.crypto import envelope
 from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
@@ -219,7 +220,7 @@ def instance_of(plain: bytes, sealed: bytes, sop_instance_uid: str) -> Instance:
 def sealed_request(store: obstore.store.MemoryStore, plain: bytes, key: str) -> Msg:
     sealed = envelope.seal(KEY, plain)
     obstore.put(store, key, sealed)
-    req = request.DeliveryRequest(instance_of(plain, sealed, f"1.2.3.{len(plain)}"), key, "PEER")
+    req = deliveries.DeliveryRequest(instance_of(plain, sealed, f"1.2.3.{len(plain)}"), key, "PEER")
     return Msg(_client=None, subject="dicomflow.deliver.PEER", reply=REPLY, headers=req.headers())  # type: ignore[arg-type]
 
 
@@ -371,7 +372,9 @@ def test_missing_spool_dir_is_created(tmp_path: Path) -> None:
 
 # -- requests relayed before storage ----------------------------------------------------
 def relayed_request(sealed: bytes, plain: bytes) -> Msg:
-    req = request.DeliveryRequest(instance_of(plain, sealed, "1.2.3.99"), "", "PEER", relayed=True)
+    req = deliveries.DeliveryRequest(
+        instance_of(plain, sealed, "1.2.3.99"), "", "PEER", relayed=True
+    )
     return Msg(  # type: ignore[arg-type]
         _client=None,
         subject="dicomflow.deliver.PEER",
@@ -388,7 +391,7 @@ async def test_relayed_request_is_sent_from_its_body_without_reading_storage(
     d, store = deliverer(pool, tmp_path)
     plain = os.urandom(5000)
     msg = relayed_request(envelope.seal(KEY, plain), plain)
-    assert request.H_OBJECT_KEY not in (msg.headers or {})
+    assert deliveries.H_OBJECT_KEY not in (msg.headers or {})
     try:
         assert await d.handle(msg) is None
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.routing import Router
 from dicomflow.scu_gateway.service import delivery_consumer
 from dicomflow.scu_gateway.settings import DestinationSettings, ScuGatewaySettings, ScuSettings
@@ -16,7 +15,7 @@ from dicomflow.scu_gateway.status import (
     classify,
     error_for,
 )
-from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts import deliveries, subjects
 from dicomflow.shared.contracts.messages import Instance
 from dicomflow.shared.errors import ConfigError, ContractViolation
 from dicomflow.shared.settings import ConsumerSettings, load_settings
@@ -159,19 +158,19 @@ def test_errors_carry_the_status() -> None:
 
 
 def test_request_round_trip_and_message_id() -> None:
-    req = request.DeliveryRequest(instance(), "dicom/x.dcm.enc", "PACS_1")
+    req = deliveries.DeliveryRequest(instance(), "dicom/x.dcm.enc", "PACS_1")
     headers = req.headers()
     assert headers["Nats-Msg-Id"] == f"PACS_1:1.2.3.4:{'a' * 64}"
-    assert request.parse(headers) == req
-    moved = request.parse(headers, destination="OTHER")
+    assert deliveries.parse(headers) == req
+    moved = deliveries.parse(headers, destination="OTHER")
     assert moved.destination == "OTHER" and moved.msg_id.startswith("OTHER:")
     for key, bad in (
-        (request.H_OBJECT_KEY, "../../etc/passwd"),
-        (request.H_DESTINATION, "a.b"),
+        (deliveries.H_OBJECT_KEY, "../../etc/passwd"),
+        (deliveries.H_DESTINATION, "a.b"),
         ("Dicomflow-Key-Id", ""),
     ):
         with pytest.raises(ContractViolation):
-            request.parse({**headers, key: bad})
+            deliveries.parse({**headers, key: bad})
 
 
 def test_relay_rules_route_before_storage_and_blobs_once_stored() -> None:
@@ -192,20 +191,20 @@ def test_relay_rules_route_before_storage_and_blobs_once_stored() -> None:
 
 
 def test_relayed_request_carries_its_body_not_an_object_key() -> None:
-    req = request.DeliveryRequest(instance(), "", "PACS_1", relayed=True)
+    req = deliveries.DeliveryRequest(instance(), "", "PACS_1", relayed=True)
     headers = req.headers()
-    assert headers[request.H_RELAY] == "sealed"
-    assert request.H_OBJECT_KEY not in headers
+    assert headers[deliveries.H_RELAY] == "sealed"
+    assert deliveries.H_OBJECT_KEY not in headers
     assert headers["Nats-Msg-Id"] == f"PACS_1:1.2.3.4:{'a' * 64}"  # as if routed once stored
-    assert request.parse(headers) == req
-    assert request.parse(headers, destination="OTHER").relayed  # dlq replay --to keeps it
+    assert deliveries.parse(headers) == req
+    assert deliveries.parse(headers, destination="OTHER").relayed  # dlq replay --to keeps it
     with pytest.raises(ContractViolation, match="Dicomflow-Relay"):
-        request.parse({**headers, request.H_RELAY: "plain"})
+        deliveries.parse({**headers, deliveries.H_RELAY: "plain"})
     with pytest.raises(ContractViolation, match="not Dicomflow-Object-Key"):
-        request.parse({**headers, request.H_OBJECT_KEY: "dicom/x.dcm.enc"})
-    stored = request.DeliveryRequest(instance(), "dicom/x.dcm.enc", "PACS_1")
+        deliveries.parse({**headers, deliveries.H_OBJECT_KEY: "dicom/x.dcm.enc"})
+    stored = deliveries.DeliveryRequest(instance(), "dicom/x.dcm.enc", "PACS_1")
     with pytest.raises(ContractViolation, match="has no body"):
-        request.check_body(stored, b"sealed bytes")
+        deliveries.check_body(stored, b"sealed bytes")
 
 
 def test_request_from_an_index_record() -> None:
@@ -225,8 +224,8 @@ def test_request_from_an_index_record() -> None:
         key_id=1,
         state=State.STORED,
     )
-    req = request.from_record(record, "A")
-    assert request.parse(req.headers()) == req
+    req = deliveries.from_record(record, "A")
+    assert deliveries.parse(req.headers()) == req
     assert req.instance == instance()
 
 

@@ -30,9 +30,8 @@ from nats.js.errors import NotFoundError
 
 from dicomflow.cli.options import add_settings_options, settings_from
 from dicomflow.cli.send import check_destination
-from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.settings import ScuGatewaySettings
-from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts import deliveries, messages, subjects
 from dicomflow.shared.contracts.deadletters import (
     BODY_SEALED,
     H_DLQ_BODY,
@@ -83,7 +82,7 @@ class DeadLetter:
             "subject": h.get(H_DLQ_SUBJECT, ""),
             "deliveries": int(h.get(H_DLQ_DELIVERIES, "0") or 0),
             "sop_instance_uid": h.get(messages.H_SOP_INSTANCE, ""),
-            "destination": h.get(request.H_DESTINATION, ""),
+            "destination": h.get(deliveries.H_DESTINATION, ""),
             "body": h.get(H_DLQ_BODY, "as received"),
             "reason": h.get(H_DLQ_REASON, ""),
         }
@@ -222,7 +221,7 @@ def _sealed(letter: DeadLetter) -> str:
 
 def _event(letter: DeadLetter) -> str:
     instance = messages.parse(letter.headers, sealed=True)
-    request.object_key_of(letter.headers)
+    deliveries.object_key_of(letter.headers)
     if letter.data:
         raise LetterRefused("a dicom.stored event has no body")
     return subjects.stored_subject(instance.called_ae, instance.calling_ae)
@@ -237,8 +236,8 @@ def _delivery(
         own = subjects.decode_token(stage[len(DELIVER) :])
     except (ValueError, UnicodeDecodeError):
         raise LetterRefused(f"{letter.subject} names no destination") from None
-    req = request.parse(letter.headers, destination=to or own)
-    request.check_body(req, letter.data)
+    req = deliveries.parse(letter.headers, destination=to or own)
+    deliveries.check_body(req, letter.data)
     headers.update(req.headers())
     headers[messages.H_MSG_ID] = f"replay:{letter.seq}:{req.msg_id}"
     return subjects.deliver_subject(req.destination), headers

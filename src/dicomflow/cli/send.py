@@ -12,8 +12,8 @@ import asyncio
 import sys
 
 from dicomflow.cli.options import add_settings_options, settings_from
-from dicomflow.scu_gateway import request
 from dicomflow.scu_gateway.settings import ScuGatewaySettings, ScuSettings
+from dicomflow.shared.contracts import deliveries
 from dicomflow.shared.errors import ConfigError, StoreError
 from dicomflow.shared.nats import natsconn
 from dicomflow.shared.storage.index import Index, Record, State
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def check_destination(scu: ScuSettings, name: str) -> None:
     """DEST must be a valid name, and a configured one when this config lists any."""
-    if not request.DESTINATION_NAME.fullmatch(name):
+    if not deliveries.DESTINATION_NAME.fullmatch(name):
         raise ConfigError(f"--to {name!r} is not a destination name (A-Z a-z 0-9 _ -, 1 to 32)")
     if scu.destinations and name not in scu.destinations:
         known = ", ".join(sorted(scu.destinations))
@@ -75,8 +75,8 @@ async def _send(args: argparse.Namespace) -> int:
         dest = settings.scu.destinations.get(args.to)
         site = dest.site if dest is not None else None  # at a site of the hybrid edge
         for record in records:
-            req = request.from_record(record, args.to)
-            await request.publish(js, req, settings.nats.publish_timeout, site=site)
+            req = deliveries.from_record(record, args.to)
+            await deliveries.publish(js, req, settings.nats.publish_timeout, site=site)
     finally:
         await nc.close()
     print(f"queued {len(records)} instance(s) for {args.to}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""A delivery request: one instance for one destination, as a message.
+"""The contract of DELIVERY: a delivery request, one instance for one destination.
 
 It carries the instance contract of ``shared.messages`` (sealed: key id and sealed size
 included) and the destination's name, and either the object's storage key with no body
