@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import struct
@@ -51,8 +50,13 @@ from pathlib import Path
 from typing import Any
 
 from dicomflow.shared import patches
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom import _handlers, dimse_messages
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _handlers,
+    dimse_messages,
+    evt,
+)
 from pynetdicom.dimse_primitives import C_STORE
 
 log = logging.getLogger(__name__)
@@ -273,16 +277,16 @@ class Reader:
         except (TypeError, ValueError):  # a value pynetdicom would refuse: let it say so
             return False
         context = self._assoc._accepted_cx[context_id]
-        file = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+        factory = getattr(dimse_messages, "NamedTemporaryFile")  # noqa: B009 (the spool's)
+        file = factory(delete=False, mode="wb", suffix=".dcm")
         file.write(
-            part10_head(
-                str(command[0x0002]), str(command[0x1000]), str(context.transfer_syntax[0])
-            )
+            part10_head(str(command[0x0002]), str(command[0x1000]), str(context.transfer_syntax[0]))
         )
         primitive.DataSet = BytesIO()
-        primitive._context_id = context_id  # as pynetdicom's message_to_primitive sets them
-        primitive._dataset_path = Path(file.name)
-        primitive._dataset_file = file
+        internals: Any = primitive  # as pynetdicom's message_to_primitive sets them
+        internals._context_id = context_id
+        internals._dataset_path = Path(file.name)
+        internals._dataset_file = file
         self._message = _Store(context_id, primitive, file)
         if len(items) > 1 and not self._append(items[1:]):
             self._broken()
@@ -292,7 +296,8 @@ class Reader:
         """The data set fragments of the request being received; False when one is not
         (the request is broken)."""
         message = self._message
-        assert message is not None
+        if message is None:
+            return False
         for index, (context_id, control, start, end) in enumerate(items):
             if context_id != message.context_id or control & 0x01:
                 return False
@@ -321,7 +326,7 @@ class Reader:
         with contextlib.suppress(OSError):
             message.file.close()
         with contextlib.suppress(OSError):
-            os.unlink(message.file.name)
+            Path(message.file.name).unlink()
 
     # -- responses, on the association thread --------------------------------------------
 
@@ -370,10 +375,10 @@ def _items(buffer: bytearray, start: int, end: int) -> list[tuple[int, int, int,
     return items or None
 
 
-def _command(data: memoryview) -> dict[int, int | str] | None:
+def _command(data: memoryview) -> dict[int, Any] | None:
     """The elements of a C-STORE-RQ command set with a data set, or None for any other
     (another message, another element, repeated, cut short, an odd length)."""
-    found: dict[int, int | str] = {}
+    found: dict[int, Any] = {}  # int (US, UL) or str (UI)
     pos, end = 0, len(data)
     while pos < end:
         if pos + _ELEMENT.size > end:

@@ -18,15 +18,15 @@ from typing import Any
 
 import pynetdicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-
 from dicomflow.scp_gateway import pdata
 from dicomflow.scp_gateway.service import ConnectionLimits
 from dicomflow.scp_gateway.spool import Spool
 from dicomflow.shared import patches
 from dicomflow.shared.patches import reactors
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
 from support.dicomfiles import Made, ct_series, dataset_bytes
 from support.servers import free_port
 
@@ -62,7 +62,8 @@ class Scp:
 
     def _watch(self, event: Any) -> None:
         dul = event.assoc.dul
-        self.installed.append(getattr(dul._read_pdu_data, "__self__", None).__class__ is pdata.Reader)
+        reader = getattr(dul._read_pdu_data, "__self__", None)
+        self.installed.append(isinstance(reader, pdata.Reader))
         dimse = event.assoc.dimse
         original = dimse.receive_primitive
 
