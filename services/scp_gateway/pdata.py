@@ -25,8 +25,8 @@ element this does not know, a message pynetdicom has begun, any PDU over
 ``scp.maximum_pdu_size`` (refused by ``ConnectionLimits``), and any association with a
 handler bound to a data, PDU or DIMSE event. Those PDUs go to pynetdicom's own read, served
 first from the reader's buffer. A request broken mid-way (a command fragment inside its
-data set, a fragment of another context, an item cut short) aborts the association (its
-file is removed with it). TLS associations keep pynetdicom's path.
+data set, a fragment of another context, an item cut short) aborts the association (the
+spool removes its file as it ends). TLS associations keep pynetdicom's path.
 
 It relies on DUL internals (``_read_pdu_data``, ``_is_transport_event``, its state machine
 and event queue) and the DIMSE provider's (``message``, ``msg_queue``, ``send_msg``) of
@@ -39,7 +39,6 @@ presentation data value items: length (u32 big-endian), context ID, message cont
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import ssl
@@ -319,14 +318,10 @@ class Reader:
         self._dul.event_queue.put("Evt19")
 
     def _discard(self) -> None:
-        """The request being received, if any, dropped with its file."""
-        message, self._message = self._message, None
-        if message is None:
-            return
-        with contextlib.suppress(OSError):
-            message.file.close()
-        with contextlib.suppress(OSError):
-            Path(message.file.name).unlink()
+        """The request being received, if any, dropped. Its file is the spool's, made in
+        this association's DUL thread: removed (and logged) when the association ends,
+        which a request cut off always leads to, as with pynetdicom's own path."""
+        self._message = None
 
     # -- responses, on the association thread --------------------------------------------
 
