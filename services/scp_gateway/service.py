@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from dicomflow.scp_gateway import metrics as scp_metrics
+from dicomflow.scp_gateway import pdata
 from dicomflow.scp_gateway.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from dicomflow.scp_gateway.receiver import Receiver
 from dicomflow.scp_gateway.settings import ScpGatewaySettings, ScpSettings
@@ -32,6 +33,7 @@ from dicomflow.shared.nats import natsconn, topology
 from dicomflow.shared.nats.transport import Transport
 from dicomflow.shared.patches import (
     REACTORS,
+    SCP_PDATA,
     SCP_PDU_LIMIT,
     SCP_REUSE_PORT,
     SCP_TLS_SERVER,
@@ -206,6 +208,7 @@ async def _serve(
 ) -> None:
     reactors.install(settings.scp.reactor_delay)
     SCP_PDU_LIMIT.install()  # applied to each connection by ConnectionLimits
+    SCP_PDATA.install()  # applied to each plain connection by ConnectionLimits (pdata)
     nc = await natsconn.connect(settings.nats, STAGE, stop)
     telemetry.readiness.add_nats(nc)
     try:
@@ -288,7 +291,9 @@ class ConnectionLimits:
     ``scp.maximum_pdu_size`` (plus a small margin) is refused before it is read; either
     way pynetdicom closes the connection. The size bound wraps pynetdicom's
     ``AssociationSocket.recv`` and the idle turn is its DUL's ``_run_loop_delay``: each
-    only on the pynetdicom it was verified on (``SCP_PDU_LIMIT``, ``REACTORS``).
+    only on the pynetdicom it was verified on (``SCP_PDU_LIMIT``, ``REACTORS``). A plain
+    connection's C-STORE data phase is then taken by ``pdata`` (``SCP_PDATA``), within
+    the same bounds.
     """
 
     def __init__(
@@ -307,6 +312,7 @@ class ConnectionLimits:
             return
         sock.settimeout(self._seconds)
         if not SCP_PDU_LIMIT.active:
+            pdata.install(event.assoc, self._max_read)
             return
         read = assoc_socket.recv
         limit = self._max_read
@@ -326,6 +332,7 @@ class ConnectionLimits:
             return data
 
         assoc_socket.recv = bounded
+        pdata.install(event.assoc, limit)  # reads below the bound above
 
 
 def _describe(server: Any) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "NATS_IO",
     "PROCESS_EXIT",
     "REACTORS",
+    "SCP_PDATA",
     "SCP_PDU_LIMIT",
     "SCP_REUSE_PORT",
     "SCP_SPOOL",
@@ -51,6 +52,14 @@ SCU_RESPONSE = Fence(
     PYNETDICOM,
     _PYNETDICOM,
     "the scu-gateway's C-STORE responses are decoded by pynetdicom",
+)
+# services/scp_gateway/pdata.py: C-STORE requests read, spooled and answered past the DUL.
+SCP_PDATA = Fence(
+    "scp_pdata",
+    PYNETDICOM,
+    _PYNETDICOM,
+    "the gateway receives every C-STORE through pynetdicom's DUL thread, queues and "
+    "state machine, a few KiB a read, and answers it through them",
 )
 # services/scp_gateway/service.py, ConnectionLimits: the size bound of every PDU read.
 SCP_PDU_LIMIT = Fence(
@@ -106,6 +115,7 @@ ALL = (
     REACTORS,
     SCU_PDATA,
     SCU_RESPONSE,
+    SCP_PDATA,
     SCP_PDU_LIMIT,
     SCP_TLS_SERVER,
     SCP_REUSE_PORT,

@@ -33,7 +33,14 @@ pytestmark = pytest.mark.integration
 
 EVERY_STAGE = ("nats_io", "process_exit")
 EXPECTED = {
-    "scp-gateway": {*EVERY_STAGE, "reactors", "scp_pdu_limit", "scp_tls_server", "scp_spool"},
+    "scp-gateway": {
+        *EVERY_STAGE,
+        "reactors",
+        "scp_pdata",
+        "scp_pdu_limit",
+        "scp_tls_server",
+        "scp_spool",
+    },
     "encryptor": set(EVERY_STAGE),
     "store-writer": set(EVERY_STAGE),
     "scu-gateway": {*EVERY_STAGE, "reactors", "scu_pdata", "scu_response"},

@@ -53,6 +53,7 @@ def installers(spool: Spool) -> dict[str, Callable[[], bool]]:
         "reactors": reactors.install,
         "scu_pdata": pdata.FENCE.install,
         "scu_response": response.FENCE.install,
+        "scp_pdata": patches.SCP_PDATA.install,
         "scp_pdu_limit": patches.SCP_PDU_LIMIT.install,
         "scp_tls_server": patches.SCP_TLS_SERVER.install,
         "scp_reuse_port": patches.SCP_REUSE_PORT.install,
