@@ -57,15 +57,15 @@ def scan(buf: bytes, whole: bool) -> Scanned | None:
     if walked is None:
         return None
     meta, pos = walked
-    syntax = _text(meta.get(TRANSFER_SYNTAX))
-    sop_class = _text(meta.get(MEDIA_SOP_CLASS, b""))
+    syntax = _uid(meta.get(TRANSFER_SYNTAX))
+    sop_class = _uid(meta.get(MEDIA_SOP_CLASS, b""))
     if not syntax or sop_class is None or syntax in _NOT_HERE:
         return None
     walked = _walk(buf, pos, syntax == IMPLICIT_LITTLE, False, _DATASET_VR, whole)
     if walked is None:
         return None
     found = walked[0]
-    sop, study, series = (_text(found.get(tag)) for tag in (SOP_INSTANCE, STUDY, SERIES))
+    sop, study, series = (_uid(found.get(tag)) for tag in (SOP_INSTANCE, STUDY, SERIES))
     modality = _text(found.get(MODALITY, b""))
     if modality is None or not sop or not study or not series:
         return None
@@ -79,6 +79,16 @@ def _text(value: bytes | None) -> str | None:
         return None
     text = value.decode("latin-1").rstrip("\0 ")
     return None if "\\" in text else text
+
+
+def _uid(value: bytes | None) -> str | None:
+    """A single UID as pydicom decodes it; None (pydicom reads the file) when pydicom's
+    ``UID`` would change it further: it strips whitespace at both ends (fuzzing found a
+    value with a leading space that the scan kept and pydicom did not)."""
+    text = _text(value)
+    if text is None or text != text.strip():
+        return None
+    return text
 
 
 def _walk(

@@ -391,3 +391,16 @@ def test_an_identity_past_the_scanned_prefix_of_a_file_is_read_by_pydicom(tmp_pa
         fp.seek(0)
         found = read_identity(fp)
     assert (found.sop_instance_uid, found.study_uid) == (SOP, str(ds.StudyInstanceUID))
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_uid_with_a_leading_space_is_left_to_pydicom(syntax: str) -> None:
+    """pydicom's UID strips whitespace at both ends; the scan keeps values verbatim, so it
+    steps aside for such a value (found by scripts/fuzz: the scan read ' 1.2...' where
+    pydicom read '1.2...')."""
+    seed = _part10(syntax)
+    series = parse_identity(io.BytesIO(seed.data)).series_uid.encode()
+    assert seed.data.count(series) == 1
+    data = seed.data.replace(series, b" " + series[:-1])  # same length: the file stays whole
+    assert scan_identity(io.BytesIO(data)) is None
+    assert _scan_agrees_with_pydicom(data) is False
