@@ -71,3 +71,10 @@ def test_the_layering_contract_holds_and_catches_a_planted_violation(tmp_path: P
     assert broken.returncode != 0
     assert "dicomflow.shared.errors -> dicomflow.scu_gateway.routing" in broken.stdout
     assert "dicomflow.encryptor.sealing -> dicomflow.store_writer.service" in broken.stdout
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports tests/unit and tests/integration as top-level modules (rootdir
+    conftest, no __init__.py): two files of one name make the whole run fail to collect."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
