@@ -205,6 +205,9 @@ class Consumer(Generic[R]):
                 await slots.acquire()
                 if failed:
                     raise failed[0]
+                if stop.is_set():  # stopped while every slot was busy: fetch no more
+                    slots.release()
+                    break
                 try:
                     msgs = await self._fetch(engine, stop)
                 except BaseException:
