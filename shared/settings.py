@@ -201,6 +201,13 @@ class StorageSettings(Section):
 
 class ConsumerSettings(Section):
     concurrency: int = Field(default=4, ge=1, le=256)
+    batch: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="messages fetched at once by each of the concurrency workers of a stage "
+        "that works batches (encryptor, store-writer), handled together",
+    )
     max_inflight_bytes: int = Field(
         default=256 * 1024**2,
         gt=0,

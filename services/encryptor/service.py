@@ -183,7 +183,7 @@ def spec(settings: EncryptorSettings) -> StageSpec[Instance]:
             keyring.current.key_id,
             signer.signer,
         )
-        return Parts(delivery.one_at_a_time(encryptor.handle), letter=encryptor.dead_letter)
+        return Parts(delivery.concurrently(encryptor.handle), letter=encryptor.dead_letter)
 
     at_edge = settings.nats_sealed is not None
     return StageSpec(
@@ -193,6 +193,7 @@ def spec(settings: EncryptorSettings) -> StageSpec[Instance]:
         decoder=delivery.ingest,
         build=build,
         sweeps=(subjects.INGEST_BLOB_BUCKET,) if at_edge else subjects.BLOB_BUCKETS,
+        batch=None,  # consumer.batch
     )
 
 

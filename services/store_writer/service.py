@@ -305,7 +305,7 @@ def spec(settings: StoreWriterSettings) -> StageSpec[Instance]:
             settings.storage.layout,
             ", ".join(verifier.signers),
         )
-        return Parts(delivery.one_at_a_time(writer.handle))
+        return Parts(delivery.concurrently(writer.handle))
 
     return StageSpec(
         name=STAGE,
@@ -314,6 +314,7 @@ def spec(settings: StoreWriterSettings) -> StageSpec[Instance]:
         decoder=delivery.sealed,
         build=build,
         readiness=lambda readiness: readiness.add_storage(store, settings.storage.root_path),
+        batch=None,  # consumer.batch
     )
 
 

@@ -199,7 +199,7 @@ async def serve(
             handler=parts.handle,
             gate=parts.gate,
             letter=parts.letter,
-            batch=spec.batch,
+            batch=settings.consumer.batch if spec.batch is None else spec.batch,
         )
         telemetry.readiness.started()
         work: list[Awaitable[None]] = [consumer.run(stop)]

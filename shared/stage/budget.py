@@ -18,6 +18,10 @@ class ByteBudget:
         self._changed = asyncio.Condition()
 
     @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
     def used(self) -> int:
         return self._used
 

@@ -1,6 +1,6 @@
 """One durable pull-consumer loop for every stage.
 
-Workers fetch up to ``batch`` messages at a time (one, today) through an ``Engine``,
+Workers fetch up to ``batch`` messages at a time through an ``Engine``,
 decode each against the stream's contract (``delivery``: a forged or malformed message
 never reaches the handler), hand the stage's handler the batch of ``Delivery`` records
 while sending in-progress acks (so slow work is not redelivered), and settle each
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -179,72 +180,99 @@ class Consumer(Generic[R]):
         return self._stream
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Process messages until ``stop`` is set; in-flight messages finish first."""
+        """Process messages until ``stop`` is set; in-flight messages finish first.
+
+        One fetcher reads the pull subscription and hands each batch to a task of its
+        own, at most ``consumer.concurrency`` batches at once. Not one fetching worker
+        per slot: workers sharing the subscription's inbox took each other's messages
+        and end-of-request statuses, and with batches of 16 a message waited up to the
+        fetch timeout (a second) for a worker to read it."""
         engine = await self._engine_factory()
         self._engine = engine
-        workers = [
-            asyncio.create_task(self._work(engine, stop), name=f"{self._stage}-worker-{i}")
-            for i in range(self._settings.concurrency)
-        ]
         lag = asyncio.create_task(self._watch_lag(stop), name=f"{self._stage}-lag")
+        slots = asyncio.Semaphore(self._settings.concurrency)
+        working: set[asyncio.Task[list[Action]]] = set()
+        failed: list[BaseException] = []  # a bug in the loop stops the stage, as before
+
+        def finished(task: asyncio.Task[list[Action]]) -> None:
+            working.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None:
+                failed.append(task.exception())  # type: ignore[arg-type]
+
         try:
-            await asyncio.gather(*workers)
+            while not stop.is_set():
+                await slots.acquire()
+                if failed:
+                    raise failed[0]
+                if stop.is_set():  # stopped while every slot was busy: fetch no more
+                    slots.release()
+                    break
+                try:
+                    msgs = await self._fetch(engine, stop)
+                except BaseException:
+                    slots.release()
+                    raise
+                if not msgs:
+                    slots.release()
+                    continue
+                task = asyncio.create_task(self.process(msgs, stop), name=f"{self._stage}-batch")
+                working.add(task)
+                task.add_done_callback(finished)
+            await asyncio.gather(*working)
         finally:
             lag.cancel()
-            for worker in workers:
-                worker.cancel()
+            for task in working:
+                task.cancel()
             await engine.close()
 
-    async def _work(self, engine: Engine, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            if self._gate is not None:
-                await self._gate(stop)
-                if stop.is_set():
-                    return
-            try:
-                msgs = await engine.fetch(self._batch, wait=1.0)
-            except BrokerUnavailable as exc:
-                log.warning("%s, retrying", exc)
-                await _sleep_unless(stop, 1.0)
-                continue
-            if msgs:
-                await self.process(msgs, stop)
+    async def _fetch(self, engine: Engine, stop: asyncio.Event) -> Sequence[Msg]:
+        """The next batch ([] if none came, the gate held or the stage is stopping)."""
+        if self._gate is not None:
+            await self._gate(stop)
+            if stop.is_set():
+                return []
+        try:
+            return await engine.fetch(self._batch, wait=1.0)
+        except BrokerUnavailable as exc:
+            log.warning("%s, retrying", exc)
+            await _sleep_unless(stop, 1.0)
+            return []
 
     async def process(self, msgs: Sequence[Msg], stop: asyncio.Event) -> list[Action]:
         """Decode, handle and settle ``msgs`` (one batch); return what became of each.
 
-        Each message has a span of its own continuing its ``traceparent``, in-progress
-        acks while it waits for the byte budget, is handled, and while an ack or a
-        dead-letter publish rides out an outage (stopped before a nak).
+        Each message has a span of its own continuing its ``traceparent`` (a new trace
+        without one: never nested under another delivery's span), and in-progress acks
+        from the moment it is fetched until it is settled: while it waits for the byte
+        budget, is handled, and while an ack or a dead-letter publish rides out an
+        outage (stopped before a nak).
         """
         engine = self._engine or await self._bind_engine()
         start = time.perf_counter()
-        with contextlib.ExitStack() as spans:
-            received: list[_Received[R]] = []
+        received: list[_Received[R]] = []
+        actions: list[Action] = []
+        try:
             for msg in msgs:
                 delivered = msg.metadata.num_delivered
-                span = spans.enter_context(
-                    self._tracing.span(
-                        self._stage,
-                        parent=(msg.headers or {}).get(H_TRACEPARENT, ""),
-                        kind=SpanKind.CONSUMER,
-                        attributes={
-                            "dicomflow.stage": self._stage,
-                            "dicomflow.delivery": delivered,
-                        },
-                    )
+                span = self._tracing.start(
+                    self._stage,
+                    parent=(msg.headers or {}).get(H_TRACEPARENT, ""),
+                    kind=SpanKind.CONSUMER,
+                    attributes={"dicomflow.stage": self._stage, "dicomflow.delivery": delivered},
                 )
                 heartbeat = asyncio.create_task(self._keep_alive(engine, msg))
                 received.append(_Received(msg, delivered, _declared_size(msg), span, heartbeat))
-            try:
-                actions = await self._handle_and_settle(engine, received, stop)
-            finally:
-                for item in received:
-                    item.heartbeat.cancel()
-            for item, action in zip(received, actions, strict=True):
-                item.span.set_attribute("dicomflow.outcome", action.value)
+            actions = await self._handle_and_settle(engine, received, stop)
+        finally:
+            for item in received:
+                item.heartbeat.cancel()
+            for item, action in itertools.zip_longest(received, actions):
+                if action is not None:
+                    item.span.set_attribute("dicomflow.outcome", action.value)
                 if action is not Action.ACK:
                     item.span.set_status(StatusCode.ERROR)
+                item.span.end()
         m, stage = self._metrics, self._stage
         elapsed = time.perf_counter() - start
         for item, action in zip(received, actions, strict=True):
@@ -278,12 +306,11 @@ class Consumer(Generic[R]):
             else:
                 ready.append(item)
         if ready:
-            async with self._budget.hold(sum(item.size for item in ready)):
-                await self._handle(ready, stop)
-        actions: list[Action] = []
-        for item in received:
-            error = item.outcome.error
-            outcome = decide(error, item.delivered, self._settings)
+            # Held in groups that fit the budget, a larger body alone, so that a batch
+            # of large bodies is not all worked at once.
+            await asyncio.gather(*(self._handle_held(group, stop) for group in self._groups(ready)))
+        outcomes = [decide(item.outcome.error, item.delivered, self._settings) for item in received]
+        for item, outcome in zip(received, outcomes, strict=True):
             if outcome.action is Action.NAK:
                 item.heartbeat.cancel()
                 log.warning(
@@ -292,15 +319,48 @@ class Consumer(Generic[R]):
                     item.delivered,
                     outcome.delay,
                     outcome.reason,
-                    exc_info=None if isinstance(error, DicomflowError) else error,
+                    exc_info=None
+                    if isinstance(item.outcome.error, DicomflowError)
+                    else item.outcome.error,
                 )
-            await self._settle(engine, item, outcome, stop)
-            item.heartbeat.cancel()
-            actions.append(outcome.action)
-        for item, action in zip(received, actions, strict=True):
-            if action is Action.ACK and item.outcome.after_ack is not None:
-                await item.outcome.after_ack()
+        # Settled together: the acks of a batch go out in one write and their
+        # confirmations are awaited together (each still ridden out on its own).
+        await asyncio.gather(
+            *(
+                self._settle(engine, item, outcome, stop)
+                for item, outcome in zip(received, outcomes, strict=True)
+            )
+        )
+        actions = [outcome.action for outcome in outcomes]
+        await asyncio.gather(
+            *(
+                after()
+                for item, action in zip(received, actions, strict=True)
+                if action is Action.ACK and (after := item.outcome.after_ack) is not None
+            )
+        )
         return actions
+
+    def _groups(self, ready: list[_Received[R]]) -> list[list[_Received[R]]]:
+        """``ready`` cut, in order, into groups whose declared sizes fit the byte budget
+        (a body larger than the budget forms a group of its own)."""
+        groups: list[list[_Received[R]]] = []
+        group: list[_Received[R]] = []
+        total = 0
+        for item in ready:
+            size = max(item.size, 1)
+            if group and total + size > self._budget.limit:
+                groups.append(group)
+                group, total = [], 0
+            group.append(item)
+            total += size
+        if group:
+            groups.append(group)
+        return groups
+
+    async def _handle_held(self, group: list[_Received[R]], stop: asyncio.Event) -> None:
+        async with self._budget.hold(sum(item.size for item in group)):
+            await self._handle(group, stop)
 
     async def _handle(self, ready: list[_Received[R]], stop: asyncio.Event) -> None:
         """Hand ``ready`` to the handler; the deliveries that failed for want of NATS or
@@ -376,6 +436,8 @@ class Consumer(Generic[R]):
         except (NatsError, TimeoutError, OSError, BrokerUnavailable) as exc:
             # Not settled: JetStream redelivers after AckWait. Nothing is lost.
             log.warning("%s: could not settle message (%s): %r", self._stage, outcome.action, exc)
+        finally:
+            item.heartbeat.cancel()
 
     async def _ride_out(
         self,

@@ -11,8 +11,8 @@ message never reaches a handler.
 A handler takes a batch of deliveries and answers one ``Outcome`` per delivery: done
 (with an optional ``after_ack`` step, run once the ack went through: where a consumed
 blob is deleted) or failed with an error that ``disposition`` maps to nak or dead
-letter. The consumer hands one delivery at a time today; ``one_at_a_time`` turns a
-handler of one delivery into a handler of batches.
+letter. ``one_at_a_time`` and ``concurrently`` turn a handler of one delivery into a
+handler of batches (the deliveries in turn, or all at once).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Generic, TypeVar
 
-from dicomflow.shared.contracts import messages, subjects
+from dicomflow.shared.contracts import messages
 from dicomflow.shared.contracts.messages import H_TRACEPARENT, BodyKind, Instance
 from dicomflow.shared.crypto.sealsign import SealVerifier
 from dicomflow.shared.errors import ContractViolation
@@ -190,7 +190,7 @@ def ingest(transport: Transport) -> Decoder[Instance]:
     against ``Dicomflow-Size`` and ``Dicomflow-Sha256`` when read."""
 
     def decode(msg: Msg) -> Decoded[Instance]:
-        instance = messages.parse(msg.headers)
+        instance, error = _decode(messages.decode_ingest, msg, sealed=False)
 
         def check(size: int, sha256: str) -> None:
             if (size, sha256) != (instance.size, instance.sha256):
@@ -198,8 +198,7 @@ def ingest(transport: Transport) -> Decoder[Instance]:
                     "body does not match its Dicomflow-Size/Dicomflow-Sha256 headers"
                 )
 
-        body = Body(msg, instance, transport, check)
-        return Decoded(instance, body, _payload_error(subjects.INGEST_STREAM, msg))
+        return Decoded(instance, Body(msg, instance, transport, check), error)
 
     return decode
 
@@ -209,13 +208,12 @@ def sealed(transport: Transport) -> Decoder[Instance]:
     against the signed ``Dicomflow-Sealed-Sha256`` when read (``SealNotTrusted``)."""
 
     def decode(msg: Msg) -> Decoded[Instance]:
-        instance = messages.parse(msg.headers, sealed=True, signed=True)
+        instance, error = _decode(messages.decode_sealed, msg, sealed=True)
 
         def check(size: int, sha256: str) -> None:
             SealVerifier.check_digest(instance, sha256 if size == instance.sealed_size else "")
 
-        body = Body(msg, instance, transport, check)
-        return Decoded(instance, body, _payload_error(subjects.SEALED_STREAM, msg))
+        return Decoded(instance, Body(msg, instance, transport, check), error)
 
     return decode
 
@@ -235,13 +233,17 @@ def deliver(decoder: Decoder[R], msg: Msg, span: Span = trace.INVALID_SPAN) -> D
     return Delivery(decoded.record, decoded.body, msg.metadata.num_delivered, msg, span)
 
 
-def _payload_error(stream: str, msg: Msg) -> ContractViolation | None:
-    """The checks of a body that need no blob read (``messages.check_delivery``)."""
+def _decode(
+    contract: Callable[[dict[str, str] | None, bytes], Instance], msg: Msg, *, sealed: bool
+) -> tuple[Instance, ContractViolation | None]:
+    """The stream's whole contract (``contract``: headers and the checks of a body that
+    need no blob read), the headers parsed once on the common path. When it fails, the
+    headers alone are parsed again: if they are off, that raises (the body is dropped);
+    if only the body is, the instance comes with the error."""
     try:
-        messages.check_delivery(stream, msg.headers, msg.data)
+        return contract(msg.headers, msg.data), None
     except ContractViolation as exc:
-        return exc
-    return None
+        return messages.parse(msg.headers, sealed=sealed, signed=sealed), exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,18 +264,38 @@ def one_at_a_time(handler: Handler[R]) -> BatchHandler[R]:
     delivery's span; an exception becomes that delivery's failed outcome."""
 
     async def handle(batch: Sequence[Delivery[R]]) -> Sequence[Outcome]:
-        outcomes: list[Outcome] = []
-        for delivery in batch:
-            try:
-                with trace.use_span(
-                    delivery.span,
-                    end_on_exit=False,
-                    record_exception=False,
-                    set_status_on_exception=False,
-                ):
-                    outcomes.append(Outcome(await handler(delivery)))
-            except Exception as exc:  # noqa: BLE001 (mapped by disposition.decide)
-                outcomes.append(Outcome(error=exc))
-        return outcomes
+        return [await _outcome(handler, delivery) for delivery in batch]
 
     return handle
+
+
+def concurrently(handler: Handler[R]) -> BatchHandler[R]:
+    """A batch handler that runs ``handler`` on every delivery of the batch at once,
+    each inside its own span; an exception becomes that delivery's failed outcome.
+
+    What the deliveries send goes out together: their publishes are written before any
+    PubAck is awaited (nats-py coalesces what is pending into one socket write), and
+    each delivery's outcome is answered only once its own publishes were acknowledged,
+    so nothing is acked upstream before downstream has it. The consumer holds the byte
+    budget for the batch it hands over.
+    """
+
+    async def handle(batch: Sequence[Delivery[R]]) -> Sequence[Outcome]:
+        if len(batch) == 1:
+            return [await _outcome(handler, batch[0])]
+        return await asyncio.gather(*(_outcome(handler, delivery) for delivery in batch))
+
+    return handle
+
+
+async def _outcome(handler: Handler[R], delivery: Delivery[R]) -> Outcome:
+    try:
+        with trace.use_span(
+            delivery.span,
+            end_on_exit=False,
+            record_exception=False,
+            set_status_on_exception=False,
+        ):
+            return Outcome(await handler(delivery))
+    except Exception as exc:  # noqa: BLE001 (mapped by disposition.decide)
+        return Outcome(error=exc)

@@ -54,7 +54,9 @@ class StageSpec(Generic[R]):
       (``blobsweeper``); () for none. Chosen here, never from the stream's name.
     - ``readiness``: checks besides its NATS connections, added before connecting
       (``Readiness.add_storage``, ...).
-    - ``batch``: the most deliveries handed to the handler at once.
+    - ``batch``: the most deliveries handed to the handler at once; None: the stage's
+      ``consumer.batch`` setting (for a handler that works a batch's deliveries
+      together, ``delivery.concurrently``).
     """
 
     name: str
@@ -64,4 +66,4 @@ class StageSpec(Generic[R]):
     build: Callable[[Wiring], Awaitable[Parts[R]]]
     sweeps: tuple[str, ...] = ()
     readiness: Callable[[Readiness], None] | None = None
-    batch: int = 1
+    batch: int | None = 1

@@ -30,6 +30,7 @@ from dicomflow.shared.contracts.messages import H_TRACEPARENT, Instance
 from dicomflow.shared.errors import ConfigError
 from dicomflow.shared.settings import TelemetrySettings
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -75,13 +76,30 @@ class Tracing:
         parent: str = "",
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Mapping[str, AttributeValue] | None = None,
+        root: bool = False,
     ) -> Iterator[Span]:
-        """A span, current inside the block; a child of ``parent`` (a traceparent) if given."""
-        context = _PROPAGATOR.extract({H_TRACEPARENT: parent}) if parent else None
+        """A span, current inside the block; a child of ``parent`` (a traceparent) if
+        given, else of the current span, or (``root``) the first span of a new trace."""
         with self._tracer.start_as_current_span(
-            name, context=context, kind=kind, attributes=attributes
+            name, context=_context(parent, root), kind=kind, attributes=attributes
         ) as span:
             yield span
+
+    def start(
+        self,
+        name: str,
+        *,
+        parent: str = "",
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, AttributeValue] | None = None,
+    ) -> Span:
+        """A span that is not made current (the caller ends it): a child of ``parent``
+        (a traceparent) if given, else the first span of a new trace, never a child of
+        whatever span is current. The consumer opens one per delivery of a batch, side
+        by side: a delivery without a ``traceparent`` must not nest under another's."""
+        return self._tracer.start_span(
+            name, context=_context(parent, root=True), kind=kind, attributes=attributes
+        )
 
     @staticmethod
     def traceparent() -> str:
@@ -99,6 +117,14 @@ class Tracing:
         """Flush and stop the exporters (at the end of the service)."""
         if self._provider is not None:
             self._provider.shutdown()
+
+
+def _context(parent: str, root: bool) -> Context | None:
+    """The context a span starts in: ``parent``'s (a traceparent), an empty one (a new
+    trace) for ``root``, else None (the current one)."""
+    if parent:
+        return _PROPAGATOR.extract({H_TRACEPARENT: parent})
+    return Context() if root else None
 
 
 class JsonLinesExporter(SpanExporter):

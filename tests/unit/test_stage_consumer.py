@@ -8,18 +8,21 @@ tests/integration/test_outage_grace.py, test_dead_letters.py).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from dicomflow.shared.contracts import subjects
+from dicomflow.shared.contracts.messages import H_TRACEPARENT
 from dicomflow.shared.errors import (
     BrokerUnavailable,
     ContractViolation,
     PermanentError,
     TransientError,
 )
-from dicomflow.shared.settings import ConsumerSettings
+from dicomflow.shared.settings import ConsumerSettings, TelemetrySettings
 from dicomflow.shared.stage import delivery
 from dicomflow.shared.stage.consumer import (
     H_DLQ_BODY,
@@ -32,6 +35,7 @@ from dicomflow.shared.stage.consumer import (
 from dicomflow.shared.stage.delivery import AfterAck, Decoded, Delivery, Outcome
 from dicomflow.shared.stage.disposition import Action
 from dicomflow.shared.telemetry.bundle import Telemetry
+from dicomflow.shared.telemetry.tracing import Tracing
 from nats.aio.msg import Msg
 
 from support.stage import ingest_message, instance, received
@@ -91,6 +95,7 @@ def consumer(
     settings: ConsumerSettings = SETTINGS,
     letter: Any = None,
     fail_acks: int = 0,
+    telemetry: Telemetry | None = None,
 ) -> tuple[Consumer[Any], Engine, DeadLetters]:
     engine = Engine(fail_acks)
     dlq = DeadLetters(engine)
@@ -106,7 +111,7 @@ def consumer(
         decoder=decoder,
         handler=handler,
         settings=settings,
-        telemetry=Telemetry.create("test"),
+        telemetry=telemetry or Telemetry.create("test"),
         letter=letter,
         engine=bind,  # type: ignore[arg-type]
     )
@@ -322,6 +327,58 @@ async def test_in_progress_acks_keep_a_slow_message() -> None:
     assert await task == [Action.ACK]
     assert engine.calls[:2] == [("wpi", "a"), ("wpi", "a")]
     assert engine.calls[-1] == ("ack", "a")
+
+
+async def test_in_progress_acks_keep_every_delivery_of_a_batch() -> None:
+    release = asyncio.Event()
+
+    async def handle(d: Delivery[Msg]) -> AfterAck | None:
+        await release.wait()
+        return None
+
+    settings = SETTINGS.model_copy(update={"ack_wait": 1})  # heartbeat every 0.5 s
+    made, engine, _ = consumer(delivery.concurrently(handle), settings=settings)
+    batch = [received({}, subject=name, seq=i) for i, name in enumerate("abc", 1)]
+    task = asyncio.create_task(made.process(batch, asyncio.Event()))
+    await asyncio.sleep(0.7)
+    release.set()
+    assert await task == [Action.ACK] * 3
+    assert sorted(engine.calls[:3]) == [("wpi", "a"), ("wpi", "b"), ("wpi", "c")]
+    assert sorted(engine.calls[3:]) == [("ack", "a"), ("ack", "b"), ("ack", "c")]
+
+
+async def test_each_delivery_of_a_batch_has_its_own_span_never_nested_in_another(
+    tmp_path: Path,
+) -> None:
+    """A delivery without ``traceparent`` starts a trace of its own: in a batch it must
+    not become a child of the span of the delivery before it. Inside the handler, the
+    current span is the delivery's own (what the stage propagates downstream)."""
+    settings = TelemetrySettings(traces="jsonl", traces_path=tmp_path)
+    telemetry = Telemetry.create("worker", settings)
+    seen: dict[str, str] = {}
+
+    async def handle(d: Delivery[Msg]) -> AfterAck | None:
+        seen[d.message.subject] = Tracing.traceparent()
+        return None
+
+    made, _, _ = consumer(delivery.concurrently(handle), telemetry=telemetry)
+    upstream = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    batch = [
+        received({}, subject="a", seq=1),
+        received({H_TRACEPARENT: upstream}, subject="b", seq=2),
+        received({}, subject="c", seq=3),
+    ]
+    assert await made.process(batch, asyncio.Event()) == [Action.ACK] * 3
+    telemetry.tracing.shutdown()
+    spans = [json.loads(line) for line in (tmp_path / "worker.jsonl").read_text().splitlines()]
+    assert len(spans) == 3
+    by_trace = {span["trace_id"]: span for span in spans}
+    assert len(by_trace) == 3  # three traces: none nested in another
+    b = by_trace["0af7651916cd43dd8448eb211c80319c"]
+    assert b["parent_id"] == "b7ad6b7169203331"
+    assert [span["parent_id"] for span in spans if span is not b] == ["", ""]
+    # In the handler, each delivery's own span was current.
+    assert {seen[name].split("-")[2] for name in "abc"} == {span["span_id"] for span in spans}
 
 
 @pytest.mark.parametrize("batch", [0, -1])
