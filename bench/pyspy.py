@@ -89,6 +89,8 @@ def read_raw(path: Path) -> Counter[tuple[Frame, ...]]:
 
 # (cause, test on "module: function: source line" of a dicomflow frame), first match wins.
 PROJECT_RULES: list[tuple[str, re.Pattern[str]]] = [
+    # pdata: the scu-gateway's send side and the scp-gateway's receive side (both own the
+    # data phase of their associations).
     ("pynetdicom DUL/reactor", re.compile(r"^(reactors|fence|pdata|contexts|tlslistener):")),
     (
         "logging/metrics/tracing",
@@ -99,14 +101,14 @@ PROJECT_RULES: list[tuple[str, re.Pattern[str]]] = [
     ),
     ("SHA-256", re.compile(r"sha256|digest|hashlib", re.I)),
     ("AES-GCM", re.compile(r"^(envelope|sealing|sealsign|keyring):.*(seal|crypt|update|final)")),
-    ("pydicom parse", re.compile(r"^identity:|identify\(|dcmread|read_dataset")),
-    ("spool write/read", re.compile(r"^spool:|spool|_open_body|_size_of")),
+    ("pydicom parse", re.compile(r"^(identity|identityscan):|identify\(|dcmread|read_dataset")),
+    ("spool write/read", re.compile(r"^spool:|spool|_open_body|_size_of|_received_of")),
     ("obstore write", re.compile(r"^(storage|backends|azurecontainer):|obstore|store\.put")),
     ("index writes", re.compile(r"^index:|index|\bkv\b|_kv\.", re.I)),
     ("event publish", re.compile(r"stored_subject|event", re.I)),
     (
         "cross-thread hop",
-        re.compile(r"threadsafe|to_thread|run_in_executor|future\.result|Future"),
+        re.compile(r"^hop:|threadsafe|to_thread|run_in_executor|future\.result|Future"),
     ),
     ("fetch", re.compile(r"fetch|next_msg|pull", re.I)),
     ("ack", re.compile(r"\back\b|\bnak\b|in_progress|_ack\b|ack\(|settle", re.I)),
