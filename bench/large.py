@@ -84,7 +84,7 @@ from common import (
 )
 from pydicom.uid import MultiFrameGrayscaleByteSecondaryCaptureImageStorage
 
-from dicomflow.embedded.natsserver import NatsServer
+from dicomflow.embedded.natsserver import EMBEDDED_MAX_PAYLOAD, NatsServer
 from support.dicomfiles import Made, dataset, made, with_pixel_bytes, write
 from support.pipeline import Pipeline
 from support.servers import free_port
@@ -294,7 +294,11 @@ def run_dicomflow(
     big: Made, batch: list[Made], work: Path, args: argparse.Namespace, big_digest: str
 ) -> dict[str, Any]:
     total = sum(f.path.stat().st_size for f in [big, *batch])
-    server = NatsServer(work / "nats", sync_interval=NATS_SYNC_INTERVAL)  # as `up` runs it
+    # As `up` runs it: fsync before each acknowledgement, and its max_payload (which
+    # bounds the blob chunk size; the server's default, 1 MiB, would make 4 times as many).
+    server = NatsServer(
+        work / "nats", sync_interval=NATS_SYNC_INTERVAL, max_payload=EMBEDDED_MAX_PAYLOAD
+    )
     pipeline: Pipeline | None = None
     listener: StoredListener | None = None
     sampler: WindowSampler | None = None
