@@ -32,7 +32,9 @@ import nats
 import psutil
 from dicomflow.shared.nats import topology
 from dicomflow.shared.settings import ConsumerSettings
-from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.stage import delivery
+from dicomflow.shared.stage.consumer import Consumer
+from dicomflow.shared.stage.delivery import AfterAck, Delivery
 from dicomflow.shared.telemetry.bundle import Telemetry
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
@@ -113,8 +115,8 @@ async def ours(url: str, settings: ConsumerSettings, count: int, done: asyncio.E
         if acked == count:
             done.set()
 
-    async def handler(msg: Msg) -> AfterAck | None:
-        await js.publish(OUT_SUBJECT, msg.data, timeout=10)
+    async def handler(got: Delivery[Msg]) -> AfterAck | None:
+        await js.publish(OUT_SUBJECT, got.record.data, timeout=10)
         return counted  # run once the ack went through
 
     stop = asyncio.Event()
@@ -123,7 +125,8 @@ async def ours(url: str, settings: ConsumerSettings, count: int, done: asyncio.E
         stage="bench",
         stream=IN,
         durable=DURABLE,
-        handler=handler,
+        decoder=delivery.raw,
+        handler=delivery.concurrently(handler),
         settings=settings,
         telemetry=Telemetry.create("bench"),
     )

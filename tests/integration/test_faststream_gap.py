@@ -26,7 +26,9 @@ import nats
 import pytest
 from dicomflow.shared.nats import topology
 from dicomflow.shared.settings import ConsumerSettings
-from dicomflow.shared.stage.consumer import AfterAck, Consumer
+from dicomflow.shared.stage import delivery
+from dicomflow.shared.stage.consumer import Consumer
+from dicomflow.shared.stage.delivery import AfterAck, Delivery
 from dicomflow.shared.telemetry.bundle import Telemetry
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
@@ -119,8 +121,8 @@ async def test_our_consumer_keeps_a_long_handler_with_in_progress_acks(
     async with work_queue(nats_server) as (nc, acks):
         done = asyncio.Event()
 
-        async def slow(msg: Msg) -> AfterAck | None:
-            deliveries.append(msg.metadata.num_delivered)
+        async def slow(got: Delivery[Msg]) -> AfterAck | None:
+            deliveries.append(got.attempt)
             await asyncio.sleep(LONG_WORK)
             return _set(done)
 
@@ -130,7 +132,8 @@ async def test_our_consumer_keeps_a_long_handler_with_in_progress_acks(
             stage="worker",
             stream=STREAM,
             durable=DURABLE,
-            handler=slow,
+            decoder=delivery.raw,
+            handler=delivery.one_at_a_time(slow),
             settings=SETTINGS,
             telemetry=Telemetry.create("test"),
         )
