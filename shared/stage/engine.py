@@ -40,8 +40,22 @@ class Engine(Protocol):
         """Stop fetching."""
 
 
+# How long a fetch of the messages known to be waiting may linger for them: they are
+# normally there at once; another process pulling from the same durable may have taken
+# some, and then the request must not wait for its batch to fill.
+MORE_WAIT = 0.02  # seconds
+
+
 class PullEngine:
-    """A nats-py pull subscription bound to a durable consumer."""
+    """A nats-py pull subscription bound to a durable consumer.
+
+    ``fetch`` never waits for a batch to fill. A pull of N lingers on the server until N
+    messages came or it expires, and with several processes sharing the durable (replicas
+    of a stage) the messages are split between their pulls, so each lingered for the whole
+    wait: two store-writers of 16-message batches stored 17 images/s where one stored 110.
+    So it lingers for the first message only, then asks for as many more as that message's
+    metadata says are waiting (``num_pending``), for at most ``MORE_WAIT``.
+    """
 
     def __init__(self, sub: JetStreamContext.PullSubscription) -> None:
         self._sub = sub
@@ -53,9 +67,17 @@ class PullEngine:
     async def fetch(self, batch: int, wait: float) -> Sequence[Msg]:
         with nats_errors("fetch failed"):
             try:
-                return await self._sub.fetch(batch, timeout=wait)
+                first = await self._sub.fetch(1, timeout=wait)
             except (NatsTimeoutError, TimeoutError):
                 return []  # an answer, not a failure: nothing came within ``wait``
+            waiting = min(batch - len(first), _pending_after(first))
+            if waiting <= 0:
+                return first
+            try:
+                more = await self._sub.fetch(waiting, timeout=MORE_WAIT)
+            except (NatsTimeoutError, TimeoutError):
+                more = []  # another process took them meanwhile
+            return [*first, *more]
 
     async def ack(self, msg: Msg) -> None:
         with nats_errors("ack failed"):
@@ -76,3 +98,13 @@ class PullEngine:
     async def close(self) -> None:
         with contextlib.suppress(NatsError):
             await self._sub.unsubscribe()
+
+
+def _pending_after(msgs: Sequence[Msg]) -> int:
+    """How many messages the consumer had waiting after the last of ``msgs``."""
+    if not msgs:
+        return 0
+    try:
+        return int(msgs[-1].metadata.num_pending or 0)
+    except (AttributeError, ValueError):  # not a JetStream message: no count to go by
+        return 0

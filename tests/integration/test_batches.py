@@ -221,3 +221,62 @@ async def test_a_trickle_is_handed_over_at_once_not_when_a_batch_fills(
         await nc.close()
     assert len(waited) == 100
     assert max(waited) < 0.4, f"a message waited {max(waited):.3f} s to be handled"
+
+
+async def test_two_processes_on_one_durable_are_not_held_back_by_each_other(
+    nats_server: NatsServer,
+) -> None:
+    """Two replicas of a stage (two connections, one durable), 16-message batches, a
+    steady flow: each message is handled within moments and exactly once. (This flow did
+    not reproduce the stall bench/ingest.py found with two processes per stage, 17
+    images/s where one process stored 110; tests/unit/test_pull_engine.py pins the fetch
+    that fixed it.)"""
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    await setup(conns[0].jetstream())
+    published: dict[str, float] = {}
+    waited: dict[str, list[float]] = {}
+
+    async def handle(d: Delivery[Msg]) -> AfterAck | None:
+        waited.setdefault(d.message.subject, []).append(
+            time.monotonic() - published[d.message.subject]
+        )
+        await asyncio.sleep(0.005)
+        return None
+
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(
+            Consumer(
+                nc.jetstream(),
+                stage="worker",
+                stream=STREAM,
+                durable=DURABLE,
+                decoder=delivery.raw,
+                handler=delivery.concurrently(handle),
+                settings=SETTINGS,
+                telemetry=Telemetry.create("test"),
+                batch=SETTINGS.batch,
+            ).run(stop)
+        )
+        for nc in conns
+    ]
+    js = conns[0].jetstream()
+    try:
+        await asyncio.sleep(0.3)  # both are waiting for messages
+        for i in range(200):
+            published[f"wq.{i}"] = time.monotonic()
+            await js.publish(f"wq.{i}", b"body")
+            await asyncio.sleep(0.003)
+        for _ in range(100):
+            if len(waited) == 200:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for nc in conns:
+            await nc.close()
+    assert len(waited) == 200
+    assert all(len(times) == 1 for times in waited.values())
+    longest = max(t for times in waited.values() for t in times)
+    assert longest < 0.4, f"a message waited {longest:.3f} s to be handled"
