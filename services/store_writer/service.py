@@ -202,6 +202,8 @@ class StoreWriter:
                     "an object the index does not know already exists at the target key "
                     "with other bytes; it was not overwritten"
                 ) from None
+            # An earlier attempt may have died between writing it and syncing it.
+            await objectstore.make_durable(self._settings, key)
             log.info("object already present with identical bytes")
 
     def _object_key(self, instance: Instance) -> str:

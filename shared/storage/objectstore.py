@@ -9,8 +9,11 @@ callers decide on.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
 import obstore
@@ -32,6 +35,7 @@ __all__ = [
     "ObjectStore",
     "build_store",
     "exists",
+    "make_durable",
     "put",
     "read_chunks",
     "read_range",
@@ -66,6 +70,11 @@ async def put(
     caller (the store writer) holds a ``pending`` index claim on the key, so no other
     writer races it between the check and the upload.
 
+    On the local backend the object is then made durable (``make_durable``): obstore
+    writes a local object to a staging file and links it into place without fsync, so
+    a power cut after the store writer's ack could leave an index record naming a
+    file that never reached the disk.
+
     A multipart upload is then checked with a HEAD: its size must be ``size``. An
     S3-compatible server killed mid-upload (the fault suite's s3rver) once completed an
     upload from a part it had kept only in part, and acknowledged it; the store writer
@@ -78,6 +87,7 @@ async def put(
             if size <= settings.multipart_chunk_size:
                 mode: Literal["create", "overwrite"] = "create" if create else "overwrite"
                 await obstore.put_async(store, key, body.read(), mode=mode, attributes=attributes)
+                await make_durable(settings, key)
                 return
             if create and await exists(store, key):
                 raise ObjectExists(key)
@@ -91,6 +101,7 @@ async def put(
                 attributes=attributes,
             )
             await _check_size(store, key, size)
+            await make_durable(settings, key)
     except AlreadyExistsError as exc:
         raise ObjectExists(key) from exc
 
@@ -108,6 +119,52 @@ async def _check_size(store: ObjectStore, key: str, size: int) -> None:
                 f"{held}; writing it again"
             )
         )
+
+
+async def make_durable(settings: StorageSettings, key: str) -> None:
+    """fsync a local object and the folders above it up to ``local_path`` (a new folder's
+    entry is durable only once its parent is synced); other backends are durable when
+    they answer. Raises StorageUnavailable if the disk refuses, so the write is retried
+    and the message is not acknowledged."""
+    if settings.backend != "local" or settings.local_path is None:
+        return
+    try:
+        with storage_errors("making the object durable failed"):
+            await asyncio.to_thread(fsync_path, settings.local_path, key)
+    except FileNotFoundError as exc:  # an answer elsewhere; here the write did not hold
+        raise StorageUnavailable(
+            redact(f"the object {key} was gone before it could be made durable; writing it again")
+        ) from exc
+
+
+_DURABLE_FOLDERS: dict[Path, int] = {}  # folder -> inode, known synced into its parent
+_DURABLE_FOLDERS_MAX = 65536
+
+
+def fsync_path(root: Path, key: str) -> None:
+    """fsync ``root/key`` and its folder, then each folder's parent up to ``root`` until
+    a folder this process has synced into its parent before (same path, same inode)."""
+    path = root / key
+    _fsync(path, os.O_RDONLY)
+    folder = path.parent
+    _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
+    while folder != root and root in folder.parents:
+        inode = folder.stat().st_ino
+        if _DURABLE_FOLDERS.get(folder) == inode:
+            return  # its entry in its parent is on disk already
+        _fsync(folder.parent, os.O_RDONLY | os.O_DIRECTORY)
+        if len(_DURABLE_FOLDERS) >= _DURABLE_FOLDERS_MAX:
+            _DURABLE_FOLDERS.clear()
+        _DURABLE_FOLDERS[folder] = inode
+        folder = folder.parent
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _attributes(settings: StorageSettings) -> Attributes | None:

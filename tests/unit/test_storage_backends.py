@@ -197,3 +197,57 @@ async def test_a_multipart_upload_the_store_kept_short_is_not_taken_as_written(
         store, "k", io.BytesIO(data), size=len(data), create=False, settings=settings
     )
     assert bytes(await (await obstore.get_async(store, "k")).bytes_async()) == data
+
+
+@pytest.mark.parametrize("size", [4096, 5 * 1024 * 1024 + 4096], ids=["one-put", "multipart"])
+async def test_a_local_object_and_its_new_folders_are_fsynced_before_put_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """obstore links a local object into place without fsync: put syncs the file and
+    every folder from its parent up to local_path, so a power cut after the store
+    writer's ack cannot take the object back."""
+    settings = StorageSettings(backend="local", local_path=tmp_path / "objects")
+    store = objectstore.build_store(settings)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    key = "study/series/instance.dcm.enc"
+    await objectstore.put(
+        store, key, io.BytesIO(os.urandom(size)), size=size, create=True, settings=settings
+    )
+    root = settings.local_path
+    assert root is not None
+    expected = [root / key, root / "study/series", root / "study", root]
+    assert synced == [str(path.resolve()) for path in expected]
+
+    # A second object in the same folder: the file and its folder again, the folders
+    # above were synced into their parents already.
+    synced.clear()
+    other = "study/series/other.dcm.enc"
+    await objectstore.put(
+        store, other, io.BytesIO(os.urandom(size)), size=size, create=True, settings=settings
+    )
+    assert synced == [str((root / other).resolve()), str((root / "study/series").resolve())]
+
+
+async def test_a_disk_that_refuses_fsync_fails_the_put_as_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync failing (EIO) is the write not holding: StorageUnavailable, so the store
+    writer retries and does not acknowledge."""
+    settings = StorageSettings(backend="local", local_path=tmp_path / "objects")
+    store = objectstore.build_store(settings)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(StorageUnavailable, match="making the object durable failed"):
+        await objectstore.put(
+            store, "k.dcm", io.BytesIO(b"x" * 10), size=10, create=True, settings=settings
+        )

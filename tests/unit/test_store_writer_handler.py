@@ -11,6 +11,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
 import obstore
@@ -26,6 +27,7 @@ from dicomflow.shared.nats import topology
 from dicomflow.shared.nats.transport import Transport
 from dicomflow.shared.settings import NatsSettings, StorageSettings
 from dicomflow.shared.stage import delivery
+from dicomflow.shared.storage import objectstore
 from dicomflow.shared.storage.index import Index, State
 from dicomflow.shared.storage.layout import Layout, object_key
 from dicomflow.shared.telemetry.bundle import Telemetry
@@ -33,7 +35,7 @@ from dicomflow.store_writer.service import StoreWriter
 from dicomflow.store_writer.settings import DuplicatePolicy
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
-from obstore.store import MemoryStore
+from obstore.store import MemoryStore, ObjectStore
 
 from dicomflow.embedded.natsserver import NatsServer
 from support.stage import instance, sealed_message
@@ -48,16 +50,18 @@ class Rig:
     nc: Client
     transport: Transport
     index: Index
-    store: MemoryStore
+    store: ObjectStore
     events: Subscription
 
-    def writer(self, policy: DuplicatePolicy) -> StoreWriter:
+    def writer(
+        self, policy: DuplicatePolicy, settings: StorageSettings | None = None
+    ) -> StoreWriter:
         return StoreWriter(
             self.nc.jetstream(),
             self.transport,
             self.index,
             self.store,
-            StorageSettings(),
+            settings or StorageSettings(),
             policy,
             5.0,
             Telemetry.create("test"),
@@ -212,6 +216,31 @@ async def test_an_unindexed_object_with_other_bytes_is_never_overwritten(rig: Ri
     with pytest.raises(DuplicateConflict, match="was not overwritten"):
         await rig.write(DuplicatePolicy.OVERWRITE, plain)
     assert rig.object(KEY_OF_UID) == b"somebody else's object"
+
+
+async def test_an_identical_object_already_on_disk_is_fsynced_before_the_ack(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object is there with these very bytes (an attempt that died after writing it,
+    perhaps before syncing it): it is taken as written only once it is fsynced."""
+    settings = StorageSettings(backend="local", local_path=tmp_path)
+    rig.store = objectstore.build_store(settings)
+    inst, body = sealed(os.urandom(500))
+    obstore.put(rig.store, KEY_OF_UID, body)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    writer = rig.writer(DuplicatePolicy.REJECT, settings)
+    got = delivery.deliver(delivery.sealed(rig.transport), sealed_message(inst, body))
+    await writer.handle(got)
+    assert str((tmp_path / KEY_OF_UID).resolve()) in synced
+    found = await rig.index.get(UID)
+    assert found is not None and found[0].state is State.STORED
 
 
 async def test_a_body_altered_after_sealing_is_refused_before_anything_is_written(
