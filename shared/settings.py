@@ -307,6 +307,10 @@ class ServiceSettings(BaseSettings):
 
     nats: NatsSettings = Field(default_factory=NatsSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        default="uvloop",
+        description="the service's event loop: uvloop (less CPU per message) or asyncio's own",
+    )
     spool_dir: Path | None = Field(
         default=None, description="folder for private scratch files (default: system temp)"
     )
