@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from dicomflow.shared.contracts import subjects
-from dicomflow.shared.contracts.messages import BodyKind, Instance
+from dicomflow.shared.contracts.messages import SEALED_BLOB_PREFIX, BodyKind, Instance
 from dicomflow.shared.errors import BrokerUnavailable, ContractViolation
 from dicomflow.shared.nats.errormap import nats_errors
 from nats.aio.client import Client
@@ -52,6 +52,7 @@ HEADER_ROOM = 16 * 1024
 BLOB_CHUNK = 4 * 1024 * 1024
 BLOB_WINDOW_BYTES = 16 * 1024 * 1024  # chunk bytes published and not yet acked, at most
 BLOB_READ_BYTES = 8 * 1024 * 1024  # chunk bytes asked for in one batched read
+SEALED_SPOOL_PREFIX = "dicomflow-sealed-"
 
 
 class BlobMissing(ContractViolation):
@@ -227,7 +228,7 @@ class Transport:
         return await self._open_blob(instance)
 
     async def _open_blob(self, instance: Instance) -> tuple[IO[bytes], str]:
-        spool = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115 (returned)
+        spool = self._blob_spool(instance)
         try:
             with nats_errors(f"could not read blob {instance.blob}"):
                 digest = await self._read_blob(instance.blob, spool)
@@ -239,6 +240,16 @@ class Transport:
             spool.close()
             raise
         return spool, digest
+
+    def _blob_spool(self, instance: Instance) -> IO[bytes]:
+        """The private file a blob is copied into. A sealed blob's is named (ciphertext
+        only), so that the local storage backend can link it into place as the object
+        instead of copying it again (``storage.localfiles``); a kill -9 leaves it behind
+        in ``spool_dir`` as ``dicomflow-sealed-*``. Plaintext is spooled to an anonymous
+        file, which leaves nothing behind."""
+        if instance.blob.startswith(f"{SEALED_BLOB_PREFIX}."):
+            return tempfile.NamedTemporaryFile(dir=self._spool_dir, prefix=SEALED_SPOOL_PREFIX)
+        return tempfile.TemporaryFile(dir=self._spool_dir)
 
     async def _read_blob(self, name: str, out: IO[bytes]) -> str:
         """Copy a blob into ``out`` chunk by chunk, checking its size and digest; return

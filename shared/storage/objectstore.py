@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
+import io
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
 import obstore
 from dicomflow.shared.errors import StorageUnavailable
 from dicomflow.shared.settings import StorageSettings
-from dicomflow.shared.storage import backends
+from dicomflow.shared.storage import backends, localfiles
 from dicomflow.shared.storage.errormap import storage_errors
 from dicomflow.shared.telemetry.redact import redact
 from obstore.exceptions import AlreadyExistsError
@@ -70,7 +69,10 @@ async def put(
     caller (the store writer) holds a ``pending`` index claim on the key, so no other
     writer races it between the check and the upload.
 
-    On the local backend the object is then made durable (``make_durable``): obstore
+    On the local backend a body that is a file on the store's file system (the store
+    writer's spool of a large body) is linked into place rather than copied
+    (``localfiles.link_file``), and every object is then made durable
+    (``make_durable``): obstore
     writes a local object to a staging file and links it into place without fsync, so
     a power cut after the store writer's ack could leave an index record naming a
     file that never reached the disk.
@@ -83,6 +85,8 @@ async def put(
     """
     attributes = _attributes(settings)
     try:
+        if await _link_local(settings, key, body, size, create=create):
+            return
         with storage_errors("writing object failed"):
             if size <= settings.multipart_chunk_size:
                 mode: Literal["create", "overwrite"] = "create" if create else "overwrite"
@@ -121,6 +125,26 @@ async def _check_size(store: ObjectStore, key: str, size: int) -> None:
         )
 
 
+async def _link_local(
+    settings: StorageSettings, key: str, body: IO[bytes], size: int, *, create: bool
+) -> bool:
+    """On the local backend, make ``body`` (a spool file on the same file system) the
+    object by linking it into place, fsynced, instead of copying it; False where it
+    cannot be (not a local store, not a file, another file system): upload it then."""
+    if settings.backend != "local" or settings.local_path is None or isinstance(body, io.BytesIO):
+        return False
+    with storage_errors("writing object failed"):
+        linked = await asyncio.to_thread(
+            localfiles.link_file, body, settings.local_path, key, size, create=create
+        )
+    if linked is localfiles.Linked.EXISTS:
+        raise ObjectExists(key)
+    if linked is localfiles.Linked.NOT_LINKABLE:
+        return False
+    await make_durable(settings, key)
+    return True
+
+
 async def make_durable(settings: StorageSettings, key: str) -> None:
     """fsync a local object and the folders above it up to ``local_path`` (a new folder's
     entry is durable only once its parent is synced); other backends are durable when
@@ -130,41 +154,11 @@ async def make_durable(settings: StorageSettings, key: str) -> None:
         return
     try:
         with storage_errors("making the object durable failed"):
-            await asyncio.to_thread(fsync_path, settings.local_path, key)
+            await asyncio.to_thread(localfiles.fsync_path, settings.local_path, key)
     except FileNotFoundError as exc:  # an answer elsewhere; here the write did not hold
         raise StorageUnavailable(
             redact(f"the object {key} was gone before it could be made durable; writing it again")
         ) from exc
-
-
-_DURABLE_FOLDERS: dict[Path, int] = {}  # folder -> inode, known synced into its parent
-_DURABLE_FOLDERS_MAX = 65536
-
-
-def fsync_path(root: Path, key: str) -> None:
-    """fsync ``root/key`` and its folder, then each folder's parent up to ``root`` until
-    a folder this process has synced into its parent before (same path, same inode)."""
-    path = root / key
-    _fsync(path, os.O_RDONLY)
-    folder = path.parent
-    _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
-    while folder != root and root in folder.parents:
-        inode = folder.stat().st_ino
-        if _DURABLE_FOLDERS.get(folder) == inode:
-            return  # its entry in its parent is on disk already
-        _fsync(folder.parent, os.O_RDONLY | os.O_DIRECTORY)
-        if len(_DURABLE_FOLDERS) >= _DURABLE_FOLDERS_MAX:
-            _DURABLE_FOLDERS.clear()
-        _DURABLE_FOLDERS[folder] = inode
-        folder = folder.parent
-
-
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _attributes(settings: StorageSettings) -> Attributes | None:
