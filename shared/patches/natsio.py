@@ -19,9 +19,11 @@ nothing, with a warning.
 
 from __future__ import annotations
 
+from typing import SupportsIndex, overload
+
 from dicomflow.shared import patches
 from nats.aio import client
-from nats.protocol import command
+from nats.protocol import command, parser
 
 FENCE = patches.NATS_IO  # the version gate of this module's patch
 _CRLF = b"\r\n"
@@ -39,9 +41,45 @@ def hpub_cmd(subject: str, reply: str, hdr: bytes | bytearray, payload: bytes) -
     return b"".join((line, hdr, payload, _CRLF))
 
 
+class ParseBuffer(bytearray):
+    """nats-py's parser buffer, whose slices are ``bytes`` taken with one copy.
+
+    ``Parser.parse`` takes a message's headers and payload as ``bytes(self.buf[a:b])``
+    (nats/protocol/parser.py, the ``AWAITING_MSG_PAYLOAD`` branch): a bytearray slice,
+    then a bytes copy of it. Here the slice is already the ``bytes`` (copied once out of a
+    memoryview released before the caller's ``del self.buf[:n]``) and ``bytes()`` of a
+    ``bytes`` is that same object: same values, same type, one copy fewer. Nothing else
+    in the parser slices its buffer; indexing by position is bytearray's own.
+    """
+
+    __slots__ = ()
+
+    # bytes, not bytearray, for a slice: what the parser makes of its slices anyway.
+    @overload  # type: ignore[override]
+    def __getitem__(self, key: SupportsIndex) -> int: ...
+    @overload
+    def __getitem__(self, key: slice) -> bytes: ...
+    def __getitem__(self, key: SupportsIndex | slice) -> int | bytes:
+        if isinstance(key, slice):
+            with memoryview(self) as view:
+                return bytes(view[key])
+        return super().__getitem__(key)
+
+
+_UPSTREAM_RESET = parser.Parser.reset
+
+
+def _reset(self: parser.Parser) -> None:
+    """nats-py's ``Parser.reset`` (called by ``__init__`` and on reconnect), with a
+    ``ParseBuffer`` for its buffer."""
+    _UPSTREAM_RESET(self)
+    self.buf = ParseBuffer()
+
+
 def install() -> bool:
-    """Make nats-py frame publishes with one copy of the payload and read 1 MiB at once
-    (True), if this nats-py is one it was verified on."""
+    """Make nats-py frame publishes with one copy of the payload, read 1 MiB at once and
+    take each received payload with one copy (True), if this nats-py is one it was
+    verified on. A client made before this keeps its parser's buffer until it reconnects."""
     return FENCE.install(_apply)
 
 
@@ -49,3 +87,4 @@ def _apply() -> None:
     command.pub_cmd = pub_cmd
     command.hpub_cmd = hpub_cmd
     client.DEFAULT_BUFFER_SIZE = READ_BUFFER
+    parser.Parser.reset = _reset  # type: ignore[method-assign]
