@@ -95,12 +95,14 @@ SCP_SPOOL = Fence(
     "files of aborted transfers are removed only when the gateway stops (after a crash: "
     "when the next one starts)",
 )
-# shared/patches/natsio.py: publishes framed with one copy, 1 MiB socket reads.
+# shared/patches/natsio.py: publishes framed with one copy, 1 MiB socket reads, payloads
+# taken out of the parser's buffer with one copy.
 NATS_IO = Fence(
     "nats_io",
     NATS_PY,
     ("2.16.0",),
-    "nats-py frames each publish with its own copies of the payload and reads 32 KiB at once",
+    "nats-py frames each publish with its own copies of the payload, reads 32 KiB at once "
+    "and copies each received payload twice out of its buffer",
 )
 # src/dicomflow/cli/process.py: CPython's shutdown steps, then os._exit.
 PROCESS_EXIT = Fence(
