@@ -1,6 +1,6 @@
-"""Sealing one body into an A1 envelope, hashing the envelope as it is written (its
-SHA-256 is what the encryptor's signature covers). The plaintext is checked against
-the gateway's size and digest by the body itself (``shared.stage.delivery.Body``)."""
+"""Sealing one body into an A1 envelope, hashing the envelope as it is made (its SHA-256
+is what the encryptor's signature covers). The plaintext is checked against the
+gateway's size and digest by the body itself (``shared.stage.delivery.Body``)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,20 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import IO
 
 from dicomflow.shared.crypto.envelope import Sealer
 from dicomflow.shared.crypto.keyring import MasterKey
 
 
-def seal_into(key: MasterKey, plain: bytes, out: IO[bytes]) -> tuple[int, str]:
-    """Write the A1 envelope of ``plain`` to ``out``; return its size and hex SHA-256."""
+def seal_bytes(key: MasterKey, plain: bytes) -> tuple[bytes, str]:
+    """The A1 envelope of ``plain`` and its hex SHA-256, in memory: one copy of the
+    ciphertext (the join), each piece hashed where it is made."""
     sealer = Sealer(key)
+    pieces = (sealer.prefix, sealer.update(plain), sealer.finalize())
     digest = hashlib.sha256()
-    size = 0
-    for piece in (sealer.prefix, sealer.update(plain), sealer.finalize()):
+    for piece in pieces:
         digest.update(piece)
-        out.write(piece)
-        size += len(piece)
-    return size, digest.hexdigest()
+    return b"".join(pieces), digest.hexdigest()
 
 
 async def sealed_pieces(key: MasterKey, plain: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:

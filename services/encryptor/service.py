@@ -19,13 +19,12 @@ import functools
 import io
 import logging
 
-from dicomflow.encryptor.sealing import seal_into, sealed_pieces
+from dicomflow.encryptor.sealing import seal_bytes, sealed_pieces
 from dicomflow.encryptor.settings import EncryptorSettings
 from dicomflow.shared.contracts import subjects
 from dicomflow.shared.contracts.deadletters import H_DLQ_BODY
 from dicomflow.shared.contracts.messages import SEALED_BLOB_PREFIX, BodyKind, Instance
 from dicomflow.shared.crypto import keycheck
-from dicomflow.shared.crypto.envelope import OVERHEAD
 from dicomflow.shared.crypto.keyload import load_keyring, load_signer
 from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
 from dicomflow.shared.crypto.sealsign import SealSigner
@@ -77,15 +76,16 @@ class Encryptor:
         return after_ack
 
     async def _seal_inline(self, instance: Instance, body: Body, subject: str) -> None:
+        """An inline body is checked against the gateway's size and digest, sealed and
+        its envelope hashed in one worker-thread hop (``Body.apply``): a mismatch
+        raises there, before anything is sealed or published. The envelope is
+        published from memory (a blob only if sealing took it over the inline limit)."""
         key = self._keyring.current
-        plain = await body.read()  # checked against the gateway's size and digest
-        with self._sealed.spool(instance.size + OVERHEAD) as sealed_file:
-            sealed_size, sealed_sha256 = await asyncio.to_thread(seal_into, key, plain, sealed_file)
-            sealed_file.seek(0)
-            out = self._signed(instance, key.key_id, sealed_size, sealed_sha256)
-            await self._sealed.publish(
-                subject, out, sealed_file, sealed_size, blob_prefix=SEALED_BLOB_PREFIX
-            )
+        envelope, sealed_sha256 = await body.apply(functools.partial(seal_bytes, key))
+        out = self._signed(instance, key.key_id, len(envelope), sealed_sha256)
+        await self._sealed.publish(
+            subject, out, io.BytesIO(envelope), len(envelope), blob_prefix=SEALED_BLOB_PREFIX
+        )
 
     async def _seal_blob(self, instance: Instance, body: Body, subject: str) -> None:
         """Plaintext blob in, sealed blob out, one chunk at a time: read from the
@@ -127,13 +127,10 @@ class Encryptor:
         self, instance: Instance, body: Body, key: MasterKey
     ) -> tuple[Instance, bytes]:
         try:
-            plain = await body.read()
+            envelope, sealed_sha256 = await body.apply(functools.partial(seal_bytes, key))
         except ContractViolation as exc:
             raise _Unsealable(str(exc)) from None
-        sealed_file = io.BytesIO()
-        sealed_size, sealed_sha256 = await asyncio.to_thread(seal_into, key, plain, sealed_file)
-        out = self._signed(instance, key.key_id, sealed_size, sealed_sha256)
-        return out, sealed_file.getvalue()
+        return self._signed(instance, key.key_id, len(envelope), sealed_sha256), envelope
 
     async def _seal_blob_for_letter(
         self, instance: Instance, body: Body, key: MasterKey

@@ -8,7 +8,8 @@ For each SEALED delivery, keyed by SOP Instance UID:
    holds no master key: the signature is what stands for the GCM tag and the key id it
    cannot check. A blob body is hashed as it is copied into the private spool file the
    upload then reads, so the digest is of the bytes uploaded and nothing is written
-   (nor deleted again) when it differs.
+   (nor deleted again) when it differs. An inline body's signature and digest are
+   checked in one worker-thread hop, the signature first.
 1. Look the instance up in the index.
    - Stored with the same plaintext digest: nothing to write (a redelivery or a resend);
      the ``dicom.stored`` event is published again (de-duplicated by its message id)
@@ -30,7 +31,8 @@ For each SEALED delivery, keyed by SOP Instance UID:
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -97,10 +99,16 @@ class StoreWriter:
 
     async def handle(self, delivery: Delivery[Instance]) -> AfterAck:
         instance = delivery.record
-        self._verifier.verify(instance)  # before a blob is fetched
+        verify = functools.partial(self._verifier.verify, instance)
+        body: IO[bytes]
         try:
-            # Checked against the signed digest (SealNotTrusted if it differs).
-            body = await delivery.body.open()
+            if instance.body is BodyKind.INLINE:
+                # One worker-thread hop: the signature, then the body's SHA-256 against
+                # the signed one (SealNotTrusted if either fails); the bytes are shared.
+                body = await delivery.body.apply(io.BytesIO, first=verify)
+            else:
+                verify()  # before a blob is fetched
+                body = await delivery.body.open()  # checked against the signed digest
         except BlobMissing:
             # In the hybrid cloud the blob arrives through a source of its own, which can
             # lag behind the message's: wait for it while it may still be on its way.
@@ -169,7 +177,7 @@ class StoreWriter:
             log.warning("overwriting instance with different bytes (policy overwrite)")
             break
 
-        await self._write(key, body, instance.sealed_size or 0, fresh=fresh)
+        await self._write(key, body, instance.sealed_size or 0, instance.sealed_sha256, fresh=fresh)
         if adopted:  # the record describes the object written now
             record = replace(
                 record, key_id=instance.key_id or 0, sealed_size=instance.sealed_size or 0
@@ -182,7 +190,9 @@ class StoreWriter:
             log.info("index already updated by a concurrent delivery")
         await self._emit(instance, done)
 
-    async def _write(self, key: str, body: IO[bytes], size: int, *, fresh: bool) -> None:
+    async def _write(
+        self, key: str, body: IO[bytes], size: int, sha256: str, *, fresh: bool
+    ) -> None:
         try:
             await _timed(
                 self._metrics,
@@ -192,12 +202,11 @@ class StoreWriter:
                 ),
             )
         except ObjectExists:
-            body.seek(0)
-            ours = await asyncio.to_thread(_sha256_file, body)
+            # The body was checked against the signed digest: that is its SHA-256.
             theirs = await _timed(
                 self._metrics, "compare", lambda: objectstore.sha256_of(self._store, key)
             )
-            if ours != theirs:
+            if sha256 != theirs:
                 raise DuplicateConflict(
                     "an object the index does not know already exists at the target key "
                     "with other bytes; it was not overwritten"
@@ -271,13 +280,6 @@ async def _timed(metrics: Metrics, operation: str, request: Callable[[], Awaitab
 
 class BlobInTransit(BrokerUnavailable):
     """A sealed blob is still on its way from the site (ridden out as an outage)."""
-
-
-def _sha256_file(body: IO[bytes]) -> str:
-    digest = hashlib.sha256()
-    while chunk := body.read(objectstore.CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def spec(settings: StoreWriterSettings) -> StageSpec[Instance]:

@@ -35,6 +35,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 R = TypeVar("R")  # the header record a decoder yields (``Instance`` for INGEST and SEALED)
+T = TypeVar("T")
 
 AfterAck = Callable[[], Awaitable[None]]
 # Called with the size and hex SHA-256 of a body as read; raises if they are not declared.
@@ -47,10 +48,11 @@ class Body:
     """A message's body, inline or in the blob bucket, checked when read.
 
     ``read`` (the whole body in memory), ``open`` (a file at offset 0, spooled to disk
-    for a blob; the caller closes it) and ``stream`` (pieces in constant memory) each
-    check the bytes against the size and digest the headers declare and raise the
-    stream's error if they differ: ``stream`` does so before it yields the last piece,
-    so nothing built from a mismatching body is ever complete. A missing blob raises
+    for a blob; the caller closes it), ``apply`` (a function of the whole body, run
+    once it was checked) and ``stream`` (pieces in constant memory) each check the
+    bytes against the size and digest the headers declare and raise the stream's error
+    if they differ: ``stream`` does so before it yields the last piece, so nothing
+    built from a mismatching body is ever complete. A missing blob raises
     ``BlobMissing``, a failed read ``BrokerUnavailable`` (an outage: ridden out).
     """
 
@@ -79,23 +81,42 @@ class Body:
     async def read(self) -> bytes:
         """The whole body, checked."""
         if self.kind is BodyKind.INLINE:
-            await self._verify(len(self._data), await _sha256(self._data))
-            return self._data
+            return await self.apply(_same)
         with await self.open() as file:
             return file.read()
+
+    async def apply(
+        self, work: Callable[[bytes], T], *, first: Callable[[], object] | None = None
+    ) -> T:
+        """``work`` of the whole body, called only once the body passed its check;
+        ``first`` (a check of the headers that must come before the body's, such as a
+        signature) runs before anything else and may raise.
+
+        An inline body: ``first``, the hash, the check and ``work`` run in one
+        worker-thread hop (none below ``THREAD_HASH_MIN``, where a hop costs more than
+        the work), so a stage pays one cross-thread hand-off per message; a mismatch
+        raises before ``work`` runs. A blob: ``first`` runs, the blob is read
+        (``read``), then ``work`` runs in a worker thread.
+        """
+        if self.kind is BodyKind.INLINE:
+            if len(self._data) < THREAD_HASH_MIN:
+                return self._checked(work, first)
+            return await asyncio.to_thread(self._checked, work, first)
+        if first is not None:
+            first()
+        return await asyncio.to_thread(work, await self.read())
 
     async def open(self) -> IO[bytes]:
         """The body as a readable file at offset 0, checked; the caller closes it. A blob
         is hashed as it is copied into a private spool file (no second pass)."""
         if self.kind is BodyKind.INLINE:
-            await self._verify(len(self._data), await _sha256(self._data))
-            return io.BytesIO(self._data)  # shares the bytes: no copy
+            return await self.apply(io.BytesIO)  # shares the bytes: no copy
         instance, transport = self._blob_source()
         file, sha256 = await transport.open_body_hashed(self._message, instance)
         try:
             size = file.seek(0, io.SEEK_END)
             file.seek(0)
-            await self._verify(size, sha256)
+            self._verify(size, sha256)
         except BaseException:
             file.close()
             raise
@@ -104,8 +125,7 @@ class Body:
     async def stream(self) -> AsyncGenerator[bytes, None]:
         """The body piece by piece, in constant memory; checked before the last piece."""
         if self.kind is BodyKind.INLINE:
-            await self._verify(len(self._data), await _sha256(self._data))
-            yield self._data
+            yield await self.read()
             return
         instance, transport = self._blob_source()
         digest = hashlib.sha256()
@@ -122,11 +142,20 @@ class Body:
                 if held is not None:
                     yield held
                 held = chunk
-        await self._verify(size, digest.hexdigest())
+        self._verify(size, digest.hexdigest())
         if held is not None:
             yield held
 
-    async def _verify(self, size: int, sha256: str) -> None:
+    def _checked(self, work: Callable[[bytes], T], first: Callable[[], object] | None) -> T:
+        """``first``, then ``work`` of the inline body once its hash passed the check
+        (in any thread)."""
+        if first is not None:
+            first()
+        data = self._data
+        self._verify(len(data), hashlib.sha256(data).hexdigest())
+        return work(data)
+
+    def _verify(self, size: int, sha256: str) -> None:
         if self._check is None:
             return
         try:
@@ -141,10 +170,8 @@ class Body:
         return self._instance, self._transport
 
 
-async def _sha256(data: bytes) -> str:
-    if len(data) >= THREAD_HASH_MIN:
-        return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-    return hashlib.sha256(data).hexdigest()
+def _same(data: bytes) -> bytes:
+    return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,12 @@ the streams and blob buckets; deliveries are decoded as the consumer decodes the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
 import pytest
@@ -14,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dicomflow.encryptor.service import Encryptor
 from dicomflow.shared.contracts import messages, subjects
 from dicomflow.shared.contracts.messages import INGEST_BLOB_PREFIX, BodyKind, Instance
-from dicomflow.shared.crypto.envelope import OVERHEAD, open_bytes
+from dicomflow.shared.crypto.envelope import OVERHEAD, Sealer, open_bytes
 from dicomflow.shared.crypto.keyring import KeyRing, MasterKey
 from dicomflow.shared.crypto.sealsign import SealSigner, SealVerifier
 from dicomflow.shared.errors import ContractViolation
@@ -35,6 +37,7 @@ KEY = MasterKey(3, os.urandom(32))
 SIGNING = Ed25519PrivateKey.generate()
 VERIFIER = SealVerifier([SIGNING.public_key()])
 INLINE_LIMIT = 4096  # bodies above this travel as blobs
+T = TypeVar("T")
 
 
 @dataclass
@@ -179,3 +182,58 @@ async def test_a_missing_blob_is_dropped_from_its_dead_letter(rig: Rig) -> None:
         "dropped",
         "body not kept: its plaintext blob is missing",
     )
+
+
+def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of each function handed to a worker thread (``asyncio.to_thread``) from now."""
+    hops: list[str] = []
+    real = asyncio.to_thread
+
+    async def counted(func: Callable[..., T], /, *args: object, **kwargs: object) -> T:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    return hops
+
+
+def wide_encryptor(rig: Rig) -> Encryptor:
+    """An encryptor whose bodies up to the server's max_payload travel inline."""
+    transport = Transport(rig.nc, rig.nc.jetstream(), publish_timeout=5.0)
+    return Encryptor(transport, KeyRing(KEY), SealSigner(SIGNING), Tracing("test"))
+
+
+async def test_an_inline_image_is_checked_sealed_and_hashed_in_one_worker_thread_hop(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = os.urandom(512 * 1024)  # an image: above delivery.THREAD_HASH_MIN, inline
+    inst = instance(plain)
+    got = rig.deliver(ingest_message(inst, plain))
+    hops = count_thread_hops(monkeypatch)
+    await wide_encryptor(rig).handle(got)
+    assert len(hops) == 1, hops
+    sealed, body = await rig.next_sealed()
+    assert sealed.body is BodyKind.INLINE
+    assert (sealed.sealed_size, sealed.sealed_sha256) == (
+        len(plain) + OVERHEAD,
+        hashlib.sha256(body).hexdigest(),
+    )
+    assert open_bytes(KeyRing(KEY), body) == plain
+
+
+async def test_an_inline_image_off_its_digest_fails_in_that_hop_and_publishes_nothing(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = os.urandom(512 * 1024)
+    got = rig.deliver(ingest_message(instance(plain), os.urandom(len(plain))))
+    sealed: list[int] = []
+    update = Sealer.update
+    monkeypatch.setattr(
+        Sealer, "update", lambda self, data: sealed.append(len(data)) or update(self, data)
+    )
+    with pytest.raises(ContractViolation, match="does not match its Dicomflow-Size"):
+        await wide_encryptor(rig).handle(got)
+    assert sealed == []  # the check came before any sealing
+    assert got.body.failed_check
+    with pytest.raises(nats.errors.TimeoutError):
+        await rig.sealed.next_msg(timeout=0.5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nats
@@ -251,5 +251,24 @@ async def test_a_body_altered_after_sealing_is_refused_before_anything_is_writte
     got = delivery.deliver(delivery.sealed(rig.transport), sealed_message(inst, altered))
     with pytest.raises(SealNotTrusted, match="digest check failed"):
         await rig.writer(DuplicatePolicy.REJECT).handle(got)
+    assert rig.keys() == []
+    assert await rig.index.get(UID) is None
+
+
+@pytest.mark.parametrize(
+    ("forged", "reason"), [(False, "digest check failed"), (True, "signature check failed")]
+)
+async def test_an_altered_inline_image_is_refused_in_order_before_anything_is_written(
+    rig: Rig, forged: bool, reason: str
+) -> None:
+    # An image's size: signature and digest are checked in a worker thread together.
+    inst, body = sealed(os.urandom(512 * 1024))
+    if forged:  # headers changed after signing: the signature fails first
+        inst = replace(inst, modality="MR")
+    altered = body[:-1] + bytes([body[-1] ^ 1])
+    got = delivery.deliver(delivery.sealed(rig.transport), sealed_message(inst, altered))
+    with pytest.raises(SealNotTrusted, match=reason):
+        await rig.writer(DuplicatePolicy.REJECT).handle(got)
+    assert got.body.failed_check is not forged  # a forged message's body is never checked
     assert rig.keys() == []
     assert await rig.index.get(UID) is None
