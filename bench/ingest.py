@@ -210,21 +210,26 @@ def run_dicomflow(
             assert stage.pid is not None
             roots[name] = (stage.pid, False)
         sampler = MemorySampler(roots).start()
+        splits = {name: cpu_split(pid) for name, (pid, _) in roots.items()}
         if profile is not None:
             stages = {name: pid for name, (pid, _) in roots.items() if name != "nats-server"}
             recorder = Recorder(stages, profile).start()
-            nats_split = cpu_split(server.pid)
         sent = send(files, associations, pipeline.port, pipeline.ae_title, work / "scu")
         expected = {f.sop_instance_uid for f in files}
         complete = listener.wait(expected, timeout)
         memory = sampler.finish()
+        result["cpu_user_system_s"] = {
+            name: tuple(
+                round(b - a, 2) for a, b in zip(before, cpu_split(roots[name][0]), strict=True)
+            )
+            for name, before in splits.items()
+        }
         if recorder is not None:
             recorder.stop()
-            user, system = (b - a for a, b in zip(nats_split, cpu_split(server.pid), strict=True))
-            result["nats_cpu_user_system_s"] = (round(user, 2), round(system, 2))
         memory["dicomflow total (sum of peaks)"] = round(
             sum(v for k, v in memory.items() if k in roots), 1
         )
+        result["gateway_response_ms_mean"] = _gateway_response_ms(pipeline)
         events = {sop: t for sop, t in listener.times.items() if sop in expected}
         stored = pipeline.wait_stored(len(files), timeout=30 if complete else 1)
         stored_at = [
@@ -263,6 +268,25 @@ def run_dicomflow(
     # Read after the stop, so that what the stages log while draining is included.
     result["log_problems"] = log_problems(pipeline)
     return result
+
+
+def _gateway_response_ms(pipeline: Pipeline) -> float | None:
+    """The gateway's mean time from a received dataset to its Success response (publish
+    and JetStream's fsynced PubAck included), from its ``cstore_seconds`` histogram."""
+    try:
+        port = pipeline.metrics_port("scp-gateway")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except (OSError, RuntimeError):
+        return None
+    values = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"dicomflow_cstore_seconds_{part}{{") and 'status="success"' in line:
+                values[part] = float(line.rsplit(" ", 1)[1])
+    if not values.get("count"):
+        return None
+    return round(1000 * values["sum"] / values["count"], 2)
 
 
 # -- reporting ------------------------------------------------------------------------
@@ -517,10 +541,26 @@ def print_floor_and_targets(
                 f"p99 {d['latency_ms']['p99']} ms; Orthanc {o['cstore_images_per_s']} img/s, "
                 f"p99 {o['latency_ms']['p99']} ms; rate ratio {ratio}"
             )
+    for r in results:
+        if r["target"] == "dicomflow" and r.get("gateway_response_ms_mean") is not None:
+            print(
+                f"  dicomflow {r['associations']} assoc: of each C-STORE's "
+                f"{r['latency_ms']['p50']} ms (p50 at storescu), the gateway spent "
+                f"{r['gateway_response_ms_mean']} ms (mean) from the whole dataset received "
+                "to the response: its publish and JetStream's fsynced PubAck"
+            )
     print("\nCPU ms per image, each process (user+system over the run):")
     for r in results:
         parts = ", ".join(f"{k} {v}" for k, v in cpu_ms_per_image(r).items())
         print(f"  {r['target']:<10} {r['associations']} assoc: {parts}")
+    print("  of which in the kernel (system time: socket and file I/O, fsync, page faults):")
+    for r in results:
+        split = r.get("cpu_user_system_s")
+        if split and r.get("images"):
+            parts = ", ".join(
+                f"{k} {round(1000 * system / r['images'], 2)}" for k, (_, system) in split.items()
+            )
+            print(f"  {r['target']:<10} {r['associations']} assoc: {parts}")
     if floor is not None:
         print(f"  {'floor':<10}         nats-server {floor.nats_cpu_ms_per_image}")
 
@@ -685,12 +725,9 @@ def main(argv: list[str] | None = None) -> int:
             print_scale_out(scale_out)
         profiled = _find(results, "dicomflow", 1)
         if args.profile is not None and profiled is not None:
-            nats_split = profiled.get("nats_cpu_user_system_s")
             summary["profile"] = profile_report(
                 args.profile, profiled["cpu_s_during_run"], profiled["images"]
             )
-            if nats_split:
-                print(f"  nats-server user/system CPU s: {nats_split[0]} / {nats_split[1]}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"\nresults written to {args.out}")
