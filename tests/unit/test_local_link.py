@@ -16,6 +16,8 @@ import pytest
 from dicomflow.shared.settings import StorageSettings
 from dicomflow.shared.storage import localfiles, objectstore
 
+from support.fsyncs import record_fsyncs
+
 KEY = "study/series/instance.dcm.enc"
 
 
@@ -47,15 +49,8 @@ async def test_a_spool_file_becomes_the_object_without_an_upload(
 ) -> None:
     settings = _settings(tmp_path)
     data = os.urandom(3 * 1024 * 1024)
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
-        real_fsync(fd)
-
     _no_upload(monkeypatch)
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_fsyncs(monkeypatch)
     with _spool(tmp_path, data) as spool:
         await _put(settings, spool, len(data), create=True)
     path = tmp_path / "objects" / KEY

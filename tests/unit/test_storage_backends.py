@@ -16,6 +16,8 @@ from dicomflow.shared.storage.backends import parse_connection_string
 from dicomflow.store_writer.settings import StoreWriterSettings
 from obstore.store import AzureStore, GCSStore, S3Store
 
+from support.fsyncs import record_fsyncs
+
 SECRET = "c2VjcmV0LWtleS1zZWNyZXQta2V5LXNlY3JldC1rZXktMTIz"  # noqa: S105 (a made-up value)
 
 
@@ -208,14 +210,7 @@ async def test_a_local_object_and_its_new_folders_are_fsynced_before_put_returns
     writer's ack cannot take the object back."""
     settings = StorageSettings(backend="local", local_path=tmp_path / "objects")
     store = objectstore.build_store(settings)
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_fsyncs(monkeypatch)
     key = "study/series/instance.dcm.enc"
     await objectstore.put(
         store, key, io.BytesIO(os.urandom(size)), size=size, create=True, settings=settings

@@ -38,6 +38,7 @@ from nats.aio.subscription import Subscription
 from obstore.store import MemoryStore, ObjectStore
 
 from dicomflow.embedded.natsserver import NatsServer
+from support.fsyncs import record_fsyncs
 from support.stage import instance, sealed_message
 
 KEY = MasterKey(1, os.urandom(32))
@@ -227,14 +228,7 @@ async def test_an_identical_object_already_on_disk_is_fsynced_before_the_ack(
     rig.store = objectstore.build_store(settings)
     inst, body = sealed(os.urandom(500))
     obstore.put(rig.store, KEY_OF_UID, body)
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_fsyncs(monkeypatch)
     writer = rig.writer(DuplicatePolicy.REJECT, settings)
     got = delivery.deliver(delivery.sealed(rig.transport), sealed_message(inst, body))
     await writer.handle(got)
