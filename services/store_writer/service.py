@@ -48,7 +48,7 @@ from dicomflow.shared.crypto.sealsign import SealVerifier
 from dicomflow.shared.errors import BrokerUnavailable, DuplicateConflict
 from dicomflow.shared.nats import hybridtopology
 from dicomflow.shared.nats.errormap import nats_errors
-from dicomflow.shared.nats.transport import BlobMissing, Transport
+from dicomflow.shared.nats.transport import BlobMissing, Transport, sweep_sealed_spools
 from dicomflow.shared.settings import StorageSettings
 from dicomflow.shared.stage import bootstrap, delivery
 from dicomflow.shared.stage.bootstrap import Wiring
@@ -292,6 +292,8 @@ def spec(settings: StoreWriterSettings) -> StageSpec[Instance]:
         log.info("legacy layout: object names carry no extension, as the Orthanc plugins write")
 
     async def build(wiring: Wiring) -> Parts[Instance]:
+        if removed := sweep_sealed_spools(settings.spool_dir):
+            log.info("removed %d sealed spool file(s) a stopped store-writer left", removed)
         writer = StoreWriter(
             wiring.js,
             wiring.transport,

@@ -203,13 +203,6 @@ class Transport:
             raise
         return size, digest.hexdigest()
 
-    def spool(self, size: int) -> IO[bytes]:
-        """A scratch file for a body of ``size`` bytes: memory if it is inline-sized
-        (bounded by max_payload), a private temporary file on disk otherwise."""
-        if size <= self.inline_limit:
-            return io.BytesIO()
-        return tempfile.TemporaryFile(dir=self._spool_dir)
-
     async def open_body(self, msg: Msg, instance: Instance) -> IO[bytes]:
         """The message body as a readable file positioned at 0; the caller closes it."""
         if instance.body is BodyKind.INLINE:
@@ -244,9 +237,9 @@ class Transport:
     def _blob_spool(self, instance: Instance) -> IO[bytes]:
         """The private file a blob is copied into. A sealed blob's is named (ciphertext
         only), so that the local storage backend can link it into place as the object
-        instead of copying it again (``storage.localfiles``); a kill -9 leaves it behind
-        in ``spool_dir`` as ``dicomflow-sealed-*``. Plaintext is spooled to an anonymous
-        file, which leaves nothing behind."""
+        instead of copying it again (``storage.localfiles``); one a process killed with
+        kill -9 left in ``spool_dir`` is removed by ``sweep_sealed_spools``. Plaintext is
+        spooled to an anonymous file, which leaves nothing behind."""
         if instance.blob.startswith(f"{SEALED_BLOB_PREFIX}."):
             return tempfile.NamedTemporaryFile(dir=self._spool_dir, prefix=SEALED_SPOOL_PREFIX)
         return tempfile.TemporaryFile(dir=self._spool_dir)
@@ -390,6 +383,20 @@ async def purge_blob(js: JetStreamContext, bucket: str, name: str, nuid: str | N
     if nuid:
         await js.purge_stream(stream, subject=f"$O.{bucket}.C.{nuid}")
     await js.purge_stream(stream, subject=_meta_subject(bucket, name))
+
+
+def sweep_sealed_spools(spool_dir: Path | None) -> int:
+    """Remove the sealed spool files (``dicomflow-sealed-*``) in ``spool_dir`` (default:
+    the system's temporary folder); return how many. A store-writer calls it as it
+    starts. A replica's spool in use keeps its bytes (only the name goes; the object is
+    then uploaded instead of linked)."""
+    folder = spool_dir or Path(tempfile.gettempdir())
+    removed = 0
+    for path in folder.glob(f"{SEALED_SPOOL_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def blob_name(prefix: str, instance: Instance) -> str:

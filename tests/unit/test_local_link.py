@@ -13,6 +13,7 @@ from typing import IO, Any
 
 import obstore
 import pytest
+from dicomflow.shared.nats import transport
 from dicomflow.shared.settings import StorageSettings
 from dicomflow.shared.storage import localfiles, objectstore
 
@@ -127,3 +128,39 @@ async def test_a_spool_whose_name_now_names_another_file_is_uploaded(tmp_path: P
         _replace(Path(spool.name))
         await _put(settings, spool, len(data), create=True)
     assert (tmp_path / "objects" / KEY).read_bytes() == data
+
+
+def test_sealed_spool_files_left_behind_are_swept_and_nothing_else(tmp_path: Path) -> None:
+    """A store-writer killed with kill -9 leaves its named sealed spool; the next one to
+    start removes such files from spool_dir, and nothing else there."""
+    left = [tmp_path / f"{transport.SEALED_SPOOL_PREFIX}abc{i}" for i in range(2)]
+    for path in left:
+        path.write_bytes(b"ciphertext")
+    other = tmp_path / "scp-gateway-spool"
+    other.write_bytes(b"not ours")
+    assert transport.sweep_sealed_spools(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name]
+
+
+def test_a_sealed_blob_is_spooled_to_a_named_file_plaintext_to_an_anonymous_one(
+    tmp_path: Path,
+) -> None:
+    """Only ciphertext ever gets a name in spool_dir (a name is what lets the local
+    backend link it, and what a kill -9 can leave behind)."""
+    spooler = transport.Transport(None, None, publish_timeout=1, spool_dir=tmp_path)  # type: ignore[arg-type]
+    sealed = spooler._blob_spool(_with_blob("sealed.0123456789abcdef.N"))
+    plain = spooler._blob_spool(_with_blob("ingest.0123456789abcdef.N"))
+    try:
+        assert Path(sealed.name).name.startswith(transport.SEALED_SPOOL_PREFIX)
+        assert [p.name for p in tmp_path.iterdir()] == [Path(sealed.name).name]
+    finally:
+        sealed.close()
+        plain.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _with_blob(name: str) -> Any:
+    class Blobbed:
+        blob = name
+
+    return Blobbed()
