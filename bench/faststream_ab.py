@@ -32,7 +32,7 @@ import nats
 import psutil
 from dicomflow.shared.nats import topology
 from dicomflow.shared.settings import ConsumerSettings
-from dicomflow.shared.stage import delivery
+from dicomflow.shared.stage import delivery, runner
 from dicomflow.shared.stage.consumer import Consumer
 from dicomflow.shared.stage.delivery import AfterAck, Delivery
 from dicomflow.shared.telemetry.bundle import Telemetry
@@ -229,8 +229,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512 * 1024, help="body bytes (0.5 MiB)")
     parser.add_argument("--concurrency", type=int, default=4, help="handlers at once (4)")
     parser.add_argument("--rounds", type=int, default=1, help="A/B rounds, order alternating (1)")
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop both run on (uvloop, as the stages do)",
+    )
     args = parser.parse_args()
-    asyncio.run(main_async(args.count, args.size, args.concurrency, args.rounds))
+    with asyncio.Runner(loop_factory=runner.loop_factory(args.event_loop)) as loop:
+        loop.run(main_async(args.count, args.size, args.concurrency, args.rounds))
 
 
 if __name__ == "__main__":
