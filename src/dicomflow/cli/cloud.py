@@ -27,6 +27,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from nats.errors import Error as NatsError
 from pydantic import ValidationError
 
 from dicomflow.cli.natsconfig import Bundle, new_seed
@@ -37,7 +38,7 @@ from dicomflow.embedded.sites import CloudDir, SiteBundle
 from dicomflow.embedded.supervisor import Supervisor
 from dicomflow.scu_gateway.settings import ScuSettings
 from dicomflow.shared.crypto.sealsign import PUBLIC_NAME, generate_signing_key_pair
-from dicomflow.shared.errors import ConfigError
+from dicomflow.shared.errors import BrokerUnavailable, ConfigError
 from dicomflow.shared.nats import hybridconfig, hybridtopology, natscerts, natsconn, zones
 from dicomflow.shared.nats.natsauth import ADMIN, ServerTls
 from dicomflow.shared.settings import NatsSettings, problems
@@ -301,7 +302,7 @@ def _take_into_use(
     public signing key among the trusted ones."""
     _server_config(cloud, args, sites)
     nats.reload()
-    asyncio.run(_topology(admin, sites))
+    _topology_after_reload(admin, sites)
     config = _config(cloud, nats.url, cloud.nats)
     if scu is not None:
         config["scu"] = scu
@@ -342,6 +343,33 @@ def _routing(path: Path, sites: dict[str, str]) -> dict[str, object]:
                 file=sys.stderr,
             )
     return table
+
+
+RELOAD_WAIT = 60.0  # seconds JetStream may take to answer again after a config reload
+
+
+def _topology_after_reload(
+    admin: NatsSettings, sites: dict[str, str], wait: float = RELOAD_WAIT
+) -> None:
+    """``_topology``, tried again while JetStream does not answer yet: right after the
+    hub re-reads its config its API can answer "no responders" for a moment, which once
+    ended the whole cloud process in the middle of `cloud add-site`."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            asyncio.run(_topology(admin, sites))
+        except (NatsError, BrokerUnavailable) as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(
+                f"dicomflow cloud: JetStream not answering after the reload ({exc!r}); "
+                "trying again",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(1.0)
+        else:
+            return
 
 
 async def _topology(admin: NatsSettings, sites: dict[str, str]) -> None:
