@@ -61,13 +61,18 @@ async def test_a_spool_file_becomes_the_object_without_an_upload(
     assert str(path.parent.resolve()) in synced
 
 
+def _object_there(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "objects" / KEY
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    return path
+
+
 async def test_create_only_never_replaces_an_object_that_is_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = _settings(tmp_path)
-    path = tmp_path / "objects" / KEY
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"the first object")
+    path = _object_there(tmp_path, b"the first object")
     _no_upload(monkeypatch)
     with (
         _spool(tmp_path, b"other bytes") as spool,
@@ -81,9 +86,7 @@ async def test_overwrite_replaces_the_object_and_leaves_no_staging_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = _settings(tmp_path)
-    path = tmp_path / "objects" / KEY
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"a partial earlier attempt")
+    path = _object_there(tmp_path, b"a partial earlier attempt")
     _no_upload(monkeypatch)
     with _spool(tmp_path, b"the object written now") as spool:
         await _put(settings, spool, len(b"the object written now"), create=False)
